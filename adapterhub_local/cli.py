@@ -1,0 +1,275 @@
+"""`ahl`: a thin Typer app over Hub. Each command parses, calls the library, prints.
+
+`--json` prints one JSON document on stdout and nothing else (progress goes to stderr).
+User mistakes print one line on stderr and exit 1; Ctrl-C exits 130 with the store unchanged.
+"""
+
+import contextlib
+import functools
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from adapterhub_local.errors import AhlError
+from adapterhub_local.hub import Hub
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Teach one frozen transformer new tasks, one adapter per task, "
+                       "without forgetting the old ones.")
+store_app = typer.Typer(no_args_is_help=True, help="Query the versioned adapter store.")
+app.add_typer(store_app, name="store")
+out = Console()
+err = Console(stderr=True)
+
+StoreOption = Annotated[Optional[str], typer.Option(
+    "--store", envvar="AHL_STORE", help="Store folder or MLflow tracking URI [default: ./store].")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+
+
+def command(group: typer.Typer, name: str):
+    """Register a command whose user errors become one line on stderr and a non-zero exit."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except AhlError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                typer.echo("interrupted: nothing was registered, the store is unchanged", err=True)
+                raise typer.Exit(130) from None
+        return group.command(name)(run)
+    return wrap
+
+
+def print_json(value) -> None:
+    typer.echo(json.dumps(clean_floats(value), ensure_ascii=False, indent=2))
+
+
+def clean_floats(value):
+    """NaN is not JSON: report it as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_floats(v) for v in value]
+    return value
+
+
+def percent(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def signed(value) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+@contextlib.contextmanager
+def progress_bar(label: str):
+    """A training progress bar on stderr, shown from the first step (so errors found before
+    training stay one line) and only on a terminal; yields the callback that moves it."""
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=err, transient=True, disable=not err.is_terminal)
+    task = bar.add_task(label, total=None)
+
+    def advance(step: int, total: int) -> None:
+        if step == 1:
+            bar.start()
+        bar.update(task, completed=step, total=total)
+
+    try:
+        yield advance
+    finally:
+        bar.stop()
+
+
+def matrix_table(title: str, tasks: list[str], summary: dict) -> Table:
+    table = Table(title=title)
+    table.add_column("after step")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    for i, row in enumerate(summary["matrix"]):
+        table.add_row(str(i + 1), *[percent(v) for v in row])
+    table.caption = (f"average accuracy {percent(summary['average_accuracy'])}  "
+                     f"BWT {signed(summary['bwt'])}  forgetting {signed(summary['forgetting'])}")
+    return table
+
+
+def parse_method_args(items: list[str]) -> dict:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AhlError(f"--method-arg {item!r} is not KEY=VALUE: e.g. --method-arg r=16")
+        pairs[key] = value
+    return pairs
+
+
+@command(app, "add-task")
+def add_task(
+    name: Annotated[Optional[str], typer.Argument(help="Task name (letters, digits, _ and -).")] = None,
+    train: Annotated[Optional[Path], typer.Option(help="Training rows: .csv, .jsonl or .parquet.")] = None,
+    test: Annotated[Optional[Path], typer.Option(help="Test rows; default: a seeded stratified 80/20 split.")] = None,
+    spec: Annotated[Optional[Path], typer.Option(help="A task spec (TOML) naming files, columns and defaults.")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Column with the text [default: text].")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Column with the label [default: label].")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Adaptation method (see ahl methods) [default: lora].")] = None,
+    method_arg: Annotated[Optional[list[str]], typer.Option(help="A method option KEY=VALUE (repeatable).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training rows [default: 3].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 2e-3].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per step [default: 32].")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per text [default: 128].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the init and the batch order [default: 0].")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model: a known name, a local folder or a cached id [default: the store's base, else all-MiniLM-L6-v2].")] = None,
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+):
+    """Learn a new adapter for a task on the frozen base and register it as a new version."""
+    if name is None and spec is None:
+        raise AhlError("name the task: ahl add-task NAME --train FILE (or --spec FILE)")
+    hub = Hub(store)
+    with progress_bar(f"training {name or spec.stem}") as advance:
+        result = hub.add_task(name, train, test, spec=spec, text_column=text_column,
+                              label_column=label_column, method=method,
+                              method_args=parse_method_args(method_arg or []), base=base,
+                              progress=advance, epochs=epochs, lr=lr, batch_size=batch_size,
+                              max_length=max_length, seed=seed)
+    if as_json:
+        print_json(result)
+    else:
+        print_step(result)
+
+
+def print_step(result: dict) -> None:
+    out.print(f"[bold]{result['task']}[/bold] version {result['version']} ({result['method']}): "
+              f"test accuracy {percent(result['accuracy'])}%, {result['train_rows']} rows, "
+              f"{result['steps']} steps in {result['train_seconds']:.0f}s"
+              + (f", {result['dropped_rows']} empty rows dropped" if result["dropped_rows"] else ""))
+    table = Table(title=f"after step {result['step']}: oracle accuracy % per task")
+    for column in ("task", "now", "when learned", "change"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task, now, learned in zip(result["tasks"], result["row"], result["learned"]):
+        table.add_row(task, percent(now), percent(learned), signed(now - learned))
+    table.caption = (f"average accuracy {percent(result['average_accuracy'])}  "
+                     f"BWT {signed(result['bwt'])}  forgetting {signed(result['forgetting'])}")
+    out.print(table)
+
+
+@command(app, "tasks")
+def tasks(store: StoreOption = None, as_json: JsonOption = False):
+    """The tasks with their current version, method, aliases and accuracy."""
+    rows = Hub(store).tasks()
+    if as_json:
+        return print_json(rows)
+    table = Table(title="tasks")
+    for column in ("task", "version", "method", "aliases", "accuracy %"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["task"], str(row["version"]), row["method"], ", ".join(row["aliases"]),
+                      percent(row["accuracy"]))
+    out.print(table if rows else "no tasks yet: add one with ahl add-task NAME --train FILE")
+
+
+@command(app, "metrics")
+def metrics(store: StoreOption = None, as_json: JsonOption = False):
+    """The accuracy matrices and forgetting summary per mode."""
+    result = Hub(store).metrics()
+    if as_json:
+        return print_json(result)
+    for mode, summary in result["modes"].items():
+        out.print(matrix_table(f"{mode} accuracy % (rows: after each step)", result["tasks"], summary))
+
+
+@command(store_app, "show")
+def store_show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS.")],
+               store: StoreOption = None, as_json: JsonOption = False):
+    """A version's lineage, files and metrics."""
+    info = Hub(store).show(ref)
+    if as_json:
+        return print_json(info)
+    table = Table(title=f"{info['task']} version {info['version']}", show_header=False)
+    after = ", ".join(f"{a['task']}@{a['version']}" for a in info["after"]) or "-"
+    for key, value in [("method", info["method"]), ("base", info["base"]["name"]),
+                       ("base sha256", info["base"]["sha256"]), ("data", info["data"]["source"]),
+                       ("data digest", info["data"]["digest"]),
+                       ("rows", f"{info['data']['rows']} train, {info['data']['test_rows']} test"),
+                       ("labels", ", ".join(info["labels"])),
+                       ("parent", str(info["parent"] or "-")), ("after", after),
+                       ("aliases", ", ".join(info["aliases"]) or "-"), ("run", info["run_id"]),
+                       ("test accuracy", percent(info["metrics"].get("test_accuracy")))]:
+        table.add_row(key, value)
+    for file, sha in info["files"].items():
+        table.add_row(file, sha[:16])
+    out.print(table)
+
+
+@command(store_app, "versions")
+def store_versions(name: Annotated[str, typer.Argument(help="Task name.")],
+                   store: StoreOption = None, as_json: JsonOption = False):
+    """The versions of one task, oldest first."""
+    hub = Hub(store)
+    rows = [hub.show(f"{name}@{v.version}") for v in hub.store.versions(name)] or [hub.show(name)]
+    if as_json:
+        return print_json(rows)
+    table = Table(title=f"{name} versions")
+    for column in ("version", "method", "parent", "data digest", "aliases", "test accuracy %"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["version"]), row["method"], str(row["parent"] or "-"),
+                      row["data"]["digest"][:12], ", ".join(row["aliases"]),
+                      percent(row["metrics"].get("test_accuracy")))
+    out.print(table)
+
+
+@command(app, "demo")
+def demo(
+    store: StoreOption = None,
+    fresh: Annotated[bool, typer.Option(help="Start from an empty store (deletes the folder store's MLflow database and artifacts).")] = False,
+    tasks_dir: Annotated[Path, typer.Option(help="Folder with sequence.toml and the task specs.")] = TASKS_DIR,
+    epochs: Annotated[Optional[int], typer.Option(help="Override every task's epochs.")] = None,
+):
+    """Add the bundled task sequence to the store, end to end, and show how it held up."""
+    import tomllib
+
+    sequence_file = tasks_dir / "sequence.toml"
+    if not sequence_file.is_file():
+        raise AhlError(f"no task sequence at {sequence_file}: pass --tasks-dir DIR")
+    names = tomllib.loads(sequence_file.read_text(encoding="utf-8"))["tasks"]
+    hub = Hub(store)
+    if fresh:
+        clear_store(hub)
+    elif hub.store.task_names():
+        raise AhlError(f"store {hub.store.location} already has tasks: pass --fresh to start "
+                       "over or --store DIR for a new store")
+    for i, task in enumerate(names, 1):
+        out.rule(f"step {i}/{len(names)}: {task}")
+        with progress_bar(f"training {task}") as advance:
+            result = hub.add_task(spec=tasks_dir / f"{task}.toml", progress=advance, epochs=epochs)
+        print_step(result)
+    out.rule("after the whole sequence")
+    metrics(store=store, as_json=False)
+    uri = hub.store.uri
+    out.print(f"Each step is an MLflow run, each adapter a model version. Look at the forgetting "
+              f"dashboards with:\n  mlflow ui --backend-store-uri {uri} --workers 1\nthen open "
+              f"http://127.0.0.1:5000, experiment '{hub.store.namespace}', run 'sequence'.")
+
+
+def clear_store(hub: Hub) -> None:
+    folder = hub.store.folder
+    if folder is None:
+        raise AhlError("--fresh only clears a folder store: pass --store DIR")
+    if folder.exists() and set(p.name for p in folder.iterdir()) - {"mlflow.db", "artifacts", ".gitkeep"}:
+        raise AhlError(f"{folder} holds files that are not a store's: clear it yourself or "
+                       "pass another --store")
+    (folder / "mlflow.db").unlink(missing_ok=True)
+    shutil.rmtree(folder / "artifacts", ignore_errors=True)

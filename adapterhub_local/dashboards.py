@@ -1,0 +1,66 @@
+"""What goes to MLflow for the forgetting dashboards, and how the matrices are read back.
+
+The store's sequence run holds, at step s (the number of add-tasks so far), one metric per task
+and mode, `MODE/acc/TASK`, and the summaries `MODE/average_accuracy`, `MODE/bwt`,
+`MODE/forgetting`. MLflow's UI groups metrics by their prefix, so each mode is a section whose
+charts show how every earlier task held up after each step. The same metrics are the source of
+the matrices that `ahl metrics` prints: there is no second copy to drift.
+"""
+
+import json
+
+from adapterhub_local.forgetting import Matrix, summarize
+from adapterhub_local.store import TAG
+
+MODES = ("oracle",)
+
+
+def accuracy_key(mode: str, task: str) -> str:
+    return f"{mode}/acc/{task}"
+
+
+def step_metrics(mode: str, tasks: list[str], R: Matrix) -> dict[str, float]:
+    """The metrics of the last row of one mode's matrix."""
+    metrics = {accuracy_key(mode, t): v for t, v in zip(tasks, R[-1]) if v is not None}
+    summary = summarize(R)
+    for key in ("average_accuracy", "bwt", "forgetting"):
+        if summary[key] is not None:
+            metrics[f"{mode}/{key}"] = summary[key]
+    return metrics
+
+
+def log_step(store, tasks: list[str], matrices: dict[str, Matrix], versions: dict[str, str]) -> None:
+    """Append one step to the sequence run, in one batch: metrics and the step count together."""
+    from mlflow.entities import RunTag
+
+    step = len(next(iter(matrices.values())))
+    run_id = store.sequence_run_id()
+    metrics = {}
+    for mode, R in matrices.items():
+        metrics.update(step_metrics(mode, tasks, R))
+    store.log_metrics(run_id, metrics, step, tags=[
+        RunTag(f"{TAG}tasks", json.dumps(tasks)),
+        RunTag(f"{TAG}steps", str(step)),
+        RunTag(f"{TAG}step.{step}", json.dumps(versions)),
+    ])
+
+
+def read_matrices(store) -> tuple[list[str], dict[str, Matrix]]:
+    """(tasks in order of addition, {mode: matrix}) from the sequence run; empty if none yet."""
+    run_id = store.sequence_run_id(create=False)
+    if run_id is None:
+        return [], {mode: [] for mode in MODES}
+    tags = store.client.get_run(run_id).data.tags
+    tasks = json.loads(tags.get(f"{TAG}tasks", "[]"))
+    steps = int(tags.get(f"{TAG}steps", "0"))
+    matrices = {}
+    for mode in MODES:
+        R = [[None] * len(tasks) for _ in range(steps)]
+        for j, task in enumerate(tasks):
+            history = store.client.get_metric_history(run_id, accuracy_key(mode, task))
+            # A step logged twice (a retried add-task) keeps its latest value.
+            for m in sorted(history, key=lambda m: m.timestamp):
+                if 1 <= m.step <= steps:
+                    R[m.step - 1][j] = m.value
+        matrices[mode] = R
+    return tasks, matrices

@@ -1,0 +1,206 @@
+"""Read and validate task data: CSV, JSON Lines and Parquet through the `datasets` library.
+
+A task is (text, label) rows with its own label set, split into train and test. Without a test
+file the train file is split 80/20, stratified and seeded, and the split is recorded in the lineage.
+Every user mistake raises AhlError with a one-line message that names the problem and the fix.
+"""
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapterhub_local.errors import AhlError
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+TEST_FRACTION = 0.2
+
+
+@dataclass
+class TaskData:
+    """One task's validated rows, ready to train on."""
+
+    name: str
+    train_texts: list[str]
+    train_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
+    labels: list[str]
+    """The label names; label ids index this list."""
+    source: str
+    """Where the rows came from: the train file, and the test file or the split used."""
+    digest: str
+    """sha256 over the train and test rows, so two add-tasks on the same data are recognisable."""
+    dropped: int = 0
+    """Rows dropped because their text was empty or whitespace."""
+    split: dict = field(default_factory=dict)
+
+
+def check_task_name(name: str) -> str:
+    if not TASK_NAME.match(name or ""):
+        raise AhlError(f"task name {name!r} is not a plain identifier: use letters, digits, '_' "
+                       "or '-', starting with a letter (e.g. 'sentiment_v2')")
+    return name
+
+
+def read_rows(path: str | Path, text_column: str, label_column: str) -> tuple[list[str], list[str], int]:
+    """Read (texts, labels, dropped) from one file; labels come back as strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise AhlError(f"data file {str(path)!r} does not exist: check the path")
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise AhlError(f"unknown data format {path.suffix or '(no extension)'!r} for {path.name}: "
+                       f"use one of {', '.join(sorted(FORMATS))}")
+    if path.stat().st_size == 0:
+        raise AhlError(f"data file {path.name} is empty: give it a header and rows of text and label")
+    if kind != "parquet":
+        check_utf8(path)
+    table = load_table(path, kind)
+    for column in (text_column, label_column):
+        if column not in table.column_names:
+            option = "--text-column" if column == text_column else "--label-column"
+            raise AhlError(f"{path.name} has no column {column!r} (columns found: "
+                           f"{', '.join(table.column_names) or 'none'}): pass {option} NAME")
+    texts, labels, dropped = [], [], 0
+    for text, label in zip(table[text_column], table[label_column]):
+        if not isinstance(text, str) or not text.strip() or label is None:
+            dropped += 1
+            continue
+        texts.append(text.strip())
+        labels.append(str(label))
+    if not texts:
+        raise AhlError(f"{path.name} has no rows with a non-empty text and a label: fill in "
+                       f"the {text_column!r} and {label_column!r} columns")
+    return texts, labels, dropped
+
+
+def check_utf8(path: Path) -> None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            for _ in f:
+                pass
+    except UnicodeDecodeError as e:
+        raise AhlError(f"{path.name} is not valid UTF-8 (byte {e.start}): re-save it as UTF-8, "
+                       "e.g. iconv -f latin1 -t utf-8") from None
+
+
+def load_table(path: Path, kind: str):
+    import datasets
+
+    datasets.disable_progress_bars()
+    options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train",
+                                     keep_in_memory=True, **options)
+    except Exception as e:  # datasets wraps parser errors in several types
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise AhlError(f"could not parse {path.name} as {kind}: {reason[:200]}; fix the file "
+                       "or save it as CSV with a header row") from None
+
+
+def load_task_data(name: str, train: str | Path, test: str | Path | None = None,
+                   text_column: str = "text", label_column: str = "label",
+                   seed: int = 0) -> TaskData:
+    """Read, validate and split one task's data."""
+    check_task_name(name)
+    texts, labels, dropped = read_rows(train, text_column, label_column)
+    label_names = sorted(set(labels))
+    if len(label_names) < 2:
+        raise AhlError(f"{Path(train).name} has a single label {label_names[0]!r}: a task needs "
+                       "at least two labels to classify")
+    if test is not None:
+        test_texts, test_label_names, test_dropped = read_rows(test, text_column, label_column)
+        dropped += test_dropped
+        unseen = sorted(set(test_label_names) - set(label_names))
+        if unseen:
+            raise AhlError(f"test labels {unseen} never appear in {Path(train).name}: add "
+                           "training rows for them or drop them from the test file")
+        train_texts, train_label_names = texts, labels
+        split = {"test_file": str(test)}
+        source = f"{train} + {test}"
+    else:
+        train_idx, test_idx = stratified_split(labels, TEST_FRACTION, seed)
+        train_texts = [texts[i] for i in train_idx]
+        train_label_names = [labels[i] for i in train_idx]
+        test_texts = [texts[i] for i in test_idx]
+        test_label_names = [labels[i] for i in test_idx]
+        split = {"test_fraction": TEST_FRACTION, "seed": seed, "stratified": True}
+        source = str(train)
+    index = {label: i for i, label in enumerate(label_names)}
+    return TaskData(
+        name=name,
+        train_texts=train_texts,
+        train_labels=[index[label] for label in train_label_names],
+        test_texts=test_texts,
+        test_labels=[index[label] for label in test_label_names],
+        labels=label_names,
+        source=source,
+        digest=digest_rows(train_texts, train_label_names, test_texts, test_label_names),
+        dropped=dropped,
+        split=split,
+    )
+
+
+def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of (train, test): each label keeps at least one training row."""
+    from sklearn.model_selection import train_test_split
+
+    counts = {label: labels.count(label) for label in set(labels)}
+    rare = [label for label, n in counts.items() if n < 2]
+    if rare:
+        raise AhlError(f"labels {sorted(rare)} have a single row, too few to split off a test "
+                       "set: add rows or pass --test FILE")
+    indices = list(range(len(labels)))
+    n_test = max(len(counts), round(len(labels) * fraction))
+    if len(labels) - n_test < len(counts):
+        raise AhlError(f"{len(labels)} rows are too few to split {len(counts)} labels into train "
+                       "and test: add rows or pass --test FILE")
+    train_idx, test_idx = train_test_split(indices, test_size=n_test, random_state=seed,
+                                           stratify=labels)
+    return sorted(train_idx), sorted(test_idx)
+
+
+def digest_rows(*columns: list[str]) -> str:
+    sha = hashlib.sha256()
+    for column in columns:
+        sha.update(json.dumps(column, ensure_ascii=False).encode("utf-8"))
+    return sha.hexdigest()
+
+
+@dataclass
+class TaskSpec:
+    """A task spec file (TOML): its data files and columns, and training defaults."""
+
+    name: str
+    train: Path
+    test: Path | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+    """Training options (method, epochs, lr, ...) used unless the command line sets them."""
+
+
+def load_spec(path: str | Path) -> TaskSpec:
+    """Read a task spec; relative data paths resolve against the spec's folder."""
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise AhlError(f"could not read task spec {path}: {e}; fix the TOML file") from None
+    if "train" not in spec:
+        raise AhlError(f"task spec {path.name} names no train file: add train = \"FILE\"")
+    known = {"name", "train", "test", "text_column", "label_column", "description"}
+    return TaskSpec(
+        name=spec.get("name", path.stem),
+        train=path.parent / spec["train"],
+        test=path.parent / spec["test"] if spec.get("test") else None,
+        text_column=spec.get("text_column", "text"),
+        label_column=spec.get("label_column", "label"),
+        description=spec.get("description", ""),
+        defaults={k: v for k, v in spec.items() if k not in known},
+    )

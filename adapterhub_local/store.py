@@ -1,0 +1,239 @@
+"""AdapterStore: versioned adapters with lineage on MLflow.
+
+A store is a namespace in one MLflow tracking backend: an experiment named after the namespace
+(its runs are the add-tasks, plus one long-lived "sequence" run that collects the accuracy
+matrices) and one registered model per task, named NAMESPACE.TASK, whose versions are the
+adapters. A folder store keeps a SQLite backend and the artifact root inside the folder.
+Artifacts are read back as safetensors and JSON only.
+"""
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from adapterhub_local.errors import AhlError
+
+DEFAULT_STORE = "store"
+DEFAULT_NAMESPACE = "ahl"
+SEQUENCE_RUN = "sequence"
+TAG = "ahl."  # prefix of every tag this package writes
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """'NAME', 'NAME@3' or 'NAME@production' -> (name, version or alias or None)."""
+    name, _, at = ref.partition("@")
+    return name, at or None
+
+
+class AdapterStore:
+    """Registered adapter versions, their lineage and the sequence run, over an MLflow backend."""
+
+    def __init__(self, location: str | Path | None = None, namespace: str = DEFAULT_NAMESPACE):
+        location = str(location or os.environ.get("AHL_STORE") or DEFAULT_STORE)
+        self.namespace = namespace
+        self.location = location
+        if "://" in location:
+            self.folder, self.uri, self.artifact_root = None, location, None
+        else:
+            self.folder = Path(location).resolve()
+            self.uri = f"sqlite:///{self.folder / 'mlflow.db'}"
+            self.artifact_root = (self.folder / "artifacts").as_uri()
+        self._client = None
+        self._experiment_id = None
+
+    # -- backend ------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        """Whether the store holds anything yet (reads never create a folder store)."""
+        if self.folder is not None and not (self.folder / "mlflow.db").exists():
+            return False
+        return self.experiment_id(create=False) is not None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            # mlflow configures its loggers on import; its INFO lines are noise on our terminal.
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
+            logging.getLogger("alembic").setLevel(logging.WARNING)
+
+            if self.folder is not None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
+
+    def experiment_id(self, create: bool = True) -> str | None:
+        if self._experiment_id is None:
+            try:
+                experiment = self.client.get_experiment_by_name(self.namespace)
+            except Exception as e:
+                raise AhlError(f"cannot reach the store at {self.location}: "
+                               f"{str(e).splitlines()[0][:160]}; check --store") from None
+            if experiment is not None:
+                self._experiment_id = experiment.experiment_id
+            elif create:
+                self._experiment_id = self.client.create_experiment(
+                    self.namespace, artifact_location=self.artifact_root,
+                    tags={f"{TAG}store": "true"})
+        return self._experiment_id
+
+    # -- base binding -------------------------------------------------------------------------
+
+    def base_binding(self) -> tuple[str, str] | None:
+        """(name, sha256) of the base the store was bound to at its first add-task."""
+        if not self.exists():
+            return None
+        tags = self.client.get_experiment(self.experiment_id()).tags
+        if f"{TAG}base.sha256" not in tags:
+            return None
+        return tags[f"{TAG}base.name"], tags[f"{TAG}base.sha256"]
+
+    def check_base(self, name: str, sha256: str) -> None:
+        bound = self.base_binding()
+        if bound and bound[1] != sha256:
+            raise AhlError(f"store {self.location} is bound to base {bound[0]!r} "
+                           f"(sha256 {bound[1][:12]}), not {name!r} ({sha256[:12]}): drop --base "
+                           "or use another --store")
+
+    def bind_base(self, name: str, sha256: str) -> None:
+        if self.base_binding() is None:
+            experiment = self.experiment_id()
+            self.client.set_experiment_tag(experiment, f"{TAG}base.name", name)
+            self.client.set_experiment_tag(experiment, f"{TAG}base.sha256", sha256)
+
+    # -- tasks and versions -------------------------------------------------------------------
+
+    def model_name(self, task: str) -> str:
+        return f"{self.namespace}.{task}"
+
+    def task_names(self) -> list[str]:
+        """Tasks in order of their first add-task."""
+        if not self.exists():
+            return []
+        prefix = f"{self.namespace}."
+        models = self.client.search_registered_models(filter_string=f"name LIKE '{prefix}%'",
+                                                      max_results=1000)
+        models = [m for m in models if m.name.startswith(prefix) and m.latest_versions]
+        return [m.name[len(prefix):] for m in sorted(models, key=lambda m: m.creation_timestamp)]
+
+    def versions(self, task: str) -> list:
+        """The task's model versions, oldest first (empty for an unknown task)."""
+        if not self.exists():
+            return []
+        found = self.client.search_model_versions(f"name='{self.model_name(task)}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def current_version(self, task: str):
+        versions = self.versions(task)
+        return versions[-1] if versions else None
+
+    def resolve(self, ref: str):
+        """The model version that 'NAME', 'NAME@VERSION' or 'NAME@ALIAS' names."""
+        task, at = parse_ref(ref)
+        versions = self.versions(task)
+        if not versions:
+            known = ", ".join(self.task_names()) or "none yet"
+            raise AhlError(f"no task {task!r} in store {self.location} (tasks: {known}): "
+                           "check the name or run ahl add-task")
+        if at is None:
+            return versions[-1]
+        if at.isdigit():
+            match = [v for v in versions if int(v.version) == int(at)]
+            if not match:
+                raise AhlError(f"task {task!r} has no version {at} (versions: "
+                               f"{', '.join(str(v.version) for v in versions)}): pick one of those")
+            return match[0]
+        try:
+            return self.client.get_model_version_by_alias(self.model_name(task), at)
+        except Exception:
+            raise AhlError(f"task {task!r} has no version or alias {at!r}: see ahl store "
+                           f"versions {task}") from None
+
+    def adapter_folder(self, version) -> Path:
+        """A local folder with the version's adapter files (downloaded if the store is remote)."""
+        import mlflow
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
+                                                        tracking_uri=self.uri))
+
+    def read_json_artifact(self, run_id: str, path: str):
+        import mlflow
+
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                    tracking_uri=self.uri)
+        return json.loads(Path(local).read_text(encoding="utf-8"))
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def start_run(self, task: str, params: dict, tags: dict) -> str:
+        run = self.client.create_run(self.experiment_id(), run_name=task,
+                                     tags={f"{TAG}task": task, **tags})
+        self.client.log_batch(run.info.run_id, params=params_of(params))
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int, tags: list | None = None) -> None:
+        """Metrics (and tags) in one batch: one transaction on a database backend."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
+                                               for k, v in metrics.items()], tags=tags or [])
+
+    def register(self, task: str, run_id: str, artifact_path: str, tags: dict):
+        """Create the task's next version from a run's artifacts: the one atomic step.
+
+        The lineage tags go in with the version in one call; if the registered model was made
+        here and the version fails, the model is removed again, so nothing half-made is left.
+        """
+        name = self.model_name(task)
+        created = False
+        if not self.versions(task):
+            try:
+                self.client.get_registered_model(name)
+            except Exception:
+                self.client.create_registered_model(name, tags={f"{TAG}task": task})
+                created = True
+        try:
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+            return self.client.create_model_version(name, source=source, run_id=run_id,
+                                                    tags={k: str(v) for k, v in tags.items()})
+        except BaseException:
+            if created:
+                self.client.delete_registered_model(name)
+            raise
+
+    def unregister(self, task: str, version: str) -> None:
+        """Roll back a version made by a failed add-task (and its model if it was the first)."""
+        name = self.model_name(task)
+        self.client.delete_model_version(name, version)
+        if not self.client.search_model_versions(f"name='{name}'"):
+            self.client.delete_registered_model(name)
+
+    def finish_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def sequence_run_id(self, create: bool = True) -> str | None:
+        """The one long-lived run per store that collects the accuracy matrices."""
+        if not self.exists() and not create:
+            return None
+        runs = self.client.search_runs([self.experiment_id()],
+                                       filter_string=f"tags.`{TAG}kind` = '{SEQUENCE_RUN}'",
+                                       max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        if not create:
+            return None
+        run = self.client.create_run(self.experiment_id(), run_name=SEQUENCE_RUN,
+                                     tags={f"{TAG}kind": SEQUENCE_RUN})
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+
+def params_of(values: dict) -> list:
+    """MLflow params from a flat dict (values longer than MLflow's limit are cut, not refused)."""
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in values.items()]

@@ -1,0 +1,142 @@
+"""Train one adapter and its head on the frozen base, top to bottom: setup, train, cleanup.
+
+Seeded and reproducible. Texts are tokenised once without padding; batches are grouped by length
+and padded to their own longest row (real texts are short: fixed padding wastes most compute).
+"""
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from adapterhub_local.errors import AhlError
+
+LOG_EVERY = 10  # steps between train-loss logs
+LENGTH_GROUP = 50  # batches per length-sorted group: long enough to sort, short enough to shuffle
+VAL_FRACTION, VAL_MAX = 0.1, 200
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 3
+    """Passes over the training rows."""
+    lr: float = 2e-3
+    """Peak learning rate of AdamW (linear warm-up, then linear decay)."""
+    batch_size: int = 32
+    """Rows per step."""
+    max_length: int = 128
+    """Tokens per text; longer texts are truncated."""
+    seed: int = 0
+    """Seeds the adapter's initialisation, the head, dropout and the batch order."""
+    warmup: float = 0.06
+    """Share of the steps spent warming up the learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+
+    def __post_init__(self):
+        checks = [(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+                  (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+                  (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+                  (8 <= self.max_length <= 4096, f"--max-length must be 8..4096, got {self.max_length}"),
+                  (0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}")]
+        for ok, message in checks:
+            if not ok:
+                raise AhlError(message)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    final_loss: float
+    val_accuracy: float
+    trainable_params: int
+    train_rows: int
+    val_rows: int
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, sort each group of LENGTH_GROUP batches by length, cut batches, shuffle batches."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    group = batch_size * LENGTH_GROUP
+    batches = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def split_validation(labels: list[int], seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices: a seeded slice of each label for validation, none if too small."""
+    rng = random.Random(seed)
+    n_val = min(VAL_MAX, int(len(labels) * VAL_FRACTION))
+    if n_val < len(set(labels)):
+        return list(range(len(labels))), []
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(y, []).append(i)
+    val = []
+    for rows in by_label.values():
+        rng.shuffle(rows)
+        val += rows[: max(1, round(len(rows) * n_val / len(labels)))]
+    held = set(val)
+    return [i for i in range(len(labels)) if i not in held], sorted(val)
+
+
+def train_adapter(bank, name: str, peft_config, data, options: TrainOptions,
+                  log: Callable[[dict, int], None] | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> TrainReport:
+    """Add adapter `name` to the bank and train it with its head on `data` (a TaskData)."""
+    # Setup: everything random is drawn from the seed, in a fixed order.
+    torch.manual_seed(options.seed)
+    rng = random.Random(options.seed)
+    bank.add_adapter(name, peft_config, data.labels)
+    train_idx, val_idx = split_validation(data.train_labels, options.seed)
+    ids = bank.base.tokenize([data.train_texts[i] for i in train_idx], options.max_length)
+    labels = torch.tensor([data.train_labels[i] for i in train_idx])
+    params = bank.trainable_parameters(name)
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    total = options.epochs * math.ceil(len(ids) / options.batch_size)
+    warmup = max(1, int(total * options.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    lengths = [len(x) for x in ids]
+
+    # Train.
+    step, loss_sum, loss_count, val_accuracy = 0, 0.0, 0, float("nan")
+    for epoch in range(options.epochs):
+        bank.peft_model.train()
+        for rows in length_grouped_batches(lengths, options.batch_size, rng):
+            logits = bank.logits(name, bank.base.pad([ids[i] for i in rows]))
+            loss = torch.nn.functional.cross_entropy(logits, labels[rows])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            if log and step % LOG_EVERY == 0:
+                log({"train_loss": loss_sum / loss_count}, step)
+                loss_sum, loss_count = 0.0, 0
+            if progress:
+                progress(step, total)
+        if val_idx:
+            val_accuracy = bank.accuracy(name, [data.train_texts[i] for i in val_idx],
+                                         [data.train_labels[i] for i in val_idx], options.max_length)
+            if log:
+                log({"val_accuracy": val_accuracy, "epoch": epoch + 1}, step)
+
+    # Cleanup: the adapter is frozen from here on, like every stored adapter.
+    bank.peft_model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return TrainReport(steps=step, final_loss=loss.item(), val_accuracy=val_accuracy,
+                       trainable_params=sum(p.numel() for p in params),
+                       train_rows=len(train_idx), val_rows=len(val_idx))

@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny random BERT built here, tiny tasks, and a copied MLflow template db."""
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+for _name, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                      "MLFLOW_DISABLE_TELEMETRY": "true", "AHL_STORE": ""}.items():
+    os.environ[_name] = _value
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Each tiny task is told apart by its own words; the filler words are shared noise.
+TINY_TASKS = {
+    "colors": {"red": ["red", "crimson", "scarlet"], "blue": ["blue", "navy", "azure"]},
+    "animals": {"cat": ["cat", "kitten", "meow"], "dog": ["dog", "puppy", "bark"],
+                "bird": ["bird", "wing", "nest"]},
+    "moods": {"happy": ["happy", "glad", "joy"], "sad": ["sad", "tears", "gloom"]},
+}
+FILLER = ["the", "a", "very", "seen", "today", "near", "here", "and"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_rows(task: str, n_per_label: int, seed: int = 0) -> list[tuple[str, str]]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for label, words in TINY_TASKS[task].items():
+        for _ in range(n_per_label):
+            picks = [words[int(torch.randint(len(words), (1,), generator=gen))] for _ in range(2)]
+            noise = [FILLER[int(torch.randint(len(FILLER), (1,), generator=gen))] for _ in range(3)]
+            rows.append((" ".join(noise[:2] + picks[:1] + noise[2:] + picks[1:]), label))
+    return rows
+
+
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random BERT and a word-level vocab, saved as a base folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_base")
+    words = SPECIAL + FILLER + sorted({w for t in TINY_TASKS.values() for ws in t.values() for w in ws})
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """{task: {"train": csv, "test": csv}} for each tiny task."""
+    folder = tmp_path_factory.mktemp("tiny_data")
+    return {task: {"train": write_csv(folder / f"{task}_train.csv", tiny_rows(task, 40, seed=1)),
+                   "test": write_csv(folder / f"{task}_test.csv", tiny_rows(task, 10, seed=2))}
+            for task in TINY_TASKS}
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An initialised MLflow SQLite store, made once (migrations take seconds) and copied per test."""
+    from adapterhub_local.store import AdapterStore
+
+    folder = tmp_path_factory.mktemp("template") / "store"
+    AdapterStore(folder).experiment_id(create=True)
+    return folder
+
+
+@pytest.fixture
+def store_dir(store_template, tmp_path) -> Path:
+    folder = tmp_path / "store"
+    shutil.copytree(store_template, folder)
+    return folder
+
+
+FAST = {"epochs": 6, "lr": 5e-3, "batch_size": 16}
+
+
+def file_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a folder: a store left exactly as it was has equal digests."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,0 +1,95 @@
+"""The CLI through typer's CliRunner: contracts of --json, and one clean line per user mistake."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from adapterhub_local.cli import app
+from conftest import FAST, file_digest
+
+runner = CliRunner()
+FAST_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+
+
+def ahl(*args, ok=True):
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+def add(store, task, tiny_data, tiny_base, *extra):
+    return ahl("add-task", task, "--train", tiny_data[task]["train"], "--test",
+               tiny_data[task]["test"], "--base", tiny_base, "--store", store, *FAST_ARGS, *extra)
+
+
+def test_two_tasks_then_a_second_version(store_dir, tiny_data, tiny_base):
+    first = json.loads(add(store_dir, "colors", tiny_data, tiny_base, "--json").stdout)
+    assert first["version"] == 1 and first["task"] == "colors"
+    add(store_dir, "animals", tiny_data, tiny_base)
+
+    tasks = json.loads(ahl("tasks", "--json", "--store", store_dir).stdout)
+    assert [(t["task"], t["version"], t["method"]) for t in tasks] == [
+        ("colors", 1, "lora"), ("animals", 1, "lora")]
+    assert all(set(t) == {"task", "version", "method", "aliases", "accuracy"} for t in tasks)
+
+    metrics = json.loads(ahl("metrics", "--json", "--store", store_dir).stdout)
+    oracle = metrics["modes"]["oracle"]
+    assert metrics["tasks"] == ["colors", "animals"]
+    assert len(oracle["matrix"]) == 2 and oracle["matrix"][0][1] is None
+    assert oracle["bwt"] == 0
+
+    add(store_dir, "colors", tiny_data, tiny_base)
+    shown = json.loads(ahl("store", "show", "colors@2", "--json", "--store", store_dir).stdout)
+    assert shown["parent"] == 1 and shown["version"] == 2
+    assert len(shown["base"]["sha256"]) == 64 and len(shown["data"]["digest"]) == 64
+    assert shown["after"] == [{"task": "animals", "version": 1}]
+    assert {"task", "version", "method", "base", "data", "parent", "after", "run_id", "files",
+            "metrics"} <= set(shown)
+    versions = json.loads(ahl("store", "versions", "colors", "--json", "--store", store_dir).stdout)
+    assert [v["version"] for v in versions] == [1, 2]
+    # The tables print too.
+    assert "colors" in ahl("metrics", "--store", store_dir).stdout
+    assert "animals" in ahl("tasks", "--store", store_dir).stdout
+
+
+def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_base, tmp_path):
+    spec = tmp_path / "moods.toml"
+    spec.write_text(f'name = "moods"\ntrain = "{tiny_data["moods"]["train"]}"\n'
+                    f'test = "{tiny_data["moods"]["test"]}"\nepochs = 2\n', encoding="utf-8")
+    result = json.loads(ahl("add-task", "--spec", spec, "--base", tiny_base, "--store",
+                            store_dir, "--json").stdout)
+    assert result["task"] == "moods"
+    assert json.loads(ahl("store", "show", "moods", "--json", "--store",
+                          store_dir).stdout)["train"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["add-task", "x", "--train", "missing.csv"], "does not exist"),
+    (["add-task", "../x", "--train", "{colors}"], "not a plain identifier"),
+    (["add-task", "x", "--train", "{colors}", "--method", "nope"], "unknown method 'nope'"),
+    (["add-task", "x", "--train", "{colors}", "--method-arg", "r"], "is not KEY=VALUE"),
+    (["add-task", "x", "--train", "{colors}", "--method-arg", "rank=4"], "has no option rank"),
+    (["add-task", "x", "--train", "{colors}", "--text-column", "body"], "no column 'body'"),
+    (["add-task", "x", "--train", "{colors}", "--base", "no/such-model"], "neither a known base"),
+    (["store", "show", "colors@9"], "has no version 9"),
+    (["store", "show", "ghost"], "no task 'ghost'"),
+])
+def test_user_mistakes_print_one_line_and_change_nothing(store_dir, tiny_data, tiny_base, args,
+                                                         message):
+    add(store_dir, "colors", tiny_data, tiny_base)
+    before = file_digest(store_dir)
+    args = [a.replace("{colors}", str(tiny_data["colors"]["train"])) for a in args]
+    result = ahl(*args, "--store", store_dir, ok=False)
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert file_digest(store_dir) == before
+
+
+def test_metrics_on_an_empty_store_says_how_to_start(tmp_path):
+    result = ahl("metrics", "--store", tmp_path / "empty", ok=False)
+    assert result.exit_code == 1 and "ahl add-task" in result.stderr
+    assert not (tmp_path / "empty").exists()

@@ -1,0 +1,97 @@
+"""Reading and validating task data: formats, splits, and a clear error for each mistake."""
+
+import json
+
+import pytest
+
+from adapterhub_local.data import load_spec, load_task_data
+from adapterhub_local.errors import AhlError
+from conftest import tiny_rows, write_csv
+
+
+def test_csv_with_a_test_file(tiny_data):
+    data = load_task_data("colors", **tiny_data["colors"])
+    assert data.labels == ["blue", "red"]
+    assert len(data.train_texts) == 80 and len(data.test_texts) == 20
+    assert set(data.train_labels) == {0, 1}
+    assert len(data.digest) == 64
+
+
+def test_no_test_file_gives_a_seeded_stratified_80_20_split(tiny_data):
+    a = load_task_data("colors", tiny_data["colors"]["train"], seed=3)
+    b = load_task_data("colors", tiny_data["colors"]["train"], seed=3)
+    c = load_task_data("colors", tiny_data["colors"]["train"], seed=4)
+    assert len(a.test_texts) == 16 and len(a.train_texts) == 64
+    assert a.test_labels.count(0) == a.test_labels.count(1) == 8  # stratified
+    assert a.test_texts == b.test_texts and a.digest == b.digest  # seeded
+    assert a.test_texts != c.test_texts
+    assert a.split == {"test_fraction": 0.2, "seed": 3, "stratified": True}
+
+
+def test_jsonl_and_parquet_read_like_csv(tmp_path):
+    import pandas as pd
+
+    rows = tiny_rows("moods", 5)
+    jsonl = tmp_path / "moods.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"sentence": t, "y": l}) for t, l in rows), encoding="utf-8")
+    parquet = tmp_path / "moods.parquet"
+    pd.DataFrame({"sentence": [t for t, _ in rows], "y": [l for _, l in rows]}).to_parquet(parquet)
+    a = load_task_data("moods", jsonl, text_column="sentence", label_column="y")
+    b = load_task_data("moods", parquet, text_column="sentence", label_column="y")
+    assert a.digest == b.digest and a.labels == ["happy", "sad"]
+
+
+def test_empty_texts_are_dropped_and_counted(tmp_path):
+    rows = tiny_rows("colors", 5) + [("", "red"), ("   ", "blue")]
+    data = load_task_data("colors", write_csv(tmp_path / "c.csv", rows))
+    assert data.dropped == 2
+    assert len(data.train_texts) + len(data.test_texts) == 10
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.csv", "does not exist"),
+    (lambda p: write_csv(p / "x.xlsx", tiny_rows("colors", 3)), "unknown data format"),
+    (lambda p: write_csv(p / "x.csv", tiny_rows("colors", 3), header=("sentence", "label")),
+     "no column 'text' (columns found: sentence, label)"),
+    (lambda p: (p / "x.csv").write_text("") and p / "x.csv" or p / "x.csv", "is empty"),
+    (lambda p: write_csv(p / "x.csv", [("red thing", "red")] * 5), "single label"),
+    (lambda p: (p / "x.csv").write_bytes("text,label\ncaf\xe9,a\nb,b\n".encode("latin-1"))
+     and p / "x.csv", "not valid UTF-8"),
+    (lambda p: write_csv(p / "x.csv", [("", "a"), (" ", "b")]), "no rows with a non-empty text"),
+])
+def test_bad_files_give_one_clear_line(tmp_path, make, message):
+    with pytest.raises(AhlError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        load_task_data("t", make(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_a_test_label_never_seen_in_training_is_refused(tmp_path):
+    train = write_csv(tmp_path / "train.csv", tiny_rows("colors", 5))
+    test = write_csv(tmp_path / "test.csv", tiny_rows("moods", 2))
+    with pytest.raises(AhlError, match=r"test labels \['happy', 'sad'\] never appear"):
+        load_task_data("colors", train, test)
+
+
+@pytest.mark.parametrize("name", ["../x", "has space", "", "1abc", "a/b"])
+def test_task_names_must_be_plain_identifiers(tiny_data, name):
+    with pytest.raises(AhlError, match="not a plain identifier"):
+        load_task_data(name, tiny_data["colors"]["train"])
+
+
+def test_spec_resolves_files_next_to_it_and_keeps_defaults(tmp_path, tiny_data):
+    (tmp_path / "colors.toml").write_text(
+        f'name = "colors"\ntrain = "{tiny_data["colors"]["train"]}"\nepochs = 2\n', encoding="utf-8")
+    spec = load_spec(tmp_path / "colors.toml")
+    assert spec.name == "colors" and spec.train == tiny_data["colors"]["train"]
+    assert spec.test is None and spec.defaults == {"epochs": 2}
+
+
+def test_bundled_specs_load():
+    from pathlib import Path
+
+    tasks = Path(__file__).parent.parent / "tasks"
+    for spec_file in sorted(tasks.glob("*.toml")):
+        if spec_file.name == "sequence.toml":
+            continue
+        spec = load_spec(spec_file)
+        assert spec.train.is_file() and spec.test.is_file(), spec_file

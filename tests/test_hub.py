@@ -1,0 +1,184 @@
+"""add_task end to end on a tiny random base: frozen base, isolated adapters, lineage, atomicity."""
+
+import hashlib
+
+import pytest
+import torch
+
+from adapterhub_local import Hub
+from adapterhub_local.base import load_base
+from adapterhub_local.errors import AhlError
+from conftest import FAST, file_digest
+
+
+def add(hub, task, tiny_data, tiny_base, **kwargs):
+    return hub.add_task(task, tiny_data[task]["train"], tiny_data[task]["test"], base=tiny_base,
+                        **{**FAST, **kwargs})
+
+
+def tensor_digest(tensors: dict) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        sha.update(name.encode())
+        sha.update(tensors[name].detach().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def adapter_weights(hub, task, version) -> str:
+    from safetensors.torch import load_file
+
+    folder = hub.store.adapter_folder(hub.store.resolve(f"{task}@{version}"))
+    return tensor_digest(load_file(folder / "adapter_model.safetensors"))
+
+
+def test_three_tasks_learn_and_nothing_is_forgotten(store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    base = load_base(tiny_base)
+    base_before = tensor_digest({n: p for n, p in base.model.named_parameters()
+                                 if "lora_" not in n})
+    first = add(hub, "colors", tiny_data, tiny_base)
+    weights_before = adapter_weights(hub, "colors", 1)
+    add(hub, "animals", tiny_data, tiny_base)
+    last = add(hub, "moods", tiny_data, tiny_base)
+
+    assert first["accuracy"] >= 0.9  # the tiny tasks are learnable: the adapter really trains
+    assert last["tasks"] == ["colors", "animals", "moods"]
+    metrics = hub.metrics()["modes"]["oracle"]
+    column = [row[0] for row in metrics["matrix"]]
+    assert column == [first["accuracy"]] * 3  # the first task's accuracy never moves
+    assert metrics["bwt"] == 0.0 and metrics["forgetting"] == 0.0
+    assert metrics["matrix"][0][1:] == [None, None]
+    assert adapter_weights(hub, "colors", 1) == weights_before
+    # The frozen base is unchanged by three trainings (LoRA layers aside).
+    assert tensor_digest({n.replace("base_layer.", ""): p for n, p in base.model.named_parameters()
+                          if "lora_" not in n}) == base_before
+
+
+def test_same_seed_same_adapter(tmp_path, store_template, tiny_data, tiny_base):
+    import shutil
+
+    digests = []
+    for name in ("a", "b"):
+        shutil.copytree(store_template, tmp_path / name)
+        hub = Hub(tmp_path / name)
+        add(hub, "colors", tiny_data, tiny_base, seed=7)
+        digests.append(adapter_weights(hub, "colors", 1))
+    assert digests[0] == digests[1]
+
+
+def test_second_version_records_its_lineage(store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    add(hub, "animals", tiny_data, tiny_base)
+    second = add(hub, "colors", tiny_data, tiny_base, epochs=2)
+    assert second["version"] == 2 and second["parent"] == 1
+    info = hub.show("colors@2")
+    assert info["parent"] == 1
+    assert info["after"] == [{"task": "animals", "version": 1}]
+    assert info["base"]["sha256"] == load_base(tiny_base).sha256
+    assert info["data"]["digest"] == hub.show("colors@1")["data"]["digest"]
+    assert info["train"]["epochs"] == 2
+    assert set(info["files"]) >= {"adapter_config.json", "adapter_model.safetensors",
+                                  "head.safetensors", "labels.json"}
+    assert hub.show("colors@1")["after"] == []
+    assert [t["version"] for t in hub.tasks()] == [2, 1]
+    assert len(hub.metrics()["modes"]["oracle"]["matrix"]) == 3
+
+
+def visible_state(hub) -> dict:
+    """What users see of a store: tasks, versions, and the accuracy matrices."""
+    return {"tasks": hub.tasks(), "versions": {t: [int(v.version) for v in hub.store.versions(t)]
+                                               for t in hub.store.task_names()},
+            "metrics": hub.metrics() if hub.store.task_names() else None}
+
+
+def test_failure_during_registration_leaves_no_version(store_dir, tiny_data, tiny_base, monkeypatch):
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    before = visible_state(hub)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(type(hub.store.client), "create_model_version", broken)
+    with pytest.raises(RuntimeError, match="registry went away"):
+        add(hub, "animals", tiny_data, tiny_base)
+    monkeypatch.undo()
+    assert visible_state(hub) == before
+    assert "animals" not in hub.store.task_names()
+    # The failed run is kept, marked FAILED, for the record; and the store still works.
+    runs = hub.store.client.search_runs([hub.store.experiment_id()], "attributes.status = 'FAILED'")
+    assert [r.info.run_name for r in runs] == ["animals"]
+    assert add(hub, "animals", tiny_data, tiny_base)["version"] == 1
+
+
+def test_failure_after_registration_rolls_the_version_back(store_dir, tiny_data, tiny_base,
+                                                            monkeypatch):
+    import adapterhub_local.hub as hub_module
+
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    before = visible_state(hub)
+    monkeypatch.setattr(hub_module, "log_step", lambda *a, **k: (_ for _ in ()).throw(
+        OSError("disk full")))
+    with pytest.raises(OSError):
+        add(hub, "colors", tiny_data, tiny_base)
+    monkeypatch.undo()
+    assert visible_state(hub) == before
+
+
+def test_ctrl_c_during_training_leaves_the_store_unchanged(store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    before = visible_state(hub)
+
+    def interrupt(step, total):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        add(hub, "animals", tiny_data, tiny_base, progress=interrupt)
+    assert visible_state(hub) == before
+    runs = hub.store.client.search_runs([hub.store.experiment_id()], "attributes.status = 'KILLED'")
+    assert len(runs) == 1
+
+
+def test_another_base_is_refused_and_changes_nothing(store_dir, tiny_data, tiny_base, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    other = tmp_path / "other_base"
+    load_base(tiny_base).tokenizer.save_pretrained(other)
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(other)
+    before = file_digest(store_dir)
+    with pytest.raises(AhlError, match="is bound to base"):
+        hub.add_task("animals", tiny_data["animals"]["train"], base=str(other))
+    assert file_digest(store_dir) == before
+
+
+def test_bad_inputs_leave_the_store_exactly_as_it_was(store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    before = file_digest(store_dir)
+    bad = [dict(name="animals", train="missing.csv"),
+           dict(name="../x", train=tiny_data["animals"]["train"]),
+           dict(name="animals", train=tiny_data["animals"]["train"], method="nope"),
+           dict(name="animals", train=tiny_data["animals"]["train"], method_args={"r": "x"}),
+           dict(name="animals", train=tiny_data["animals"]["train"], epochs=0)]
+    for kwargs in bad:
+        with pytest.raises(AhlError):
+            hub.add_task(**kwargs, base=tiny_base)
+    assert file_digest(store_dir) == before
+
+
+def test_queries_on_an_empty_store_name_add_task(tmp_path):
+    hub = Hub(tmp_path / "nothing")
+    assert hub.tasks() == []
+    with pytest.raises(AhlError, match="ahl add-task"):
+        hub.metrics()
+    with pytest.raises(AhlError, match="no task 'x'"):
+        hub.show("x@1")
+    assert not (tmp_path / "nothing").exists()  # reads create nothing
