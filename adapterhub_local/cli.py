@@ -94,12 +94,13 @@ def progress_bar(label: str):
 
 
 def matrix_table(title: str, tasks: list[str], summary: dict) -> Table:
+    """The accuracy matrix transposed: a row per task, a column per step (tasks have long names)."""
     table = Table(title=title)
-    table.add_column("after step")
-    for task in tasks:
-        table.add_column(task, justify="right")
-    for i, row in enumerate(summary["matrix"]):
-        table.add_row(str(i + 1), *[percent(v) for v in row])
+    table.add_column("task \\ after step")
+    for step in range(1, len(summary["matrix"]) + 1):
+        table.add_column(str(step), justify="right")
+    for j, task in enumerate(tasks):
+        table.add_row(task, *[percent(row[j]) for row in summary["matrix"]])
     table.caption = (f"average accuracy {percent(summary['average_accuracy'])}  "
                      f"BWT {signed(summary['bwt'])}  forgetting {signed(summary['forgetting'])}")
     return table
@@ -187,7 +188,7 @@ def metrics(store: StoreOption = None, as_json: JsonOption = False):
     if as_json:
         return print_json(result)
     for mode, summary in result["modes"].items():
-        out.print(matrix_table(f"{mode} accuracy % (rows: after each step)", result["tasks"], summary))
+        out.print(matrix_table(f"{mode} accuracy %", result["tasks"], summary))
 
 
 @command(store_app, "show")
@@ -235,12 +236,13 @@ def store_versions(name: Annotated[str, typer.Argument(help="Task name.")],
 def demo(
     store: StoreOption = None,
     fresh: Annotated[bool, typer.Option(help="Start from an empty store (deletes the folder store's MLflow database and artifacts).")] = False,
-    tasks_dir: Annotated[Path, typer.Option(help="Folder with sequence.toml and the task specs.")] = TASKS_DIR,
+    tasks_dir: Annotated[Optional[Path], typer.Option(help="Folder with sequence.toml and the task specs [default: the bundled tasks/].")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override every task's epochs.")] = None,
 ):
     """Add the bundled task sequence to the store, end to end, and show how it held up."""
     import tomllib
 
+    tasks_dir = tasks_dir or TASKS_DIR
     sequence_file = tasks_dir / "sequence.toml"
     if not sequence_file.is_file():
         raise AhlError(f"no task sequence at {sequence_file}: pass --tasks-dir DIR")

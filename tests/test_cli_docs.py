@@ -1,0 +1,17 @@
+"""cli/README.md is generated from the Typer app; this keeps it current."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REFERENCE = Path(__file__).resolve().parent.parent / "cli" / "README.md"
+REGENERATE = [sys.executable, "-m", "typer", "adapterhub_local.cli", "utils", "docs", "--name",
+              "ahl", "--title", "ahl command reference"]
+
+
+def test_command_reference_is_current(tmp_path):
+    out = tmp_path / "README.md"
+    subprocess.run([*REGENERATE, "--output", str(out)], check=True, capture_output=True)
+    assert out.read_text() == REFERENCE.read_text(), (
+        "cli/README.md is stale: regenerate it with " + " ".join(REGENERATE[2:]) +
+        " --output cli/README.md")
