@@ -37,6 +37,8 @@ class Base:
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids per text, truncated, unpadded: batches pad themselves (dynamic padding)."""
+        if not texts:
+            return []
         return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
     def pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:

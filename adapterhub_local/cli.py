@@ -157,12 +157,16 @@ def print_step(result: dict) -> None:
               f"{result['steps']} steps in {result['train_seconds']:.0f}s"
               + (f", {result['dropped_rows']} empty rows dropped" if result["dropped_rows"] else ""))
     table = Table(title=f"after step {result['step']}: oracle accuracy % per task")
-    for column in ("task", "now", "when learned", "change"):
+    for column in ("task", "now", "when learned", "change", "routed", "routing"):
         table.add_column(column, justify="left" if column == "task" else "right")
-    for task, now, learned in zip(result["tasks"], result["row"], result["learned"]):
-        table.add_row(task, percent(now), percent(learned), signed(now - learned))
-    table.caption = (f"average accuracy {percent(result['average_accuracy'])}  "
-                     f"BWT {signed(result['bwt'])}  forgetting {signed(result['forgetting'])}")
+    for task, now, learned, routed, routing in zip(result["tasks"], result["row"], result["learned"],
+                                                   result["routed_row"], result["routing_row"]):
+        table.add_row(task, percent(now), percent(learned), signed(now - learned),
+                      percent(routed), percent(routing))
+    table.caption = (f"oracle: average {percent(result['average_accuracy'])}  "
+                     f"BWT {signed(result['bwt'])}  forgetting {signed(result['forgetting'])}\n"
+                     f"routed average {percent(result['routed_average_accuracy'])}  "
+                     f"composed average {percent(result['composed_average_accuracy'])}")
     out.print(table)
 
 
@@ -181,14 +185,72 @@ def tasks(store: StoreOption = None, as_json: JsonOption = False):
     out.print(table if rows else "no tasks yet: add one with ahl add-task NAME --train FILE")
 
 
+MODE_TITLES = {"oracle": "oracle accuracy % (the task is given)",
+               "routed": "routed accuracy % (the router picks; a wrong pick is wrong)",
+               "composed": "composed accuracy % (the router's top 2 answer together)"}
+
+
 @command(app, "metrics")
-def metrics(store: StoreOption = None, as_json: JsonOption = False):
-    """The accuracy matrices and forgetting summary per mode."""
-    result = Hub(store).metrics()
+def metrics(store: StoreOption = None, as_json: JsonOption = False,
+            confusion: Annotated[bool, typer.Option(help="Also show the router's task confusion at the last step.")] = False):
+    """The accuracy matrices and forgetting summary per mode, and routing accuracy."""
+    result = Hub(store).metrics(confusion=confusion)
     if as_json:
         return print_json(result)
     for mode, summary in result["modes"].items():
-        out.print(matrix_table(f"{mode} accuracy %", result["tasks"], summary))
+        out.print(matrix_table(MODE_TITLES[mode], result["tasks"], summary))
+    routing = {"matrix": result["routing_accuracy"], "average_accuracy": None, "bwt": None,
+               "forgetting": None}
+    table = matrix_table("routing accuracy % (inputs of a task routed to it)", result["tasks"], routing)
+    table.caption = None
+    out.print(table)
+    if confusion and result.get("confusion"):
+        out.print(confusion_table(result["confusion"]))
+
+
+def confusion_table(confusion: dict) -> Table:
+    table = Table(title="router confusion at the last step (rows: true task, columns: routed to)")
+    table.add_column("true \\ routed")
+    for task in confusion["tasks"] + ["abstain"]:
+        table.add_column(task, justify="right")
+    for task, row in zip(confusion["true_tasks"], confusion["matrix"]):
+        table.add_row(task, *[str(n) for n in row])
+    return table
+
+
+@command(app, "predict")
+def predict(
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to answer.")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="More texts: .txt (one a line), .csv, .jsonl or .parquet.")] = None,
+    text_column: Annotated[str, typer.Option(help="The text column of --file tables.")] = "text",
+    task: Annotated[Optional[str], typer.Option(help="Answer with this task's adapter (no routing).")] = None,
+    mode: Annotated[str, typer.Option(help="routed: the router picks one adapter; composed: its top-k answer together.")] = "routed",
+    top_k: Annotated[int, typer.Option(help="Adapters to compose in composed mode.")] = 2,
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+):
+    """Answer texts without being told their task: the router picks or composes adapters."""
+    from adapterhub_local.data import read_texts
+
+    modes = {"routed": "pick", "composed": "compose"}
+    if mode not in modes:
+        raise AhlError(f"unknown --mode {mode!r}: use routed or composed")
+    if top_k < 1:
+        raise AhlError(f"--top-k must be at least 1, got {top_k}")
+    inputs = list(texts or []) + (read_texts(file, text_column) if file else [])
+    if not inputs:
+        raise AhlError("no texts: pass TEXT arguments or --file PATH")
+    answers = Hub(store).predict(inputs, mode=modes[mode], top_k=top_k, task=task)
+    if as_json:
+        return print_json(answers)
+    table = Table(title=f"{len(answers)} answers ({'task ' + task if task else mode})")
+    for column in ("text", "task", "label", "score", "adapters (weight)"):
+        table.add_column(column, overflow="fold" if column == "text" else "ellipsis")
+    for a in answers:
+        adapters = ", ".join(f"{x['task']}@{x['version']} ({x['weight']:.2f})" for x in a["adapters"])
+        table.add_row(a["text"][:80], a["task"] or "-", a["label"] or "-", f"{a['score']:.2f}",
+                      adapters or a.get("reason", "-"))
+    out.print(table)
 
 
 @command(store_app, "show")
@@ -259,7 +321,7 @@ def demo(
             result = hub.add_task(spec=tasks_dir / f"{task}.toml", progress=advance, epochs=epochs)
         print_step(result)
     out.rule("after the whole sequence")
-    metrics(store=store, as_json=False)
+    metrics(store=store, as_json=False, confusion=True)
     uri = hub.store.uri
     out.print(f"Each step is an MLflow run, each adapter a model version. Look at the forgetting "
               f"dashboards with:\n  mlflow ui --backend-store-uri {uri} --workers 1\nthen open "

@@ -8,11 +8,15 @@ the matrices that `ahl metrics` prints: there is no second copy to drift.
 """
 
 import json
+import tempfile
+from pathlib import Path
 
 from adapterhub_local.forgetting import Matrix, summarize
 from adapterhub_local.store import TAG
 
-MODES = ("oracle",)
+MODES = ("oracle", "routed", "composed")
+MATRICES = (*MODES, "routing")  # routing: share of task j's inputs routed to j after step i
+CONFUSION_ARTIFACT = "confusion"
 
 
 def accuracy_key(mode: str, task: str) -> str:
@@ -29,15 +33,23 @@ def step_metrics(mode: str, tasks: list[str], R: Matrix) -> dict[str, float]:
     return metrics
 
 
-def log_step(store, tasks: list[str], matrices: dict[str, Matrix], versions: dict[str, str]) -> None:
-    """Append one step to the sequence run, in one batch: metrics and the step count together."""
+def log_step(store, tasks: list[str], matrices: dict[str, Matrix], versions: dict[str, int],
+             confusion: dict) -> None:
+    """Append one step to the sequence run: the router's confusion as an artifact first, then
+    every metric and the step count in one batch, so a step is either all there or not at all."""
     from mlflow.entities import RunTag
 
-    step = len(next(iter(matrices.values())))
+    step = len(matrices["oracle"])
     run_id = store.sequence_run_id()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"step_{step:03d}.json"
+        path.write_text(json.dumps(confusion), encoding="utf-8")
+        store.client.log_artifact(run_id, str(path), CONFUSION_ARTIFACT)
     metrics = {}
-    for mode, R in matrices.items():
-        metrics.update(step_metrics(mode, tasks, R))
+    for mode in MODES:
+        metrics.update(step_metrics(mode, tasks, matrices[mode]))
+    metrics.update({accuracy_key("routing", t): v
+                    for t, v in zip(tasks, matrices["routing"][-1]) if v is not None})
     store.log_metrics(run_id, metrics, step, tags=[
         RunTag(f"{TAG}tasks", json.dumps(tasks)),
         RunTag(f"{TAG}steps", str(step)),
@@ -49,12 +61,12 @@ def read_matrices(store) -> tuple[list[str], dict[str, Matrix]]:
     """(tasks in order of addition, {mode: matrix}) from the sequence run; empty if none yet."""
     run_id = store.sequence_run_id(create=False)
     if run_id is None:
-        return [], {mode: [] for mode in MODES}
+        return [], {mode: [] for mode in MATRICES}
     tags = store.client.get_run(run_id).data.tags
     tasks = json.loads(tags.get(f"{TAG}tasks", "[]"))
     steps = int(tags.get(f"{TAG}steps", "0"))
     matrices = {}
-    for mode in MODES:
+    for mode in MATRICES:
         R = [[None] * len(tasks) for _ in range(steps)]
         for j, task in enumerate(tasks):
             history = store.client.get_metric_history(run_id, accuracy_key(mode, task))
@@ -64,3 +76,13 @@ def read_matrices(store) -> tuple[list[str], dict[str, Matrix]]:
                     R[m.step - 1][j] = m.value
         matrices[mode] = R
     return tasks, matrices
+
+
+def read_confusion(store) -> dict | None:
+    """The router's task confusion at the last step: rows are the tasks' test inputs, columns
+    the router's tasks and then "abstain"."""
+    run_id = store.sequence_run_id(create=False)
+    steps = int(store.client.get_run(run_id).data.tags.get(f"{TAG}steps", "0")) if run_id else 0
+    if not steps:
+        return None
+    return store.read_json_artifact(run_id, f"{CONFUSION_ARTIFACT}/step_{steps:03d}.json")

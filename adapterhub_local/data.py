@@ -46,25 +46,40 @@ def check_task_name(name: str) -> str:
     return name
 
 
-def read_rows(path: str | Path, text_column: str, label_column: str) -> tuple[list[str], list[str], int]:
-    """Read (texts, labels, dropped) from one file; labels come back as strings."""
+def read_table(path: str | Path, columns: dict[str, str], formats=FORMATS):
+    """A checked table from a file; columns maps each needed column to the option naming it."""
     path = Path(path)
     if not path.is_file():
         raise AhlError(f"data file {str(path)!r} does not exist: check the path")
-    kind = FORMATS.get(path.suffix.lower())
+    kind = formats.get(path.suffix.lower())
     if kind is None:
         raise AhlError(f"unknown data format {path.suffix or '(no extension)'!r} for {path.name}: "
-                       f"use one of {', '.join(sorted(FORMATS))}")
+                       f"use one of {', '.join(sorted(formats))}")
     if path.stat().st_size == 0:
-        raise AhlError(f"data file {path.name} is empty: give it a header and rows of text and label")
+        raise AhlError(f"data file {path.name} is empty: give it a header and rows")
     if kind != "parquet":
         check_utf8(path)
+    if kind == "text":
+        return {"text": [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                         if line.strip()]}
     table = load_table(path, kind)
-    for column in (text_column, label_column):
+    for column, option in columns.items():
         if column not in table.column_names:
-            option = "--text-column" if column == text_column else "--label-column"
             raise AhlError(f"{path.name} has no column {column!r} (columns found: "
                            f"{', '.join(table.column_names) or 'none'}): pass {option} NAME")
+    return table
+
+
+def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
+    """Texts to predict: a .txt file (one a line), or the text column of a table."""
+    table = read_table(path, {text_column: "--text-column"}, {**FORMATS, ".txt": "text"})
+    return [str(t) for t in table["text" if Path(path).suffix.lower() == ".txt" else text_column]]
+
+
+def read_rows(path: str | Path, text_column: str, label_column: str) -> tuple[list[str], list[str], int]:
+    """Read (texts, labels, dropped) from one file; labels come back as strings."""
+    path = Path(path)
+    table = read_table(path, {text_column: "--text-column", label_column: "--label-column"})
     texts, labels, dropped = [], [], 0
     for text, label in zip(table[text_column], table[label_column]):
         if not isinstance(text, str) or not text.strip() or label is None:

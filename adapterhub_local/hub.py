@@ -3,30 +3,46 @@
     from adapterhub_local import Hub
     hub = Hub("store")
     hub.add_task("sentiment", train="train.csv")
+    hub.predict(["what a lovely day", "wo ist der bahnhof?"])
     hub.metrics()
 """
 
-import hashlib
 import json
 import tempfile
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from adapterhub_local import __version__
-from adapterhub_local.base import load_base, resolve_base, fingerprint
-from adapterhub_local.dashboards import MODES, log_step, read_matrices
+from adapterhub_local.base import fingerprint, load_base, resolve_base
+from adapterhub_local.dashboards import MODES, log_step, read_matrices, read_confusion
 from adapterhub_local.data import TaskData, check_task_name, load_spec, load_task_data
 from adapterhub_local.errors import AhlError
+from adapterhub_local.evaluation import COMPOSE_TOP_K, evaluate_task
 from adapterhub_local.forgetting import first_steps, summarize
-from adapterhub_local.inference import adapter_name, bank_for
+from adapterhub_local.inference import answer, adapter_name, bank_for
 from adapterhub_local.methods import get_method, method_options
-from adapterhub_local.store import TAG, AdapterStore
-from adapterhub_local.trainer import TrainOptions, train_adapter
+from adapterhub_local.router import GaussianRouter, Route, TaskStats, task_stats
+from adapterhub_local.store import ROUTER, TAG, AdapterStore, sha256_file
+from adapterhub_local.trainer import TrainOptions, split_validation, train_adapter
 
-ADAPTER_ARTIFACT = "adapter"
+ADAPTER_ARTIFACT, STATS_ARTIFACT, ROUTER_ARTIFACT = "adapter", "router_stats", "router"
 TEST_ARTIFACT = "eval/test.json"
+PREDICT_MODES = {"pick": 1, "compose": COMPOSE_TOP_K}
+
+
+@dataclass
+class Plan:
+    """A validated add-task: everything checked before the store is touched."""
+
+    data: TaskData
+    method: str
+    options: object
+    train: TrainOptions
+    base: str
 
 
 class Hub:
@@ -34,7 +50,7 @@ class Hub:
 
     def __init__(self, store: str | Path | None = None, namespace: str = "ahl"):
         self.store = AdapterStore(store, namespace)
-        self._test_splits: dict[str, dict] = {}
+        self._cache: dict[tuple[str, str], object] = {}  # (run id, what) -> test split, outputs
 
     # -- adding a task ------------------------------------------------------------------------
 
@@ -44,12 +60,70 @@ class Hub:
                  method: str | None = None, method_args: dict | None = None,
                  base: str | None = None, progress: Callable[[int, int], None] | None = None,
                  **train_args) -> dict:
-        """Learn an adapter for task `name`, register it as the task's next version, and
-        re-evaluate every task. Options not given come from the spec, then the defaults.
-
-        train_args: epochs, lr, batch_size, max_length, seed (see TrainOptions).
+        """Learn an adapter for task `name`, register it as the task's next version, refit the
+        router, and re-evaluate every task in every mode. Options not given come from the spec,
+        then the defaults. train_args: epochs, lr, batch_size, max_length, seed (TrainOptions).
         """
-        # 1. Validate everything before touching the store: a bad input changes nothing.
+        plan = self._plan(name, train, test, spec, text_column, label_column, method,
+                          method_args, base, train_args)
+        name, data = plan.data.name, plan.data
+        loaded = load_base(plan.base)
+        bank = bank_for(loaded)
+        current = {t: self.store.current_version(t) for t in self.store.task_names()}
+        parent = current.get(name)
+        run_id = self.store.start_run(name, params={
+            "task": name, "method": plan.method, **plan.train.as_dict(), "base": loaded.name,
+            **{f"method.{k}": v for k, v in vars(plan.options).items()},
+            "data.source": data.source, "data.rows": len(data.train_texts),
+            "data.test_rows": len(data.test_texts)}, tags={f"{TAG}base.sha256": loaded.sha256})
+        self.store.log_dataset(run_id, data)
+        new_adapter = adapter_name(name, run_id)
+        registered = router_version = None
+        try:
+            started = time.time()
+            report = train_adapter(bank, new_adapter, get_method(plan.method).build(plan.options, loaded),
+                                   data, plan.train, mixed_batch=get_method(plan.method).mixed_batch,
+                                   log=lambda m, step: self.store.log_metrics(run_id, m, step),
+                                   progress=progress)
+            train_seconds = time.time() - started
+            probs = bank.probabilities(data.test_texts, [new_adapter] * len(data.test_texts),
+                                       plan.train.max_length)
+            accuracy = sum(int(p.argmax()) == y for p, y in zip(probs, data.test_labels)) / len(probs)
+            self._cache[(run_id, "probs")] = probs
+            self._cache[(run_id, "test")] = {"texts": data.test_texts, "labels": data.test_labels}
+            self.store.log_metrics(run_id, {"test_accuracy": accuracy, "train_seconds": train_seconds,
+                                            "trainable_params": report.trainable_params}, report.steps)
+            stats = {t: self._task_stats(v) for t, v in current.items() if t != name}
+            stats[name] = self._fit_stats(bank, data, plan.train)
+            router = GaussianRouter().fit(stats)
+            files = self._log_artifacts(bank, new_adapter, run_id, data, stats[name])
+            self.store.bind_base(loaded.name, loaded.sha256)
+            registered = self.store.register(name, run_id, ADAPTER_ARTIFACT, tags={
+                **lineage_tags(plan, loaded, data, parent, current, files, accuracy)})
+            versions = {t: int(v.version) for t, v in current.items()} | {name: int(registered.version)}
+            router_version = self._register_router(router, run_id, versions)
+            self.store.set_version_tag(name, registered.version, f"{TAG}router.version",
+                                       router_version.version)
+            step = self._evaluate_step(bank, router, {**current, name: registered})
+        except BaseException as e:
+            for task, made in ((ROUTER, router_version), (name, registered)):
+                if made is not None:
+                    self.store.unregister(task, made.version)
+            bank.remove_adapter(new_adapter)
+            self.store.finish_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        self.store.finish_run(run_id)
+        return {"task": name, "version": int(registered.version), "method": plan.method,
+                "accuracy": accuracy, "val_accuracy": report.val_accuracy,
+                "train_seconds": round(train_seconds, 2), "steps": report.steps,
+                "train_rows": report.train_rows, "test_rows": len(data.test_texts),
+                "dropped_rows": data.dropped, "trainable_params": report.trainable_params,
+                "parent": int(parent.version) if parent else None, "run_id": run_id,
+                "router_version": int(router_version.version), **step}
+
+    def _plan(self, name, train, test, spec, text_column, label_column, method, method_args,
+              base, train_args) -> Plan:
+        """Validate every input; raises AhlError before anything is written."""
         defaults = {}
         if spec is not None:
             task_spec = load_spec(spec)
@@ -61,7 +135,6 @@ class Hub:
             raise AhlError("no training data: pass --train FILE or --spec FILE")
         check_task_name(name)
         method = method or defaults.get("method", "lora")
-        get_method(method)
         options = method_options(method, {**defaults.get("method_args", {}), **(method_args or {})})
         known = set(TrainOptions.__dataclass_fields__)
         unknown = sorted(set(train_args) - known)
@@ -71,116 +144,156 @@ class Hub:
                                         **{k: v for k, v in train_args.items() if v is not None}})
         data = load_task_data(name, train, test, text_column or "text", label_column or "label",
                               seed=train_options.seed)
-        base_name = base or (self.store.base_binding() or (None,))[0]
-        base_name, base_path = resolve_base(base_name)
+        base_name, base_path = resolve_base(base or (self.store.base_binding() or (None,))[0])
         self.store.check_base(base_name, fingerprint(base_path))
+        return Plan(data, method, options, train_options, base_name)
 
-        # 2. Load the base once and every task's current adapter (needed to re-evaluate).
-        loaded = load_base(base_name)
-        bank = bank_for(loaded)
-        current = {t: self.store.current_version(t) for t in self.store.task_names()}
-        for task, version in current.items():
-            self._load_version(bank, task, version)
-        parent = current.get(name)
-        peft_config = get_method(method).build(options, loaded)
+    def _fit_stats(self, bank, data: TaskData, options: TrainOptions) -> TaskStats:
+        """The router's statistics of a task: its training rows' features, with the trainer's
+        validation rows held out to calibrate the router."""
+        fit_rows, held_rows = split_validation(data.train_labels, options.seed)
+        features = bank.features(data.train_texts, options.max_length)
+        return task_stats(features[fit_rows], [data.train_labels[i] for i in fit_rows],
+                          data.labels, features[held_rows])
 
-        # 3. Train, evaluate, register, log: the version appears only if every step succeeds.
-        run_id = self.store.start_run(name, params={
-            "task": name, "method": method, **{f"method.{k}": v for k, v in vars(options).items()},
-            **train_options.as_dict(), "base": loaded.name, "data.source": data.source,
-            "data.rows": len(data.train_texts), "data.test_rows": len(data.test_texts),
-        }, tags={f"{TAG}base.sha256": loaded.sha256})
-        log_dataset(self.store, run_id, data)
-        new_adapter = adapter_name(name, run_id)
-        registered = None
-        try:
-            started = time.time()
-            report = train_adapter(bank, new_adapter, peft_config, data, train_options,
-                                   log=lambda m, step: self.store.log_metrics(run_id, m, step),
-                                   progress=progress)
-            train_seconds = time.time() - started
-            accuracy = bank.accuracy(new_adapter, data.test_texts, data.test_labels,
-                                     train_options.max_length)
-            self.store.log_metrics(run_id, {"test_accuracy": accuracy,
-                                            "train_seconds": train_seconds,
-                                            "trainable_params": report.trainable_params},
-                                   report.steps)
-            files = self._log_adapter(bank, new_adapter, run_id, data)
-            after = [{"task": t, "version": int(v.version)} for t, v in current.items() if t != name]
-            self.store.bind_base(loaded.name, loaded.sha256)
-            registered = self.store.register(name, run_id, ADAPTER_ARTIFACT, tags={
-                f"{TAG}task": name, f"{TAG}method": method,
-                f"{TAG}method.config": json.dumps(vars(options)),
-                f"{TAG}train": json.dumps(train_options.as_dict()),
-                f"{TAG}base.name": loaded.name, f"{TAG}base.sha256": loaded.sha256,
-                f"{TAG}data.digest": data.digest, f"{TAG}data.rows": len(data.train_texts),
-                f"{TAG}data.test_rows": len(data.test_texts), f"{TAG}data.source": data.source,
-                f"{TAG}data.split": json.dumps(data.split), f"{TAG}data.dropped": data.dropped,
-                f"{TAG}parent": parent.version if parent else "",
-                f"{TAG}after": json.dumps(after), f"{TAG}labels": json.dumps(data.labels),
-                f"{TAG}files": json.dumps(files), f"{TAG}accuracy": f"{accuracy:.6f}",
-                f"{TAG}package_version": __version__,
-            })
-            step = self._evaluate_step(bank, name, registered, accuracy)
-        except BaseException as e:
-            if registered is not None:
-                self.store.unregister(name, registered.version)
-            bank.remove_adapter(new_adapter)
-            self.store.finish_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            raise
-        self.store.finish_run(run_id)
-        return {"task": name, "version": int(registered.version), "method": method,
-                "accuracy": accuracy, "val_accuracy": report.val_accuracy,
-                "train_seconds": round(train_seconds, 2), "steps": report.steps,
-                "train_rows": report.train_rows, "test_rows": len(data.test_texts),
-                "dropped_rows": data.dropped, "trainable_params": report.trainable_params,
-                "parent": int(parent.version) if parent else None, "run_id": run_id, **step}
-
-    def _log_adapter(self, bank, adapter: str, run_id: str, data: TaskData) -> dict:
-        """Save the adapter and the test split as run artifacts; return {file: sha256}."""
+    def _log_artifacts(self, bank, adapter: str, run_id: str, data: TaskData,
+                       stats: TaskStats) -> dict:
+        """The adapter (PEFT folder + head + labels), the router statistics and the test split,
+        as run artifacts; returns {adapter file: sha256}."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / ADAPTER_ARTIFACT
             bank.save_adapter(adapter, folder)
             files = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
             self.store.client.log_artifacts(run_id, str(folder), ADAPTER_ARTIFACT)
+            stats.save(Path(tmp) / STATS_ARTIFACT)
+            self.store.client.log_artifacts(run_id, str(Path(tmp) / STATS_ARTIFACT), STATS_ARTIFACT)
             test_file = Path(tmp) / Path(TEST_ARTIFACT).name
             test_file.write_text(json.dumps({"texts": data.test_texts, "labels": data.test_labels},
                                             ensure_ascii=False), encoding="utf-8")
             self.store.client.log_artifact(run_id, str(test_file), str(Path(TEST_ARTIFACT).parent))
         return files
 
+    def _register_router(self, router: GaussianRouter, run_id: str, versions: dict[str, int]):
+        with tempfile.TemporaryDirectory() as tmp:
+            router.save(Path(tmp), versions)
+            self.store.client.log_artifacts(run_id, tmp, ROUTER_ARTIFACT)
+        return self.store.register(ROUTER, run_id, ROUTER_ARTIFACT, tags={
+            f"{TAG}versions": json.dumps(versions), f"{TAG}shrinkage": router.shrinkage_,
+            f"{TAG}threshold": router.threshold_, f"{TAG}package_version": __version__})
+
+    def _evaluate_step(self, bank, router: GaussianRouter, versions: dict) -> dict:
+        """Evaluate every task's current version in every mode, append a row to each matrix."""
+        tasks, matrices = read_matrices(self.store)
+        tasks = tasks + [t for t in versions if t not in tasks]
+        adapters = {t: self._load_version(bank, t, v) for t, v in versions.items()}
+        results = {}
+        for task in tasks:
+            version = versions[task]
+            split = self._cached(version.run_id, "test", lambda: self.store.read_json_artifact(
+                version.run_id, TEST_ARTIFACT))
+            max_length = max_length_of(version)
+            probs = self._cached(version.run_id, "probs", lambda: bank.probabilities(
+                split["texts"], [adapters[task]] * len(split["texts"]), max_length))
+            features = self._cached(version.run_id, "features", lambda: bank.features(
+                split["texts"], max_length))
+            results[task] = evaluate_task(bank, router, task, adapters, split["texts"],
+                                          split["labels"], probs, features, max_length)
+        for mode in (*MODES, "routing"):
+            old = [r + [None] * (len(tasks) - len(r)) for r in matrices[mode]]
+            matrices[mode] = old + [[getattr(results[t], mode) for t in tasks]]
+        confusion = {"tasks": router.tasks_, "true_tasks": tasks,
+                     "matrix": [results[t].confusion for t in tasks]}
+        log_step(self.store, tasks, matrices, {t: int(v.version) for t, v in versions.items()},
+                 confusion)
+        R = matrices["oracle"]
+        return {"step": len(R), "tasks": tasks, "row": R[-1],
+                "learned": [R[first][j] for j, first in enumerate(first_steps(R))],
+                "routed_row": matrices["routed"][-1], "routing_row": matrices["routing"][-1],
+                **{k: v for k, v in summarize(R).items() if k != "matrix"},
+                "routed_average_accuracy": summarize(matrices["routed"])["average_accuracy"],
+                "composed_average_accuracy": summarize(matrices["composed"])["average_accuracy"]}
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def _cached(self, run_id: str, what: str, compute: Callable):
+        if (run_id, what) not in self._cache:
+            self._cache[(run_id, what)] = compute()
+        return self._cache[(run_id, what)]
+
     def _load_version(self, bank, task: str, version) -> str:
         name = adapter_name(task, version.run_id)
-        bank.load_adapter(name, self.store.adapter_folder(version))
+        mixed_batch = get_method(version.tags.get(f"{TAG}method", "lora")).mixed_batch
+        bank.load_adapter(name, self.store.adapter_folder(version), mixed_batch)
         return name
 
-    def _test_split(self, version) -> dict:
-        if version.run_id not in self._test_splits:
-            self._test_splits[version.run_id] = self.store.read_json_artifact(version.run_id,
-                                                                              TEST_ARTIFACT)
-        return self._test_splits[version.run_id]
+    def _task_stats(self, version) -> TaskStats:
+        return self._cached(version.run_id, "stats", lambda: TaskStats.load(
+            self.store.artifact_folder(version.run_id, STATS_ARTIFACT)))
 
-    def _evaluate_step(self, bank, new_task: str, new_version, new_accuracy: float) -> dict:
-        """Evaluate every task's current version, append a row to each matrix, log it."""
-        tasks, matrices = read_matrices(self.store)
-        if new_task not in tasks:
-            tasks = tasks + [new_task]
-        row, versions = [], {}
-        for task in tasks:
-            version = new_version if task == new_task else self.store.current_version(task)
-            versions[task] = int(version.version)
-            if task == new_task:
-                row.append(new_accuracy)
-                continue
-            split = self._test_split(version)
-            max_length = json.loads(version.tags.get(f"{TAG}train", "{}")).get("max_length", 128)
-            row.append(bank.accuracy(self._load_version(bank, task, version), split["texts"],
-                                     split["labels"], max_length))
-        R = [r + [None] * (len(tasks) - len(r)) for r in matrices["oracle"]] + [row]
-        log_step(self.store, tasks, {"oracle": R}, versions)
-        learned = [R[first][j] for j, first in enumerate(first_steps(R))]
-        return {"step": len(R), "tasks": tasks, "row": row, "learned": learned, **{
-            k: v for k, v in summarize(R).items() if k != "matrix"}}
+    def _open_router(self):
+        """(bank, router, {task: adapter name}, {task: version}) of the current router version:
+        the adapters loaded are exactly the versions that router was fit for."""
+        self.require_tasks()
+        version = self.store.current_version(ROUTER)
+        router = GaussianRouter.load(self.store.adapter_folder(version))
+        bank = bank_for(load_base(self.store.base_binding()[0]))
+        versions = {t: int(v) for t, v in json.loads(version.tags[f"{TAG}versions"]).items()}
+        adapters = {t: self._load_version(bank, t, self.store.resolve(f"{t}@{v}"))
+                    for t, v in versions.items()}
+        return bank, router, adapters, versions
+
+    # -- predicting ---------------------------------------------------------------------------
+
+    def route(self, texts: list[str], top_k: int = 1) -> list[Route]:
+        """Which task(s) each text belongs to, with weights; abstains on empty or unknown text."""
+        texts = check_texts(texts)
+        if not texts:
+            return []
+        bank, router, _, _ = self._open_router()
+        return self._route(bank, router, texts, top_k)
+
+    def _route(self, bank, router, texts: list[str], top_k: int) -> list[Route]:
+        filled = [i for i, t in enumerate(texts) if t.strip()]
+        routes = [Route([], [], 0.0, "empty text")] * len(texts)
+        if filled:
+            for i, r in zip(filled, router.route(bank.features([texts[i] for i in filled]), top_k)):
+                routes[i] = r
+        return routes
+
+    def predict(self, texts: list[str], mode: str = "pick", top_k: int = COMPOSE_TOP_K,
+                task: str | None = None) -> list[dict]:
+        """One answer per text: {"text", "task", "label", "score", "adapters"}. Without `task`
+        the router decides: "pick" one adapter, or "compose" the top_k. task/label are None
+        when it abstains ("reason" says why)."""
+        texts = check_texts(texts)
+        if mode not in PREDICT_MODES:
+            raise AhlError(f"unknown mode {mode!r}: use pick or compose")
+        if not texts:
+            return []
+        bank, router, adapters, versions = self._open_router()
+        if task is not None:
+            if task not in adapters:
+                raise AhlError(f"no task {task!r} in store {self.store.location} (tasks: "
+                               f"{', '.join(adapters)}): check the name")
+            routes = [Route([task], [1.0], 1.0) if t.strip() else Route([], [], 0.0, "empty text")
+                      for t in texts]
+        else:
+            routes = self._route(bank, router, texts, PREDICT_MODES[mode] if mode == "pick" else top_k)
+        pairs = [(row, t) for row, r in enumerate(routes) for t in r.tasks]
+        probs = bank.probabilities([texts[row] for row, _ in pairs], [adapters[t] for _, t in pairs])
+        by_row: list[dict[str, torch.Tensor]] = [{} for _ in texts]
+        for (row, t), p in zip(pairs, probs):
+            by_row[row][t] = p
+        labels = {t: bank.labels[name] for t, name in adapters.items()}
+        results = []
+        for text, route, row_probs in zip(texts, routes, by_row):
+            result = answer(route, row_probs, labels)
+            results.append({"text": text, "task": result["task"], "label": result["label"],
+                            "score": result["score"],
+                            "adapters": [{"task": t, "version": versions[t], "weight": w}
+                                         for t, w in zip(route.tasks, route.weights)],
+                            **({"reason": route.reason} if route.reason else {})})
+        return results
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -199,39 +312,20 @@ class Hub:
                            else float(version.tags.get(f"{TAG}accuracy", "nan"))})
         return result
 
-    def metrics(self) -> dict:
-        """The accuracy matrix and forgetting summary per mode (DESIGN section 5)."""
+    def metrics(self, confusion: bool = False) -> dict:
+        """Accuracy matrices and forgetting per mode, the routing-accuracy matrix (DESIGN 5),
+        and with confusion=True the router's task confusion at the last step."""
         self.require_tasks()
         tasks, matrices = read_matrices(self.store)
-        return {"tasks": tasks, "modes": {mode: summarize(matrices[mode]) for mode in MODES}}
+        result = {"tasks": tasks, "modes": {mode: summarize(matrices[mode]) for mode in MODES},
+                  "routing_accuracy": matrices["routing"]}
+        if confusion:
+            result["confusion"] = read_confusion(self.store)
+        return result
 
     def show(self, ref: str) -> dict:
         """A version's lineage, files and metrics: 'NAME', 'NAME@VERSION' or 'NAME@ALIAS'."""
-        version = self.store.resolve(ref)
-        tags = version.tags
-        run = self.store.client.get_run(version.run_id)
-        return {
-            "task": tags.get(f"{TAG}task"), "version": int(version.version),
-            "method": tags.get(f"{TAG}method"),
-            "method_config": json.loads(tags.get(f"{TAG}method.config", "{}")),
-            "train": json.loads(tags.get(f"{TAG}train", "{}")),
-            "base": {"name": tags.get(f"{TAG}base.name"), "sha256": tags.get(f"{TAG}base.sha256")},
-            "data": {"digest": tags.get(f"{TAG}data.digest"),
-                     "rows": int(tags.get(f"{TAG}data.rows", 0)),
-                     "test_rows": int(tags.get(f"{TAG}data.test_rows", 0)),
-                     "source": tags.get(f"{TAG}data.source"),
-                     "split": json.loads(tags.get(f"{TAG}data.split", "{}")),
-                     "dropped": int(tags.get(f"{TAG}data.dropped", 0))},
-            "labels": json.loads(tags.get(f"{TAG}labels", "[]")),
-            "parent": int(tags[f"{TAG}parent"]) if tags.get(f"{TAG}parent") else None,
-            "after": [{"task": a["task"], "version": int(a["version"])}
-                      for a in json.loads(tags.get(f"{TAG}after", "[]"))],
-            "aliases": list(version.aliases or []),
-            "run_id": version.run_id, "source": version.source,
-            "files": json.loads(tags.get(f"{TAG}files", "{}")),
-            "metrics": dict(run.data.metrics),
-            "package_version": tags.get(f"{TAG}package_version"),
-        }
+        return self.store.lineage(self.store.resolve(ref))
 
     def require_tasks(self) -> None:
         if not self.store.task_names():
@@ -239,25 +333,34 @@ class Hub:
                            "ahl add-task NAME --train FILE")
 
 
-def log_dataset(store, run_id: str, data: TaskData) -> None:
-    """The training rows as an MLflow dataset input (digest, rows, source) of the run."""
-    import pandas as pd
-    from mlflow.data.pandas_dataset import from_pandas
-    from mlflow.entities import DatasetInput, InputTag
-
-    frame = pd.DataFrame({"text": data.train_texts,
-                          "label": [data.labels[y] for y in data.train_labels]})
-    with warnings.catch_warnings():  # mlflow registers the local-file source twice and says so
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = from_pandas(frame, source=data.source, targets="label", name=data.name,
-                              digest=data.digest[:32])
-    store.client.log_inputs(run_id, datasets=[DatasetInput(
-        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])])
+def check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise AhlError("predict takes a list of texts, not one string: wrap it in [ ]")
+    texts = list(texts)
+    wrong = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if wrong:
+        raise AhlError(f"item {wrong[0]} is a {type(texts[wrong[0]]).__name__}, not a string: "
+                       "pass texts as strings")
+    return texts
 
 
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
+def max_length_of(version) -> int:
+    return json.loads(version.tags.get(f"{TAG}train", "{}")).get("max_length", 128)
+
+
+def lineage_tags(plan: Plan, base, data: TaskData, parent, current: dict, files: dict,
+                 accuracy: float) -> dict:
+    """What a version records of where it came from (DESIGN section 5, `store show`)."""
+    after = [{"task": t, "version": int(v.version)} for t, v in current.items() if t != data.name]
+    return {
+        f"{TAG}task": data.name, f"{TAG}method": plan.method,
+        f"{TAG}method.config": json.dumps(vars(plan.options)),
+        f"{TAG}train": json.dumps(plan.train.as_dict()),
+        f"{TAG}base.name": base.name, f"{TAG}base.sha256": base.sha256,
+        f"{TAG}data.digest": data.digest, f"{TAG}data.rows": len(data.train_texts),
+        f"{TAG}data.test_rows": len(data.test_texts), f"{TAG}data.source": data.source,
+        f"{TAG}data.split": json.dumps(data.split), f"{TAG}data.dropped": data.dropped,
+        f"{TAG}parent": parent.version if parent else "", f"{TAG}after": json.dumps(after),
+        f"{TAG}labels": json.dumps(data.labels), f"{TAG}files": json.dumps(files),
+        f"{TAG}accuracy": f"{accuracy:.6f}", f"{TAG}package_version": __version__,
+    }

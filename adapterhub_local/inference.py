@@ -41,11 +41,13 @@ class AdapterBank:
         self.peft_model = None
         self.heads: dict[str, torch.nn.Linear] = {}
         self.labels: dict[str, list[str]] = {}
+        self.mixed_batch: dict[str, bool] = {}
+        """Whether the adapter's method honours peft's per-row adapter_names."""
 
     def __contains__(self, name: str) -> bool:
         return name in self.heads
 
-    def add_adapter(self, name: str, peft_config, labels: list[str]) -> None:
+    def add_adapter(self, name: str, peft_config, labels: list[str], mixed_batch: bool) -> None:
         """A new trainable adapter and a freshly initialised head (seed the caller's RNG first)."""
         from peft import get_peft_model
 
@@ -56,9 +58,10 @@ class AdapterBank:
             self.peft_model.add_adapter(name, peft_config)
         self.heads[name] = torch.nn.Linear(self.base.hidden_size, len(labels))
         self.labels[name] = list(labels)
+        self.mixed_batch[name] = mixed_batch
         self.activate(name)
 
-    def load_adapter(self, name: str, folder: Path) -> None:
+    def load_adapter(self, name: str, folder: Path, mixed_batch: bool) -> None:
         """Load a saved adapter folder (PEFT files + head + label map), frozen."""
         from peft import PeftModel
 
@@ -76,6 +79,7 @@ class AdapterBank:
         head.load_state_dict(weights)
         head.requires_grad_(False)
         self.heads[name], self.labels[name] = head, labels
+        self.mixed_batch[name] = mixed_batch
 
     def remove_adapter(self, name: str) -> None:
         if self.peft_model is not None and name in self.peft_model.peft_config:
@@ -87,8 +91,8 @@ class AdapterBank:
                 with warnings.catch_warnings():  # "was active, now deleted": that is the point
                     warnings.simplefilter("ignore", UserWarning)
                     self.peft_model.delete_adapter(name)
-        self.heads.pop(name, None)
-        self.labels.pop(name, None)
+        for table in (self.heads, self.labels, self.mixed_batch):
+            table.pop(name, None)
 
     def save_adapter(self, name: str, folder: Path) -> None:
         """Write the PEFT folder (adapter_config.json, adapter_model.safetensors), head and labels."""
@@ -114,31 +118,101 @@ class AdapterBank:
 
     def logits(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Head logits for a padded batch through the named adapter (must be active)."""
-        hidden = self.peft_model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.heads[name](pooled)
+        return self.heads[name](mean_pool(self.peft_model(**batch).last_hidden_state, batch))
 
     @torch.inference_mode()
-    def predict(self, name: str, texts: list[str], max_length: int = 128,
-                batch_size: int = EVAL_BATCH_SIZE) -> tuple[list[int], list[float]]:
-        """(label ids, probabilities of those labels) for texts, batched by length."""
-        self.activate(name)
+    def features(self, texts: list[str], max_length: int = 128,
+                 batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
+        """What the router sees: the bare base's (no adapter) mean-pooled states of its middle
+        and last layers, each of unit length, side by side. The middle layer keeps the surface
+        form (language, register) that the last layer abstracts away; together they route
+        measurably better than the last layer alone (bench/routing.py)."""
+        layers = (self.base.model.config.num_hidden_layers // 2, -1)
+        out = torch.zeros(len(texts), len(layers) * self.base.hidden_size)
+        ids = self.base.tokenize(texts, max_length)
+        bare = self.peft_model.disable_adapter() if self.peft_model else contextlib.nullcontext()
+        with bare:
+            for rows in length_batches(ids, range(len(ids)), batch_size):
+                batch = self.base.pad([ids[i] for i in rows])
+                states = self.base.model(**batch, output_hidden_states=True).hidden_states
+                out[rows] = torch.cat([torch.nn.functional.normalize(
+                    mean_pool(states[layer], batch), dim=-1) for layer in layers], dim=1)
+        return out
+
+    @torch.inference_mode()
+    def probabilities(self, texts: list[str], adapters: list[str], max_length: int = 128,
+                      batch_size: int = EVAL_BATCH_SIZE) -> list[torch.Tensor]:
+        """Label probabilities of texts[i] through adapters[i]. Rows for different adapters share
+        one forward pass (peft's adapter_names) where the method honours it; rows of methods that
+        would silently ignore it run grouped, one adapter at a time."""
+        if not texts:
+            return []
         self.peft_model.eval()
         ids = self.base.tokenize(texts, max_length)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        preds, scores = [0] * len(ids), [0.0] * len(ids)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            probs = self.logits(name, self.base.pad([ids[i] for i in rows])).softmax(-1)
-            best = probs.max(-1)
-            for row, label, score in zip(rows, best.indices.tolist(), best.values.tolist()):
-                preds[row], scores[row] = label, score
-        return preds, scores
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        mixed = [i for i, a in enumerate(adapters) if self.mixed_batch[a]]
+        groups = [mixed] if mixed else []
+        for adapter in dict.fromkeys(a for a in adapters if not self.mixed_batch[a]):
+            groups.append([i for i, a in enumerate(adapters) if a == adapter])
+        for group in groups:
+            for rows in length_batches(ids, group, batch_size):
+                batch = self.base.pad([ids[i] for i in rows])
+                names = [adapters[i] for i in rows]
+                if self.mixed_batch[names[0]]:
+                    hidden = self.peft_model(**batch, adapter_names=names).last_hidden_state
+                else:
+                    self.activate(names[0])
+                    hidden = self.peft_model(**batch).last_hidden_state
+                pooled = mean_pool(hidden, batch)
+                for k, (row, name) in enumerate(zip(rows, names)):
+                    out[row] = self.heads[name](pooled[k]).softmax(-1)
+        return out
+
+    def predict(self, name: str, texts: list[str], max_length: int = 128) -> tuple[list[int], list[float]]:
+        """(label ids, probabilities of those labels) for texts through one adapter."""
+        probs = self.probabilities(texts, [name] * len(texts), max_length)
+        return [int(p.argmax()) for p in probs], [float(p.max()) for p in probs]
 
     def accuracy(self, name: str, texts: list[str], labels: list[int], max_length: int = 128) -> float:
         preds, _ = self.predict(name, texts, max_length)
         return sum(p == y for p, y in zip(preds, labels)) / max(len(labels), 1)
+
+
+def answer(route, probs: dict[str, torch.Tensor], labels: dict[str, list[str]]) -> dict:
+    """One input's answer from its route and the routed adapters' label probabilities.
+
+    Routed tasks that share a label set answer together: their probabilities are mixed by the
+    route's weights. Tasks with different label sets cannot be mixed; the group whose best label
+    has the highest weighted probability answers. With one routed task this is that task's label.
+    score = the router's confidence times the (mixed) probability of the label.
+    """
+    if not route.tasks:
+        return {"task": None, "label": None, "score": 0.0, "tasks": []}
+    groups: dict[tuple, list[tuple[str, float]]] = {}
+    for task, weight in zip(route.tasks, route.weights):
+        groups.setdefault(tuple(labels[task]), []).append((task, weight))
+    best = None
+    for label_set, members in groups.items():
+        mixture = sum(weight * probs[task] for task, weight in members)
+        k = int(mixture.argmax())
+        if best is None or mixture[k] > best[0]:
+            best = (float(mixture[k]), sum(w for _, w in members), label_set[k], members)
+    weighted, group_weight, label, members = best
+    return {"task": members[0][0], "label": label,
+            "score": route.confidence * weighted / group_weight,
+            "tasks": [task for task, _ in members]}
+
+
+def mean_pool(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def length_batches(ids: list[list[int]], rows, batch_size: int):
+    """Rows sorted by token length, in batches: similar lengths pad little."""
+    order = sorted(rows, key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
 _banks: dict[str, AdapterBank] = {}

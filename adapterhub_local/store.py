@@ -7,10 +7,12 @@ adapters. A folder store keeps a SQLite backend and the artifact root inside the
 Artifacts are read back as safetensors and JSON only.
 """
 
+import hashlib
 import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 from adapterhub_local.errors import AhlError
@@ -18,6 +20,7 @@ from adapterhub_local.errors import AhlError
 DEFAULT_STORE = "store"
 DEFAULT_NAMESPACE = "ahl"
 SEQUENCE_RUN = "sequence"
+ROUTER = "_router"  # the router's registered model; task names cannot start with "_"
 TAG = "ahl."  # prefix of every tag this package writes
 
 
@@ -116,7 +119,8 @@ class AdapterStore:
         prefix = f"{self.namespace}."
         models = self.client.search_registered_models(filter_string=f"name LIKE '{prefix}%'",
                                                       max_results=1000)
-        models = [m for m in models if m.name.startswith(prefix) and m.latest_versions]
+        models = [m for m in models if m.name.startswith(prefix) and m.latest_versions
+                  and not m.name[len(prefix):].startswith("_")]
         return [m.name[len(prefix):] for m in sorted(models, key=lambda m: m.creation_timestamp)]
 
     def versions(self, task: str) -> list:
@@ -159,12 +163,40 @@ class AdapterStore:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
                                                         tracking_uri=self.uri))
 
-    def read_json_artifact(self, run_id: str, path: str):
+    def artifact_folder(self, run_id: str, path: str) -> Path:
+        """A local copy of a run's artifact (the file itself for a folder store)."""
         import mlflow
 
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
-                                                    tracking_uri=self.uri)
-        return json.loads(Path(local).read_text(encoding="utf-8"))
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                        tracking_uri=self.uri))
+
+    def read_json_artifact(self, run_id: str, path: str):
+        return json.loads(self.artifact_folder(run_id, path).read_text(encoding="utf-8"))
+
+    def lineage(self, version) -> dict:
+        """A version's lineage, files and metrics, from its tags and run (DESIGN section 5)."""
+        tags = version.tags
+        run = self.client.get_run(version.run_id)
+        read = lambda key, default: json.loads(tags.get(f"{TAG}{key}", default))  # noqa: E731
+        return {
+            "task": tags.get(f"{TAG}task"), "version": int(version.version),
+            "method": tags.get(f"{TAG}method"), "method_config": read("method.config", "{}"),
+            "train": read("train", "{}"),
+            "base": {"name": tags.get(f"{TAG}base.name"), "sha256": tags.get(f"{TAG}base.sha256")},
+            "data": {"digest": tags.get(f"{TAG}data.digest"),
+                     "rows": int(tags.get(f"{TAG}data.rows", 0)),
+                     "test_rows": int(tags.get(f"{TAG}data.test_rows", 0)),
+                     "source": tags.get(f"{TAG}data.source"), "split": read("data.split", "{}"),
+                     "dropped": int(tags.get(f"{TAG}data.dropped", 0))},
+            "labels": read("labels", "[]"),
+            "parent": int(tags[f"{TAG}parent"]) if tags.get(f"{TAG}parent") else None,
+            "after": [{"task": a["task"], "version": int(a["version"])} for a in read("after", "[]")],
+            "router_version": int(tags[f"{TAG}router.version"]) if tags.get(f"{TAG}router.version") else None,
+            "aliases": list(version.aliases or []),
+            "run_id": version.run_id, "source": version.source,
+            "files": read("files", "{}"), "metrics": dict(run.data.metrics),
+            "package_version": tags.get(f"{TAG}package_version"),
+        }
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -205,6 +237,24 @@ class AdapterStore:
                 self.client.delete_registered_model(name)
             raise
 
+    def set_version_tag(self, task: str, version, key: str, value) -> None:
+        self.client.set_model_version_tag(self.model_name(task), str(version), key, str(value))
+
+    def log_dataset(self, run_id: str, data) -> None:
+        """A task's training rows as the run's MLflow dataset input (digest, rows, source)."""
+        import pandas as pd
+        from mlflow.data.pandas_dataset import from_pandas
+        from mlflow.entities import DatasetInput, InputTag
+
+        frame = pd.DataFrame({"text": data.train_texts,
+                              "label": [data.labels[y] for y in data.train_labels]})
+        with warnings.catch_warnings():  # mlflow registers the local-file source twice, says so
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = from_pandas(frame, source=data.source, targets="label", name=data.name,
+                                  digest=data.digest[:32])
+        self.client.log_inputs(run_id, datasets=[DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])])
+
     def unregister(self, task: str, version: str) -> None:
         """Roll back a version made by a failed add-task (and its model if it was the first)."""
         name = self.model_name(task)
@@ -237,3 +287,11 @@ def params_of(values: dict) -> list:
     from mlflow.entities import Param
 
     return [Param(k, str(v)[:6000]) for k, v in values.items()]
+
+
+def sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()

@@ -90,13 +90,13 @@ def split_validation(labels: list[int], seed: int) -> tuple[list[int], list[int]
 
 
 def train_adapter(bank, name: str, peft_config, data, options: TrainOptions,
-                  log: Callable[[dict, int], None] | None = None,
+                  mixed_batch: bool = True, log: Callable[[dict, int], None] | None = None,
                   progress: Callable[[int, int], None] | None = None) -> TrainReport:
     """Add adapter `name` to the bank and train it with its head on `data` (a TaskData)."""
     # Setup: everything random is drawn from the seed, in a fixed order.
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
-    bank.add_adapter(name, peft_config, data.labels)
+    bank.add_adapter(name, peft_config, data.labels, mixed_batch)
     train_idx, val_idx = split_validation(data.train_labels, options.seed)
     ids = bank.base.tokenize([data.train_texts[i] for i in train_idx], options.max_length)
     labels = torch.tensor([data.train_labels[i] for i in train_idx])

@@ -1,0 +1,212 @@
+"""Routers: decide per input which task adapter(s) to apply, without being told the task.
+
+GaussianRouter models every (task, class) pair as a Gaussian over the frozen base's sentence
+features, with one shared covariance: linear discriminant analysis on a frozen pretrained encoder,
+the recipe of SLDA (Hayes & Kanan 2020) and of the prototype classifiers of SimpleCIL and RanPAC.
+A task's score is the posterior mass of its classes, so tasks whose classes are far apart are
+told apart even when their texts look alike. It is fit from per-task sufficient statistics
+(counts, class sums, scatter matrix) that the store keeps, never from raw texts, so adding a task
+costs the same however many came before.
+
+Scikit-learn's shape: fit(stats) -> self; learned state ends in "_".
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATS_FILE, STATS_META = "stats.safetensors", "stats.json"
+ROUTER_FILE, ROUTER_META = "router.safetensors", "router.json"
+SHRINKAGES = (0.003, 0.01, 0.03, 0.1, 0.3)
+TEMPERATURES = tuple(2.0 ** k for k in range(11))
+CALIBRATION_MAX = 200  # held-out feature rows kept per task to calibrate shrinkage and abstention
+
+
+@dataclass
+class TaskStats:
+    """Sufficient statistics of one task's frozen-base features, plus a few held-out rows."""
+
+    labels: list[str]
+    counts: torch.Tensor
+    """Rows per class, [C]."""
+    sums: torch.Tensor
+    """Feature sums per class, [C, D] (float64)."""
+    scatter: torch.Tensor
+    """Sum of x x^T over the task's rows, [D, D] (float64)."""
+    calibration: torch.Tensor
+    """Held-out features (not in the sums), [m, D]: they calibrate, they are not fitted."""
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"counts": self.counts, "sums": self.sums, "scatter": self.scatter,
+                   "calibration": self.calibration}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / STATS_FILE)
+        (folder / STATS_META).write_text(json.dumps({"labels": self.labels}), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> "TaskStats":
+        tensors = load_file(Path(folder) / STATS_FILE)
+        labels = json.loads((Path(folder) / STATS_META).read_text(encoding="utf-8"))["labels"]
+        return cls(labels=labels, **tensors)
+
+
+def task_stats(features: torch.Tensor, labels: list[int], label_names: list[str],
+               calibration: torch.Tensor) -> TaskStats:
+    x = features.double()
+    y = torch.tensor(labels)
+    one_hot = torch.nn.functional.one_hot(y, len(label_names)).double()
+    return TaskStats(labels=list(label_names), counts=one_hot.sum(0), sums=one_hot.T @ x,
+                     scatter=x.T @ x, calibration=calibration[:CALIBRATION_MAX].float())
+
+
+@dataclass
+class Route:
+    """Where one input goes: tasks best first with weights summing to 1, or none (abstain)."""
+
+    tasks: list[str]
+    weights: list[float]
+    confidence: float
+    """The router's probability for its first task (0 when it abstains)."""
+    reason: str | None = None
+    """Why it abstained."""
+
+
+@dataclass
+class GaussianRouter:
+    abstain_rate: float = 0.002
+    """Share of held-out in-distribution inputs allowed to abstain; sets the distance threshold."""
+    shrinkages: tuple = SHRINKAGES
+    """Candidate covariance shrinkages; fit keeps the one that routes held-out rows best."""
+    tasks_: list[str] = field(default_factory=list)
+    class_task_: torch.Tensor | None = None
+    coef_: torch.Tensor | None = None
+    intercept_: torch.Tensor | None = None
+    means_: torch.Tensor | None = None
+    precision_: torch.Tensor | None = None
+    threshold_: float = float("inf")
+    shrinkage_: float = 0.0
+    temperature_: float = 1.0
+
+    def fit(self, stats: dict[str, TaskStats]) -> "GaussianRouter":
+        self.tasks_ = list(stats)
+        counts = torch.cat([s.counts for s in stats.values()])
+        sums = torch.cat([s.sums for s in stats.values()])
+        self.class_task_ = torch.cat([torch.full((len(s.counts),), t)
+                                      for t, s in enumerate(stats.values())])
+        means = sums / counts.clamp(min=1).unsqueeze(1)
+        scatter = sum(s.scatter for s in stats.values())
+        within = (scatter - (means * counts.unsqueeze(1)).T @ means) / max(1.0, counts.sum() - len(counts))
+        # Each task gets equal prior mass, shared among its classes by their frequency.
+        task_totals = torch.stack([s.counts.sum() for s in stats.values()])
+        log_prior = (counts / task_totals[self.class_task_] / len(stats)).clamp(min=1e-12).log()
+        held_x, held_task = self._calibration_rows(stats)
+        best = None
+        for alpha in self.shrinkages:
+            precision = shrunk_precision(within, alpha)
+            coef, intercept = discriminant(means, precision, log_prior)
+            accuracy = (self._task_log_probs(held_x, coef, intercept).argmax(1) == held_task)
+            score = accuracy.double().mean().item() if len(held_task) else 0.0
+            if best is None or score > best[0]:
+                best = (score, alpha, precision, coef, intercept)
+        _, self.shrinkage_, precision, coef, intercept = best
+        # Discriminants in hundreds of dimensions are overconfident (posteriors of 1e-30): a
+        # temperature fitted on the held-out rows makes the weights that compose mixes honest.
+        if len(held_task):
+            self.temperature_ = min(TEMPERATURES, key=lambda T: -self._task_log_probs(
+                held_x, coef / T, intercept / T)[torch.arange(len(held_task)), held_task].mean())
+        self.means_, self.precision_ = means.float(), precision.float()
+        self.coef_ = (coef / self.temperature_).float()
+        self.intercept_ = (intercept / self.temperature_).float()
+        if len(held_task) > 1:
+            self.threshold_ = chi2_threshold(self.distances(held_x), self.abstain_rate)
+        return self
+
+    @staticmethod
+    def _calibration_rows(stats: dict[str, TaskStats]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [s.calibration.double() for s in stats.values()]
+        tasks = [torch.full((len(s.calibration),), t) for t, s in enumerate(stats.values())]
+        return torch.cat(rows), torch.cat(tasks)
+
+    def _task_log_probs(self, x, coef, intercept) -> torch.Tensor:
+        class_log_probs = (x.to(coef.dtype) @ coef + intercept).log_softmax(1)
+        out = torch.full((len(x), len(self.tasks_)), -torch.inf, dtype=coef.dtype)
+        for t in range(len(self.tasks_)):
+            out[:, t] = class_log_probs[:, self.class_task_ == t].logsumexp(1)
+        return out
+
+    def task_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """P(task | features), [n, T]."""
+        return self._task_log_probs(x, self.coef_, self.intercept_).exp()
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance to the nearest class mean: large means no task fits."""
+        x = x.to(self.precision_.dtype)
+        xp = x @ self.precision_
+        d = ((xp * x).sum(1, keepdim=True) - 2 * xp @ self.means_.T
+             + ((self.means_ @ self.precision_) * self.means_).sum(1))
+        return d.min(1).values
+
+    def route(self, x: torch.Tensor, top_k: int = 1) -> list[Route]:
+        """The top_k tasks per input with weights summing to 1; abstains far from every task."""
+        probs = self.task_probabilities(x)
+        far = self.distances(x) > self.threshold_
+        k = min(top_k, len(self.tasks_))
+        top = probs.topk(k, dim=1)
+        routes = []
+        for row in range(len(x)):
+            if far[row]:
+                routes.append(Route([], [], 0.0, "fits no known task (far from every task's data)"))
+                continue
+            weights = top.values[row] / top.values[row].sum()
+            routes.append(Route([self.tasks_[i] for i in top.indices[row].tolist()],
+                                weights.tolist(), top.values[row][0].item()))
+        return routes
+
+    def save(self, folder: Path, versions: dict[str, int]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"class_task": self.class_task_, "coef": self.coef_, "intercept": self.intercept_,
+                   "means": self.means_, "precision": self.precision_}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / ROUTER_FILE)
+        meta = {"tasks": self.tasks_, "versions": versions, "threshold": self.threshold_,
+                "shrinkage": self.shrinkage_, "temperature": self.temperature_,
+                "abstain_rate": self.abstain_rate}
+        (folder / ROUTER_META).write_text(json.dumps(meta), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> "GaussianRouter":
+        tensors = load_file(Path(folder) / ROUTER_FILE)
+        meta = json.loads((Path(folder) / ROUTER_META).read_text(encoding="utf-8"))
+        return cls(abstain_rate=meta["abstain_rate"], tasks_=meta["tasks"],
+                   class_task_=tensors["class_task"], coef_=tensors["coef"],
+                   intercept_=tensors["intercept"], means_=tensors["means"],
+                   precision_=tensors["precision"], threshold_=meta["threshold"],
+                   shrinkage_=meta["shrinkage"], temperature_=meta["temperature"])
+
+
+def chi2_threshold(distances: torch.Tensor, rate: float) -> float:
+    """The distance that a share `rate` of in-distribution inputs exceeds. Squared Mahalanobis
+    distances are close to a scaled chi-square; matching its mean and variance on the held-out
+    rows gives a tail estimate that a few hundred rows could not give by counting."""
+    from scipy.stats import chi2
+
+    mean, var = distances.double().mean().item(), distances.double().var().item()
+    scale, dof = var / (2 * mean), 2 * mean**2 / var
+    return float(scale * chi2.ppf(1 - rate, dof))
+
+
+def shrunk_precision(covariance: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Inverse of the covariance shrunk towards a scaled identity (it is rank-deficient when a
+    task has fewer rows than features)."""
+    dim = covariance.shape[0]
+    target = torch.eye(dim, dtype=covariance.dtype) * covariance.trace() / dim
+    return torch.linalg.inv((1 - alpha) * covariance + alpha * target)
+
+
+def discriminant(means, precision, log_prior) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear discriminant: log p(x | k) + log p(k) = x P mu_k - mu_k P mu_k / 2 + prior + const."""
+    coef = precision @ means.T
+    intercept = -0.5 * (means @ precision * means).sum(1) + log_prior
+    return coef, intercept

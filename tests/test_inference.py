@@ -1,0 +1,86 @@
+"""The adapter bank: mixed batches equal one adapter at a time; answers from routes."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from adapterhub_local.base import load_base
+from adapterhub_local.inference import answer, bank_for
+from adapterhub_local.router import Route
+
+TEXTS = ["the red cat", "a very happy dog seen today", "blue", "sad bird near here and the nest",
+         "kitten", "the the the the crimson navy azure glad"]
+
+
+@pytest.fixture(scope="module")
+def bank(tiny_base):
+    """Two adapters with random (non-zero) LoRA weights and their own heads, in the process's
+    bank for the tiny base (peft wraps a base once: a second bank would wrap it twice)."""
+    bank = bank_for(load_base(tiny_base))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"],
+                        init_lora_weights=False)
+    for seed, name, labels in ((1, "ahl_a", ["x", "y"]), (2, "ahl_b", ["p", "q", "r"])):
+        torch.manual_seed(seed)
+        bank.add_adapter(name, config, labels, mixed_batch=True)
+    bank.peft_model.eval()
+    yield bank
+    for name in ("ahl_a", "ahl_b"):
+        bank.remove_adapter(name)
+
+
+def one_at_a_time(bank, texts, adapters):
+    return [bank.probabilities([t], [a])[0] for t, a in zip(texts, adapters)]
+
+
+def test_mixed_batch_equals_one_adapter_at_a_time(bank):
+    adapters = ["ahl_a", "ahl_b"] * 3
+    mixed = bank.probabilities(TEXTS, adapters)
+    for got, want in zip(mixed, one_at_a_time(bank, TEXTS, adapters)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # and the adapters really differ, so the check above could fail
+    assert not torch.allclose(bank.probabilities(TEXTS[:1], ["ahl_a"])[0][:2],
+                              bank.probabilities(TEXTS[:1], ["ahl_b"])[0][:2])
+
+
+def test_methods_that_ignore_adapter_names_run_grouped(bank):
+    adapters = ["ahl_a", "ahl_b", "ahl_b", "ahl_a", "ahl_b", "ahl_a"]
+    want = bank.probabilities(TEXTS, adapters)
+    bank.mixed_batch["ahl_b"] = False  # as for prompt tuning, IA3, LoHa...: grouped per adapter
+    try:
+        got = bank.probabilities(TEXTS, adapters)
+    finally:
+        bank.mixed_batch["ahl_b"] = True
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_router_features_ignore_loaded_adapters(tiny_base, bank):
+    from transformers import AutoModel
+
+    bare = AutoModel.from_pretrained(tiny_base).eval()  # a second copy, never wrapped by peft
+    batch = bank.base.pad(bank.base.tokenize(TEXTS, 128))
+    with torch.no_grad():
+        states = bare(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    want = torch.cat([torch.nn.functional.normalize((states[i] * mask).sum(1) / mask.sum(1), dim=-1)
+                      for i in (1, 2)], dim=1)  # middle (2 // 2) and last layer of the tiny base
+    torch.testing.assert_close(bank.features(TEXTS), want, rtol=1e-4, atol=1e-5)
+
+
+def test_very_long_text_is_truncated_not_refused(bank):
+    long = " ".join(["cat"] * 5000)
+    assert bank.probabilities([long], ["ahl_a"], max_length=32)[0].shape == (2,)
+
+
+def test_answer_mixes_tasks_that_share_a_label_set():
+    labels = {"chat": ["en", "es"], "fortune": ["en", "es"], "topic": ["a", "b", "c"]}
+    probs = {"chat": torch.tensor([0.4, 0.6]), "fortune": torch.tensor([0.9, 0.1]),
+             "topic": torch.tensor([0.7, 0.2, 0.1])}
+    mixed = answer(Route(["chat", "fortune"], [0.6, 0.4], 0.6), probs, labels)
+    # 0.6 * 0.4 + 0.4 * 0.9 = 0.60 for "en" beats 0.6 * 0.6 + 0.4 * 0.1 = 0.40 for "es"
+    assert mixed["label"] == "en" and mixed["tasks"] == ["chat", "fortune"]
+    assert mixed["score"] == pytest.approx(0.6 * 0.60)
+    distinct = answer(Route(["chat", "topic"], [0.55, 0.45], 0.55), probs, labels)
+    # 0.55 * 0.6 = 0.33 for chat's "es" vs 0.45 * 0.7 = 0.315 for topic's "a"
+    assert (distinct["task"], distinct["label"]) == ("chat", "es")
+    assert answer(Route([], [], 0.0, "empty text"), probs, labels)["label"] is None

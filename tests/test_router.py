@@ -1,0 +1,100 @@
+"""GaussianRouter on hand-made feature clusters: routing, abstention, composition weights."""
+
+import pytest
+import torch
+
+from adapterhub_local.router import GaussianRouter, Route, TaskStats, task_stats
+
+DIM = 8
+
+
+def cluster(center: torch.Tensor, n: int, spread: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return center + spread * torch.randn(n, DIM, generator=gen)
+
+
+def make_task(centers: list[torch.Tensor], labels: list[str], spread=0.3, seed=0, n=60) -> tuple:
+    """(stats, test features) of a task whose classes sit at the given centers."""
+    fit = torch.cat([cluster(c, n, spread, seed + i) for i, c in enumerate(centers)])
+    held = torch.cat([cluster(c, 20, spread, seed + 100 + i) for i, c in enumerate(centers)])
+    test = torch.cat([cluster(c, 30, spread, seed + 200 + i) for i, c in enumerate(centers)])
+    y = [i for i in range(len(centers)) for _ in range(n)]
+    return task_stats(fit, y, labels, held), test
+
+
+def axis(i: int, scale: float = 3.0) -> torch.Tensor:
+    return torch.eye(DIM)[i] * scale
+
+
+@pytest.fixture
+def three_tasks():
+    return {"a": make_task([axis(0), axis(1)], ["x", "y"], seed=0),
+            "b": make_task([axis(2), axis(3)], ["p", "q"], seed=10),
+            "c": make_task([axis(4), -axis(4)], ["u", "v"], seed=20)}
+
+
+def test_well_separated_tasks_are_routed_right(three_tasks):
+    router = GaussianRouter().fit({t: s for t, (s, _) in three_tasks.items()})
+    for task, (_, test) in three_tasks.items():
+        routes = router.route(test)
+        assert sum(r.tasks == [task] for r in routes) / len(routes) >= 0.98
+
+
+def test_far_inputs_abstain_and_near_ones_do_not(three_tasks):
+    router = GaussianRouter().fit({t: s for t, (s, _) in three_tasks.items()})
+    far = torch.full((3, DIM), 40.0)
+    assert all(r.tasks == [] and r.reason for r in router.route(far))
+    near = torch.stack([axis(0), axis(2), axis(4)])
+    assert [r.tasks for r in router.route(near)] == [["a"], ["b"], ["c"]]
+
+
+def test_compose_weights_sum_to_one_and_are_ordered():
+    wide = {"a": make_task([axis(0), axis(1)], ["x", "y"], spread=1.0, seed=0),
+            "b": make_task([axis(2), axis(3)], ["p", "q"], spread=1.0, seed=10)}
+    router = GaussianRouter().fit({t: s for t, (s, _) in wide.items()})
+    midway = ((axis(0) + axis(2)) / 2 + 0.1 * axis(0)).unsqueeze(0)  # between a and b, nearer a
+    route = router.route(midway, top_k=2)[0]
+    assert sorted(route.tasks) == ["a", "b"]
+    assert sum(route.weights) == pytest.approx(1.0)
+    assert route.weights[0] >= route.weights[1] > 0.05  # a calibrated mix, not 1 and 1e-30
+
+
+def test_overlapping_tasks_share_weight():
+    # Two tasks drawn from the same place: the router cannot tell them apart and says so.
+    a, test = make_task([axis(0), axis(1)], ["x", "y"], spread=0.5, seed=0)
+    b, _ = make_task([axis(0), axis(1)], ["x", "y"], spread=0.5, seed=50)
+    routes = GaussianRouter().fit({"a": a, "b": b}).route(test, top_k=2)
+    mean_first = sum(r.weights[0] for r in routes) / len(routes)
+    assert mean_first < 0.8
+
+
+def test_save_and_load_give_the_same_routes(three_tasks, tmp_path):
+    router = GaussianRouter().fit({t: s for t, (s, _) in three_tasks.items()})
+    router.save(tmp_path, {"a": 1, "b": 1, "c": 2})
+    loaded = GaussianRouter.load(tmp_path)
+    x = three_tasks["b"][1]
+    assert torch.equal(loaded.task_probabilities(x), router.task_probabilities(x))
+    assert loaded.threshold_ == router.threshold_ and loaded.tasks_ == ["a", "b", "c"]
+
+
+def test_stats_round_trip_and_hold_no_texts(three_tasks, tmp_path):
+    stats = three_tasks["a"][0]
+    stats.save(tmp_path)
+    loaded = TaskStats.load(tmp_path)
+    assert loaded.labels == ["x", "y"] and torch.equal(loaded.scatter, stats.scatter)
+    assert loaded.counts.tolist() == [60.0, 60.0]
+
+
+def test_statistics_add_up_so_a_refit_never_needs_old_rows():
+    x = cluster(axis(0), 50, 0.5, seed=1)
+    y = [0] * 25 + [1] * 25
+    whole = task_stats(x, y, ["x", "y"], x[:5])
+    first, second = task_stats(x[:20], y[:20], ["x", "y"], x[:5]), task_stats(x[20:], y[20:], ["x", "y"], x[:5])
+    assert torch.allclose(whole.sums, first.sums + second.sums)
+    assert torch.allclose(whole.scatter, first.scatter + second.scatter)
+    assert torch.equal(whole.counts, first.counts + second.counts)
+
+
+def test_route_value():
+    route = Route(["a"], [1.0], 0.9)
+    assert route.reason is None and route.tasks == ["a"]
