@@ -41,6 +41,28 @@ class Base:
             return []
         return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
+    @functools.cached_property
+    def layers(self) -> torch.nn.ModuleList:
+        """The transformer blocks, in order (encoder.layer for BERT, layers for Llama)."""
+        count = self.model.config.num_hidden_layers
+        return next(m for m in self.model.modules()
+                    if isinstance(m, torch.nn.ModuleList) and len(m) == count)
+
+    def states_after(self, layer: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The hidden states that block `layer` (0-based) outputs, without running the blocks
+        above it: a hook stops the forward pass there."""
+        def stop(module, args, output):
+            raise _EarlyExit(output[0] if isinstance(output, tuple) else output)
+
+        handle = self.layers[layer].register_forward_hook(stop)
+        try:
+            self.model(**batch)
+        except _EarlyExit as exit_:
+            return exit_.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError(f"the base's forward pass never reached block {layer}")
+
     def pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(x) for x in ids)
         pad_id = self.tokenizer.pad_token_id or 0
@@ -50,6 +72,14 @@ class Base:
             input_ids[row, : len(x)] = torch.tensor(x)
             mask[row, : len(x)] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
+
+
+class _EarlyExit(Exception):
+    """Carries a block's output out of a forward pass that need not go further."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
 
 
 def resolve_base(name: str | None) -> tuple[str, Path]:

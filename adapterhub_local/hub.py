@@ -51,6 +51,7 @@ class Hub:
     def __init__(self, store: str | Path | None = None, namespace: str = "ahl"):
         self.store = AdapterStore(store, namespace)
         self._cache: dict[tuple[str, str], object] = {}  # (run id, what) -> test split, outputs
+        self._opened = None  # (router version, what _open_router returned for it)
 
     # -- adding a task ------------------------------------------------------------------------
 
@@ -235,12 +236,15 @@ class Hub:
         the adapters loaded are exactly the versions that router was fit for."""
         self.require_tasks()
         version = self.store.current_version(ROUTER)
+        if self._opened and self._opened[0] == version.version:
+            return self._opened[1]
         router = GaussianRouter.load(self.store.adapter_folder(version))
         bank = bank_for(load_base(self.store.base_binding()[0]))
         versions = {t: int(v) for t, v in json.loads(version.tags[f"{TAG}versions"]).items()}
         adapters = {t: self._load_version(bank, t, self.store.resolve(f"{t}@{v}"))
                     for t, v in versions.items()}
-        return bank, router, adapters, versions
+        self._opened = (version.version, (bank, router, adapters, versions))
+        return self._opened[1]
 
     # -- predicting ---------------------------------------------------------------------------
 
