@@ -268,6 +268,7 @@ def store_show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NA
                        ("rows", f"{info['data']['rows']} train, {info['data']['test_rows']} test"),
                        ("labels", ", ".join(info["labels"])),
                        ("parent", str(info["parent"] or "-")), ("after", after),
+                       ("router version", str(info["router_version"] or "-")),
                        ("aliases", ", ".join(info["aliases"]) or "-"), ("run", info["run_id"]),
                        ("test accuracy", percent(info["metrics"].get("test_accuracy")))]:
         table.add_row(key, value)
