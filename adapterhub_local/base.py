@@ -3,6 +3,7 @@
 Only safetensors weights are loaded (never pickles) and no remote code runs.
 """
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -42,11 +43,35 @@ class Base:
         return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
     @functools.cached_property
-    def layers(self) -> torch.nn.ModuleList:
-        """The transformer blocks, in order (encoder.layer for BERT, layers for Llama)."""
+    def layers_name(self) -> str:
+        """The module path of the transformer blocks (encoder.layer for BERT, layers for Llama)."""
         count = self.model.config.num_hidden_layers
-        return next(m for m in self.model.modules()
+        return next(name for name, m in self.model.named_modules()
                     if isinstance(m, torch.nn.ModuleList) and len(m) == count)
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.model.get_submodule(self.layers_name)
+
+    @property
+    def middle(self) -> int:
+        """The block after which the router reads the states, and below which (by default)
+        adapters leave the base alone, so one pass through the bottom half serves both."""
+        return self.model.config.num_hidden_layers // 2 - 1
+
+    @contextlib.contextmanager
+    def resumed_after(self, layer: int, hidden: torch.Tensor):
+        """Inside this context a forward pass skips blocks 0..layer and goes on from `hidden`,
+        the states block `layer` output in an earlier pass (transformers 5 blocks return a
+        tensor). Embeddings and masks are still computed: they are cheap."""
+        originals = [self.layers[i] for i in range(layer + 1)]
+        for i in range(layer + 1):
+            self.layers[i] = _Replay(hidden if i == layer else None)
+        try:
+            yield
+        finally:
+            for i, block in enumerate(originals):
+                self.layers[i] = block
 
     def states_after(self, layer: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The hidden states that block `layer` (0-based) outputs, without running the blocks
@@ -80,6 +105,17 @@ class _EarlyExit(Exception):
     def __init__(self, hidden: torch.Tensor):
         super().__init__()
         self.hidden = hidden
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a block whose output is already known, or for one below it."""
+
+    def __init__(self, output: torch.Tensor | None):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.output is None else self.output
 
 
 def resolve_base(name: str | None) -> tuple[str, Path]:

@@ -254,15 +254,20 @@ class Hub:
         if not texts:
             return []
         bank, router, _, _ = self._open_router()
-        return self._route(bank, router, texts, top_k)
+        return self._route(bank, router, texts, top_k)[0]
 
-    def _route(self, bank, router, texts: list[str], top_k: int) -> list[Route]:
+    def _route(self, bank, router, texts: list[str], top_k: int, keep_states: bool = False):
+        """(routes, states): the states after the base's bottom half are kept on request, so
+        that prediction goes on from them instead of running the bottom half again."""
         filled = [i for i, t in enumerate(texts) if t.strip()]
         routes = [Route([], [], 0.0, "empty text")] * len(texts)
+        states = [None] * len(texts)
         if filled:
-            for i, r in zip(filled, router.route(bank.features([texts[i] for i in filled]), top_k)):
-                routes[i] = r
-        return routes
+            features, kept = bank.encode([texts[i] for i in filled], keep_states=keep_states)
+            for k, (i, route) in enumerate(zip(filled, router.route(features, top_k))):
+                routes[i] = route
+                states[i] = kept[k] if keep_states else None
+        return routes, states
 
     def predict(self, texts: list[str], mode: str = "pick", top_k: int = COMPOSE_TOP_K,
                 task: str | None = None) -> list[dict]:
@@ -281,10 +286,14 @@ class Hub:
                                f"{', '.join(adapters)}): check the name")
             routes = [Route([task], [1.0], 1.0) if t.strip() else Route([], [], 0.0, "empty text")
                       for t in texts]
+            states = None
         else:
-            routes = self._route(bank, router, texts, PREDICT_MODES[mode] if mode == "pick" else top_k)
+            routes, states = self._route(bank, router, texts,
+                                         PREDICT_MODES[mode] if mode == "pick" else top_k,
+                                         keep_states=True)
         pairs = [(row, t) for row, r in enumerate(routes) for t in r.tasks]
-        probs = bank.probabilities([texts[row] for row, _ in pairs], [adapters[t] for _, t in pairs])
+        probs = bank.probabilities([texts[row] for row, _ in pairs], [adapters[t] for _, t in pairs],
+                                   states=states and [states[row] for row, _ in pairs])
         by_row: list[dict[str, torch.Tensor]] = [{} for _ in texts]
         for (row, t), p in zip(pairs, probs):
             by_row[row][t] = p

@@ -120,48 +120,70 @@ class AdapterBank:
         """Head logits for a padded batch through the named adapter (must be active)."""
         return self.heads[name](mean_pool(self.peft_model(**batch).last_hidden_state, batch))
 
+    def resumes(self, name: str) -> bool:
+        """Whether the adapter leaves the bottom half bare, so that its rows can go on from the
+        states the router's pass already computed instead of starting over."""
+        layers = getattr(self.peft_model.peft_config[name], "layers_to_transform", None)
+        if layers is None:
+            return False
+        return min([layers] if isinstance(layers, int) else layers) > self.base.middle
+
     @torch.inference_mode()
-    def features(self, texts: list[str], max_length: int = 128,
-                 batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
-        """What the router sees: the bare base's (no adapter) mean-pooled states after its middle
-        layer, of unit length. Only the bottom half of the base runs: on the bundled sequence
-        they route as well as the middle and last layers together (bench/routing.py), and
-        better than the last layer alone, at half the cost."""
-        layer = self.base.model.config.num_hidden_layers // 2 - 1
-        out = torch.zeros(len(texts), self.base.hidden_size)
+    def encode(self, texts: list[str], max_length: int = 128, batch_size: int = EVAL_BATCH_SIZE,
+               keep_states: bool = True) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Run the bare base's bottom half (it stops after the middle block). Returns what the
+        router sees, each text's mean-pooled states of unit length [n, D], and, to go on from
+        in `probabilities`, each text's states ([tokens, D] each). On the bundled sequence these
+        features route better than the last layer's, and as well as middle and last together
+        (bench/routing.py), at half the cost."""
+        features = torch.zeros(len(texts), self.base.hidden_size)
+        states: list[torch.Tensor | None] = [None] * len(texts)
         ids = self.base.tokenize(texts, max_length)
         bare = self.peft_model.disable_adapter() if self.peft_model else contextlib.nullcontext()
         with bare:
             for rows in length_batches(ids, range(len(ids)), batch_size):
                 batch = self.base.pad([ids[i] for i in rows])
-                hidden = self.base.states_after(layer, batch)
-                out[rows] = torch.nn.functional.normalize(mean_pool(hidden, batch), dim=-1)
-        return out
+                hidden = self.base.states_after(self.base.middle, batch)
+                features[rows] = torch.nn.functional.normalize(mean_pool(hidden, batch), dim=-1)
+                if keep_states:
+                    for k, row in enumerate(rows):
+                        states[row] = hidden[k, : len(ids[row])]
+        return features, states if keep_states else None
+
+    def features(self, texts: list[str], max_length: int = 128) -> torch.Tensor:
+        return self.encode(texts, max_length, keep_states=False)[0]
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str], adapters: list[str], max_length: int = 128,
-                      batch_size: int = EVAL_BATCH_SIZE) -> list[torch.Tensor]:
+                      batch_size: int = EVAL_BATCH_SIZE,
+                      states: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Label probabilities of texts[i] through adapters[i]. Rows for different adapters share
         one forward pass (peft's adapter_names) where the method honours it; rows of methods that
-        would silently ignore it run grouped, one adapter at a time."""
+        would silently ignore it run grouped, one adapter at a time. Given `states` (from
+        encode), rows of adapters that leave the bottom half bare go on from them."""
         if not texts:
             return []
         self.peft_model.eval()
         ids = self.base.tokenize(texts, max_length)
         out: list[torch.Tensor | None] = [None] * len(texts)
-        mixed = [i for i, a in enumerate(adapters) if self.mixed_batch[a]]
-        groups = [mixed] if mixed else []
+        resume = {a: states is not None and self.resumes(a) for a in set(adapters)}
+        groups = [[i for i, a in enumerate(adapters) if self.mixed_batch[a] and resume[a] == r]
+                  for r in (True, False)]
         for adapter in dict.fromkeys(a for a in adapters if not self.mixed_batch[a]):
             groups.append([i for i, a in enumerate(adapters) if a == adapter])
-        for group in groups:
+        for group in filter(None, groups):
             for rows in length_batches(ids, group, batch_size):
                 batch = self.base.pad([ids[i] for i in rows])
                 names = [adapters[i] for i in rows]
-                if self.mixed_batch[names[0]]:
-                    hidden = self.peft_model(**batch, adapter_names=names).last_hidden_state
-                else:
+                mixed = {"adapter_names": names} if self.mixed_batch[names[0]] else {}
+                if not mixed:
                     self.activate(names[0])
-                    hidden = self.peft_model(**batch).last_hidden_state
+                if resume[names[0]]:
+                    hidden = torch.nn.utils.rnn.pad_sequence([states[i] for i in rows], batch_first=True)
+                    with self.base.resumed_after(self.base.middle, hidden):
+                        hidden = self.peft_model(**batch, **mixed).last_hidden_state
+                else:
+                    hidden = self.peft_model(**batch, **mixed).last_hidden_state
                 pooled = mean_pool(hidden, batch)
                 for name in dict.fromkeys(names):
                     at = [k for k, n in enumerate(names) if n == name]

@@ -104,20 +104,39 @@ class LoraOptions:
     dropout: float = 0.05
     """Dropout on the adapter's input during training."""
     target_modules: list = field(default_factory=list)
-    """Module names to adapt; empty means every linear layer of the encoder blocks."""
+    """Module names to adapt; empty means every linear layer of the blocks."""
+    layers: str = "top-half"
+    """Blocks to adapt: top-half (the bottom half stays the bare base, so routing and prediction
+    share one pass through it; as accurate on the bundled tasks) or all."""
 
     def __post_init__(self):
         if self.r < 1:
             raise ValueError(f"r must be a positive rank, got {self.r}: try r=8")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}: try dropout=0.05")
+        if self.layers not in LAYER_CHOICES:
+            raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}, got "
+                             f"{self.layers!r}: try layers=top-half")
+
+
+LAYER_CHOICES = ("top-half", "all")
+
+
+def layer_selection(layers: str, base) -> dict:
+    """peft's layers_to_transform / layers_pattern for a choice of LAYER_CHOICES."""
+    if layers == "all":
+        return {}
+    count = base.model.config.num_hidden_layers
+    return {"layers_to_transform": list(range(base.middle + 1, count)),
+            "layers_pattern": base.layers_name.rsplit(".", 1)[-1]}
 
 
 def build_lora(options: LoraOptions, base):
     from peft import LoraConfig
 
     return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                      target_modules=options.target_modules or linear_targets(base))
+                      target_modules=options.target_modules or linear_targets(base),
+                      **layer_selection(options.layers, base))
 
 
 register(Method("lora", "lora", LoraOptions, build_lora, mixed_batch=True,

@@ -19,12 +19,16 @@ def bank(tiny_base):
     bank = bank_for(load_base(tiny_base))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"],
                         init_lora_weights=False)
-    for seed, name, labels in ((1, "ahl_a", ["x", "y"]), (2, "ahl_b", ["p", "q", "r"])):
+    top_half = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"],
+                          init_lora_weights=False, layers_to_transform=[1], layers_pattern="layer")
+    for seed, name, labels, cfg in ((1, "ahl_a", ["x", "y"], config),
+                                    (2, "ahl_b", ["p", "q", "r"], config),
+                                    (3, "ahl_top", ["s", "t"], top_half)):
         torch.manual_seed(seed)
-        bank.add_adapter(name, config, labels, mixed_batch=True)
+        bank.add_adapter(name, cfg, labels, mixed_batch=True)
     bank.peft_model.eval()
     yield bank
-    for name in ("ahl_a", "ahl_b"):
+    for name in ("ahl_a", "ahl_b", "ahl_top"):
         bank.remove_adapter(name)
 
 
@@ -84,3 +88,16 @@ def test_answer_mixes_tasks_that_share_a_label_set():
     # 0.55 * 0.6 = 0.33 for chat's "es" vs 0.45 * 0.7 = 0.315 for topic's "a"
     assert (distinct["task"], distinct["label"]) == ("chat", "es")
     assert answer(Route([], [], 0.0, "empty text"), probs, labels)["label"] is None
+
+
+def test_going_on_from_the_routers_states_equals_a_full_pass(bank):
+    """Adapters that leave the bottom half bare reuse the router's pass through it."""
+    assert bank.resumes("ahl_top") and not bank.resumes("ahl_a")
+    adapters = ["ahl_top", "ahl_a", "ahl_top", "ahl_b", "ahl_top", "ahl_top"]
+    _, states = bank.encode(TEXTS)
+    resumed = bank.probabilities(TEXTS, adapters, states=states)
+    full = bank.probabilities(TEXTS, adapters)
+    for got, want in zip(resumed, full):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len(list(bank.base.layers)) == 2 and all(  # the blocks are back after resuming
+        type(block).__name__ == "BertLayer" for block in bank.base.layers)
