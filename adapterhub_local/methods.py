@@ -83,7 +83,7 @@ def cast_option(method: str, f: dataclasses.Field, value):
             return [v for v in value.split(",") if v]
         return kind(value)
     except ValueError:
-        raise AhlError(f"method {method!r} option {f.name}={value!r} is not a "
+        raise AhlError(f"method {method!r} option {f.name}={value!r} is not of type "
                        f"{kind.__name__}: give e.g. {f.name}={f.default!r}") from None
 
 

@@ -71,6 +71,8 @@ def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_b
     (["add-task", "x", "--train", "{colors}", "--method", "nope"], "unknown method 'nope'"),
     (["add-task", "x", "--train", "{colors}", "--method-arg", "r"], "is not KEY=VALUE"),
     (["add-task", "x", "--train", "{colors}", "--method-arg", "rank=4"], "has no option rank"),
+    (["add-task", "x", "--train", "{colors}", "--method-arg", "r=x"], "r='x' is not of type int"),
+    (["add-task", "x", "--train", "{colors}", "--method-arg", "layers=bottom"], "layers must be one of"),
     (["add-task", "x", "--train", "{colors}", "--text-column", "body"], "no column 'body'"),
     (["add-task", "x", "--train", "{colors}", "--base", "no/such-model"], "neither a known base"),
     (["store", "show", "colors@9"], "has no version 9"),
