@@ -295,6 +295,45 @@ def store_versions(name: Annotated[str, typer.Argument(help="Task name.")],
     out.print(table)
 
 
+@command(store_app, "promote")
+def store_promote(name: Annotated[str, typer.Argument(help="Task name.")],
+                  version: Annotated[int, typer.Argument(help="The version to point the alias at.")],
+                  alias: Annotated[str, typer.Option(help="Alias name, e.g. production.")],
+                  store: StoreOption = None, as_json: JsonOption = False):
+    """Point an alias of a task at one of its versions."""
+    info = Hub(store).promote(name, version, alias)
+    if as_json:
+        return print_json(info)
+    out.print(f"{name}@{alias} -> version {info['version']}")
+
+
+@command(store_app, "export")
+def store_export(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS.")],
+                 folder: Annotated[Path, typer.Argument(help="Where to write the PEFT folder.")],
+                 force: Annotated[bool, typer.Option(help="Overwrite files in a non-empty folder.")] = False,
+                 store: StoreOption = None, as_json: JsonOption = False):
+    """Write a version as a plain PEFT folder (PeftModel.from_pretrained loads it) plus head."""
+    info = Hub(store).export(ref, folder, force)
+    if as_json:
+        return print_json(info)
+    out.print(f"{info['task']}@{info['version']} -> {info['folder']}: {', '.join(info['files'])}")
+
+
+@command(store_app, "verify")
+def store_verify(store: StoreOption = None, as_json: JsonOption = False):
+    """Re-hash every stored adapter file against its recorded checksum."""
+    problems = Hub(store).verify()
+    if as_json:
+        print_json({"ok": not problems, "problems": problems})
+    else:
+        for line in problems:
+            typer.echo(line, err=True)
+        out.print("every adapter file matches its checksum" if not problems
+                  else f"{len(problems)} problem(s)")
+    if problems:
+        raise typer.Exit(1)
+
+
 @command(app, "demo")
 def demo(
     store: StoreOption = None,

@@ -8,6 +8,7 @@
 """
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -339,6 +340,37 @@ class Hub:
     def show(self, ref: str) -> dict:
         """A version's lineage, files and metrics: 'NAME', 'NAME@VERSION' or 'NAME@ALIAS'."""
         return self.store.lineage(self.store.resolve(ref))
+
+    def promote(self, task: str, version: int | str, alias: str) -> dict:
+        """Point a task's alias (e.g. production) at one of its versions."""
+        return self.store.lineage(self.store.promote(task, version, alias))
+
+    def export(self, ref: str, folder: str | Path, force: bool = False) -> dict:
+        """Copy a version's adapter into a plain PEFT folder (adapter_config.json and
+        adapter_model.safetensors, plus head.safetensors and labels.json) that
+        `PeftModel.from_pretrained(base, folder)` loads. Refuses a non-empty folder unless force."""
+        version = self.store.resolve(ref)
+        folder = Path(folder)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
+            raise AhlError(f"{folder} is not an empty folder: pass --force to overwrite, or "
+                           "export into a new folder")
+        recorded = json.loads(version.tags.get(f"{TAG}files", "{}"))
+        source = self.store.adapter_folder(version)
+        altered = [name for name, sha in recorded.items()
+                   if not (source / name).is_file() or sha256_file(source / name) != sha]
+        if altered:
+            raise AhlError(f"{ref}: stored files {', '.join(altered)} are missing or altered: "
+                           "run ahl store verify")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in recorded:
+            shutil.copyfile(source / name, folder / name)
+        return {"task": version.tags.get(f"{TAG}task"), "version": int(version.version),
+                "folder": str(folder), "files": sorted(recorded)}
+
+    def verify(self) -> list[str]:
+        """Missing or altered artifacts, one line each (empty when the store is intact)."""
+        self.require_tasks()
+        return self.store.verify()
 
     def require_tasks(self) -> None:
         if not self.store.task_names():

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ DEFAULT_NAMESPACE = "ahl"
 SEQUENCE_RUN = "sequence"
 ROUTER = "_router"  # the router's registered model; task names cannot start with "_"
 TAG = "ahl."  # prefix of every tag this package writes
+ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
@@ -155,6 +157,36 @@ class AdapterStore:
         except Exception:
             raise AhlError(f"task {task!r} has no version or alias {at!r}: see ahl store "
                            f"versions {task}") from None
+
+    def promote(self, task: str, version: str, alias: str):
+        """Point `alias` of a task at one of its versions (MLflow registered-model aliases)."""
+        if not ALIAS.match(alias) or alias.isdigit():
+            raise AhlError(f"alias {alias!r} is not a plain name: use letters, digits, '_' or '-', "
+                           "starting with a letter (e.g. production)")
+        target = self.resolve(f"{task}@{int(version) if str(version).isdigit() else version}")
+        self.client.set_registered_model_alias(self.model_name(task), alias, str(target.version))
+        return self.resolve(f"{task}@{alias}")
+
+    def verify(self) -> list[str]:
+        """Re-hash every version's adapter files against the checksums recorded when it was
+        registered; returns one line per missing or altered file."""
+        problems = []
+        for task in self.task_names():
+            for version in self.versions(task):
+                recorded = json.loads(version.tags.get(f"{TAG}files", "{}"))
+                try:
+                    folder = self.adapter_folder(version)
+                except Exception:
+                    problems.append(f"{task}@{version.version}: adapter folder missing")
+                    continue
+                for name, sha in recorded.items():
+                    path = folder / name
+                    if not path.is_file():
+                        problems.append(f"{task}@{version.version}: {name} missing")
+                    elif sha256_file(path) != sha:
+                        problems.append(f"{task}@{version.version}: {name} altered (sha256 "
+                                        f"{sha256_file(path)[:12]}, recorded {sha[:12]})")
+        return problems
 
     def adapter_folder(self, version) -> Path:
         """A local folder with the version's adapter files (downloaded if the store is remote)."""

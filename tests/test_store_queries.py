@@ -1,0 +1,90 @@
+"""Store queries: aliases, PEFT export, checksum verification."""
+
+import json
+
+import pytest
+import torch
+
+from adapterhub_local import Hub
+from adapterhub_local.base import load_base
+from adapterhub_local.errors import AhlError
+from adapterhub_local.inference import adapter_name, bank_for, mean_pool
+from conftest import FAST, file_digest, tiny_rows
+from test_cli import ahl
+
+
+@pytest.fixture
+def store_with_versions(store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    for task in ("colors", "animals", "colors"):
+        hub.add_task(task, tiny_data[task]["train"], tiny_data[task]["test"], base=tiny_base, **FAST)
+    return store_dir
+
+
+def test_versions_promote_and_resolve_an_alias(store_with_versions):
+    store = store_with_versions
+    versions = json.loads(ahl("store", "versions", "colors", "--json", "--store", store).stdout)
+    assert [v["version"] for v in versions] == [1, 2]
+    ahl("store", "promote", "colors", "1", "--alias", "production", "--store", store)
+    shown = json.loads(ahl("store", "show", "colors@production", "--json", "--store", store).stdout)
+    assert shown["version"] == 1 and shown["aliases"] == ["production"]
+    before = file_digest(store)
+    for args, message in [(["colors", "7", "--alias", "production"], "has no version 7"),
+                          (["colors", "1", "--alias", "prod uction"], "not a plain name"),
+                          (["ghost", "1", "--alias", "production"], "no task 'ghost'")]:
+        result = ahl("store", "promote", *args, "--store", store, ok=False)
+        assert result.exit_code == 1 and message in result.stderr and result.stderr.count("\n") == 1
+    assert file_digest(store) == before
+
+
+def test_export_loads_with_peft_and_gives_the_same_outputs(store_with_versions, tiny_base, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    hub = Hub(store_with_versions)
+    out = tmp_path / "export"
+    info = json.loads(ahl("store", "export", "colors@2", out, "--json", "--store",
+                          store_with_versions).stdout)
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors",
+            "labels.json"} <= set(info["files"])
+
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_base), out).eval()
+    head = torch.nn.Linear(32, 2)
+    head.load_state_dict(load_file(out / "head.safetensors"))
+    texts = [t for t, _ in tiny_rows("colors", 4, seed=11)]
+    bank = bank_for(load_base(tiny_base))
+    batch = bank.base.pad(bank.base.tokenize(texts, 128))
+    with torch.no_grad():
+        exported = head(mean_pool(model(**batch).last_hidden_state, batch)).softmax(-1)
+    version = hub.store.resolve("colors@2")
+    stored = torch.stack(bank.probabilities(texts, [adapter_name("colors", version.run_id)] * len(texts)))
+    torch.testing.assert_close(exported, stored, rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "labels.json").read_text()) == ["blue", "red"]
+
+
+def test_export_refuses_a_non_empty_folder_unless_forced(store_with_versions, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = ahl("store", "export", "colors", out, "--store", store_with_versions, ok=False)
+    assert result.exit_code == 1 and "not an empty folder" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    ahl("store", "export", "colors", out, "--force", "--store", store_with_versions)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_verify_reports_altered_and_missing_files(store_with_versions):
+    hub = Hub(store_with_versions)
+    assert hub.verify() == []
+    assert "matches" in ahl("store", "verify", "--store", store_with_versions).stdout
+    folder = hub.store.adapter_folder(hub.store.resolve("colors@1"))
+    (folder / "head.safetensors").write_bytes(b"tampered")
+    (hub.store.adapter_folder(hub.store.resolve("animals@1")) / "labels.json").unlink()
+    result = ahl("store", "verify", "--json", "--store", store_with_versions, ok=False)
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and not report["ok"]
+    assert any("colors@1: head.safetensors altered" in p for p in report["problems"])
+    assert any("animals@1: labels.json missing" in p for p in report["problems"])
+    with pytest.raises(AhlError, match="run ahl store verify"):
+        hub.export("colors@1", folder.parent / "out")
