@@ -33,9 +33,60 @@ def step_metrics(mode: str, tasks: list[str], R: Matrix) -> dict[str, float]:
     return metrics
 
 
+DESCRIPTION = """**How each earlier task held up after each new task.**
+
+Step *s* = the number of add-tasks so far. Metric sections:
+- `oracle/…`: accuracy when the task is given (isolated adapters: these never drop).
+- `routed/…`: the router picks the adapter; a wrong pick is a wrong answer.
+- `composed/…`: the router's top 2 adapters answer together.
+- `routing/acc/TASK`: share of the task's test inputs routed to it.
+Each section has `acc/TASK` per task and `average_accuracy`, `bwt` (backward transfer: below 0
+means forgetting) and `forgetting` summaries. Images: the accuracy matrices (rows: tasks,
+columns: steps) and the router's confusion, one per step (use the step slider).
+"""
+
+
+def heatmap(title: str, values: list[list[float | None]], rows: list[str], columns: list[str]):
+    """An annotated heatmap of shares in [0, 1] as an RGB array (None cells are left blank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(columns), 1.2 + 0.45 * len(rows)), dpi=100)
+    ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for (i, j), v in np.ndenumerate(data):
+        if not np.isnan(v):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center",
+                    color="white" if v < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def log_images(store, run_id: str, step: int, tasks: list[str], matrices: dict[str, Matrix],
+               confusion: dict) -> None:
+    steps = [str(i + 1) for i in range(step)]
+    for mode in MATRICES:
+        by_task = [[row[j] for row in matrices[mode]] for j in range(len(tasks))]
+        store.client.log_image(run_id, heatmap(f"{mode} accuracy % (rows: tasks, columns: steps)",
+                                               by_task, tasks, steps), key=f"{mode}_matrix", step=step)
+    shares = [[n / max(1, sum(row)) for n in row] for row in confusion["matrix"]]
+    store.client.log_image(run_id, heatmap("router confusion % (rows: true task)", shares,
+                                           confusion["true_tasks"], confusion["tasks"] + ["abstain"]),
+                           key="router_confusion", step=step)
+
+
 def log_step(store, tasks: list[str], matrices: dict[str, Matrix], versions: dict[str, int],
              confusion: dict) -> None:
-    """Append one step to the sequence run: the router's confusion as an artifact first, then
+    """Append one step to the sequence run: the router's confusion and the heatmaps first, then
     every metric and the step count in one batch, so a step is either all there or not at all."""
     from mlflow.entities import RunTag
 
@@ -45,6 +96,7 @@ def log_step(store, tasks: list[str], matrices: dict[str, Matrix], versions: dic
         path = Path(tmp) / f"step_{step:03d}.json"
         path.write_text(json.dumps(confusion), encoding="utf-8")
         store.client.log_artifact(run_id, str(path), CONFUSION_ARTIFACT)
+    log_images(store, run_id, step, tasks, matrices, confusion)
     metrics = {}
     for mode in MODES:
         metrics.update(step_metrics(mode, tasks, matrices[mode]))
@@ -54,6 +106,7 @@ def log_step(store, tasks: list[str], matrices: dict[str, Matrix], versions: dic
         RunTag(f"{TAG}tasks", json.dumps(tasks)),
         RunTag(f"{TAG}steps", str(step)),
         RunTag(f"{TAG}step.{step}", json.dumps(versions)),
+        RunTag("mlflow.note.content", DESCRIPTION),
     ])
 
 

@@ -70,11 +70,13 @@ def tiny_data(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory) -> Path:
-    """An initialised MLflow SQLite store, made once (migrations take seconds) and copied per test."""
+    """An MLflow SQLite database with its tables, made once (migrations take seconds) and copied
+    per test. It holds no experiment yet: MLflow records an experiment's artifact location as an
+    absolute path, and each test's store must write its artifacts into its own folder."""
     from adapterhub_local.store import AdapterStore
 
     folder = tmp_path_factory.mktemp("template") / "store"
-    AdapterStore(folder).experiment_id(create=True)
+    AdapterStore(folder).client.search_experiments()
     return folder
 
 

@@ -102,3 +102,18 @@ def test_cli_predict_file_json_and_errors(two_task_store, tmp_path):
         assert result.exit_code == 1 and message in result.stderr
         assert result.stderr.count("\n") == 1
     assert "colors" in ahl("predict", sample("colors"), "--store", two_task_store).stdout
+
+
+def test_dashboards_in_the_mlflow_store(two_task_store):
+    """The sequence run holds metrics by step and PNG heatmaps, for MLflow's UI."""
+    import sqlite3
+
+    db = sqlite3.connect(two_task_store / "mlflow.db")
+    steps = {row[0] for row in db.execute(
+        "SELECT step FROM metrics WHERE key = 'routed/acc/colors'")}
+    assert steps == {1, 2}
+    keys = {row[0] for row in db.execute("SELECT DISTINCT key FROM metrics")}
+    assert {"oracle/bwt", "routed/average_accuracy", "routing/acc/animals"} <= keys
+    pngs = list((two_task_store / "artifacts").rglob("*.png"))
+    assert any("oracle_matrix" in str(p) for p in pngs) and any("router_confusion" in str(p) for p in pngs)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
