@@ -334,6 +334,30 @@ def store_verify(store: StoreOption = None, as_json: JsonOption = False):
         raise typer.Exit(1)
 
 
+@command(app, "ui")
+def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+       store: StoreOption = None):
+    """Serve the MLflow UI for this store on 127.0.0.1 (Ctrl-C stops it)."""
+    from adapterhub_local.dashboards import serve_ui, stop_ui, wait_for_ui
+
+    hub = Hub(store)
+    server = serve_ui(hub.store, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_for_ui(url, server):
+            reason = (server.stderr.read().decode(errors="replace").strip().splitlines() or ["?"])[-1] \
+                if server.poll() is not None else "no answer within 60 s"
+            raise AhlError(f"the MLflow UI did not start ({reason[:160]}): try another --port")
+        typer.echo(f"MLflow UI: {url}  (store {hub.store.location})")  # plain: never wrapped
+        typer.echo(f"The forgetting dashboards: experiment '{hub.store.namespace}', run 'sequence' "
+                   "(Model metrics, Artifacts). Ctrl-C stops it.")
+        server.wait()
+    except KeyboardInterrupt:
+        out.print("stopped")
+    finally:
+        stop_ui(server)
+
+
 @command(app, "demo")
 def demo(
     store: StoreOption = None,
@@ -362,10 +386,9 @@ def demo(
         print_step(result)
     out.rule("after the whole sequence")
     metrics(store=store, as_json=False, confusion=True)
-    uri = hub.store.uri
     out.print(f"Each step is an MLflow run, each adapter a model version. Look at the forgetting "
-              f"dashboards with:\n  mlflow ui --backend-store-uri {uri} --workers 1\nthen open "
-              f"http://127.0.0.1:5000, experiment '{hub.store.namespace}', run 'sequence'.")
+              f"dashboards with:\n  ahl ui{'' if store is None else f' --store {store}'}\nthen "
+              f"open http://127.0.0.1:5000, experiment '{hub.store.namespace}', run 'sequence'.")
 
 
 def clear_store(hub: Hub) -> None:
@@ -377,3 +400,7 @@ def clear_store(hub: Hub) -> None:
                        "pass another --store")
     (folder / "mlflow.db").unlink(missing_ok=True)
     shutil.rmtree(folder / "artifacts", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app()

@@ -139,3 +139,65 @@ def read_confusion(store) -> dict | None:
     if not steps:
         return None
     return store.read_json_artifact(run_id, f"{CONFUSION_ARTIFACT}/step_{steps:03d}.json")
+
+
+def serve_ui(store, port: int):
+    """Start the MLflow UI for a store on 127.0.0.1:port, lean (one worker, no job runner).
+    Returns the server process; the caller stops it with stop_ui."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from adapterhub_local.errors import AhlError
+
+    if store.uri.startswith(("http://", "https://")):
+        raise AhlError(f"store {store.location} is already a tracking server: open it in a browser")
+    if not store.exists():
+        raise AhlError(f"store {store.location} has no tasks yet: add one with ahl add-task "
+                       "NAME --train FILE")
+    with socket.socket() as probe:
+        # As the server will: connections of a server that just stopped (TIME_WAIT) don't count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise AhlError(f"port {port} on 127.0.0.1 is busy: pass --port with a free one") from None
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.uri,
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if store.artifact_root:
+        command += ["--default-artifact-root", store.artifact_root]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.Popen(command, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_ui(url: str, server, timeout: float = 60.0) -> bool:
+    """Whether the server answers at url within timeout seconds (False if it died)."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def stop_ui(server) -> None:
+    """Stop the server and its workers (they share its process group)."""
+    import os
+    import signal
+    import subprocess
+
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
