@@ -235,8 +235,6 @@ def predict(
     modes = {"routed": "pick", "composed": "compose"}
     if mode not in modes:
         raise AhlError(f"unknown --mode {mode!r}: use routed or composed")
-    if top_k < 1:
-        raise AhlError(f"--top-k must be at least 1, got {top_k}")
     inputs = list(texts or []) + (read_texts(file, text_column) if file else [])
     if not inputs:
         raise AhlError("no texts: pass TEXT arguments or --file PATH")
@@ -281,8 +279,7 @@ def store_show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NA
 def store_versions(name: Annotated[str, typer.Argument(help="Task name.")],
                    store: StoreOption = None, as_json: JsonOption = False):
     """The versions of one task, oldest first."""
-    hub = Hub(store)
-    rows = [hub.show(f"{name}@{v.version}") for v in hub.store.versions(name)] or [hub.show(name)]
+    rows = Hub(store).versions(name)
     if as_json:
         return print_json(rows)
     table = Table(title=f"{name} versions")

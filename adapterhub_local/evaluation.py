@@ -41,11 +41,11 @@ def evaluate_task(bank, router, task: str, adapters: dict[str, str], texts: list
     probs = [{task: oracle_probs[row]} for row in range(n)]
     for (row, t), p in zip(pairs, other):
         probs[row][t] = p
+    label_sets = {t: bank.labels[name] for t, name in adapters.items()}
     composed_right = 0
     for row, route in enumerate(routes):
-        result = answer(route, probs[row], bank_labels(bank, adapters))
-        label_set = bank.labels[adapters[task]]
-        composed_right += (result["label"] == label_set[labels[row]] and task in result["tasks"])
+        result = answer(route, probs[row], label_sets)
+        composed_right += (result["label"] == label_sets[task][labels[row]] and task in result["tasks"])
     confusion = [sum(f == t for f in first) for t in router.tasks_] + [first.count(None)]
     return TaskEval(
         oracle=sum(oracle_right) / n,
@@ -55,6 +55,3 @@ def evaluate_task(bank, router, task: str, adapters: dict[str, str], texts: list
         confusion=confusion,
     )
 
-
-def bank_labels(bank, adapters: dict[str, str]) -> dict[str, list[str]]:
-    return {task: bank.labels[name] for task, name in adapters.items()}

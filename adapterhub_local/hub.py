@@ -32,7 +32,7 @@ from adapterhub_local.trainer import TrainOptions, split_validation, train_adapt
 
 ADAPTER_ARTIFACT, STATS_ARTIFACT, ROUTER_ARTIFACT = "adapter", "router_stats", "router"
 TEST_ARTIFACT = "eval/test.json"
-PREDICT_MODES = {"pick": 1, "compose": COMPOSE_TOP_K}
+PREDICT_MODES = ("pick", "compose")
 
 
 @dataclass
@@ -278,6 +278,8 @@ class Hub:
         texts = check_texts(texts)
         if mode not in PREDICT_MODES:
             raise AhlError(f"unknown mode {mode!r}: use pick or compose")
+        if top_k < 1:
+            raise AhlError(f"top_k must be at least 1, got {top_k}: try --top-k 2")
         if not texts:
             return []
         bank, router, adapters, versions = self._open_router()
@@ -290,7 +292,7 @@ class Hub:
             states = None
         else:
             routes, states = self._route(bank, router, texts,
-                                         PREDICT_MODES[mode] if mode == "pick" else top_k,
+                                         1 if mode == "pick" else top_k,
                                          keep_states=True)
         pairs = [(row, t) for row, r in enumerate(routes) for t in r.tasks]
         probs = bank.probabilities([texts[row] for row, _ in pairs], [adapters[t] for _, t in pairs],
@@ -340,6 +342,11 @@ class Hub:
     def show(self, ref: str) -> dict:
         """A version's lineage, files and metrics: 'NAME', 'NAME@VERSION' or 'NAME@ALIAS'."""
         return self.store.lineage(self.store.resolve(ref))
+
+    def versions(self, task: str) -> list[dict]:
+        """Every version of a task, oldest first, as `show` gives each."""
+        self.store.resolve(task)  # an unknown task is a one-line error naming the known ones
+        return [self.store.lineage(v) for v in self.store.versions(task)]
 
     def promote(self, task: str, version: int | str, alias: str) -> dict:
         """Point a task's alias (e.g. production) at one of its versions."""

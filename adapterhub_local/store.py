@@ -322,8 +322,5 @@ def params_of(values: dict) -> list:
 
 
 def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -79,6 +79,8 @@ def test_bad_inputs_are_one_line_errors(two_task_store, tmp_path):
         hub.predict("red cat")
     with pytest.raises(AhlError, match="no task 'ghost'"):
         hub.predict(["red"], task="ghost")
+    with pytest.raises(AhlError, match="top_k must be at least 1"):
+        hub.predict(["red"], mode="compose", top_k=0)
     with pytest.raises(AhlError, match="ahl add-task"):
         Hub(tmp_path / "empty").predict(["red"])
 
