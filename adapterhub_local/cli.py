@@ -2,6 +2,7 @@
 
 `--json` prints one JSON document on stdout and nothing else (progress goes to stderr).
 User mistakes print one line on stderr and exit 1; Ctrl-C exits 130 with the store unchanged.
+An add-task that the forgetting gate holds back exits 3 (its version is kept as a candidate).
 """
 
 import contextlib
@@ -16,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.tree import Tree
 
 from adapterhub_local.errors import AhlError
 from adapterhub_local.hub import Hub
@@ -32,6 +34,7 @@ StoreOption = Annotated[Optional[str], typer.Option(
     "--store", envvar="AHL_STORE", help="Store folder or MLflow tracking URI [default: ./store].")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+GATE_HELD_EXIT = 3
 
 
 def command(group: typer.Typer, name: str):
@@ -132,10 +135,13 @@ def add_task(
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per text [default: 128].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the init and the batch order [default: 0].")] = None,
     base: Annotated[Optional[str], typer.Option(help="Base model: a known name, a local folder or a cached id [default: the store's base, else all-MiniLM-L6-v2].")] = None,
+    gate: Annotated[Optional[float], typer.Option(help="Forgetting gate: promote to production only if no earlier task's routed accuracy drops by more than this (e.g. 0.02) [default: the store's, see ahl store gate].")] = None,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ):
-    """Learn a new adapter for a task on the frozen base and register it as a new version."""
+    """Learn a new adapter for a task on the frozen base and register it as a new version.
+
+    Exits 3 when the forgetting gate holds the new version back as a candidate."""
     if name is None and spec is None:
         raise AhlError("name the task: ahl add-task NAME --train FILE (or --spec FILE)")
     hub = Hub(store)
@@ -143,12 +149,21 @@ def add_task(
         result = hub.add_task(name, train, test, spec=spec, text_column=text_column,
                               label_column=label_column, method=method,
                               method_args=parse_method_args(method_arg or []), base=base,
-                              progress=advance, epochs=epochs, lr=lr, batch_size=batch_size,
+                              gate=gate, progress=advance, epochs=epochs, lr=lr, batch_size=batch_size,
                               max_length=max_length, seed=seed)
     if as_json:
         print_json(result)
     else:
         print_step(result)
+    check = result.get("gate")
+    if check and not check["passed"]:
+        worst = ", ".join(f"{r['task']} {percent(r['before'])}% -> {percent(r['after'])}%"
+                          for r in check["regressions"])
+        typer.echo(f"gate {check['threshold']}: routed accuracy dropped ({worst}); "
+                   f"{result['task']} version {result['version']} is kept as a candidate and "
+                   f"production is unchanged: promote it with ahl store promote {result['task']} "
+                   f"{result['version']} --alias production", err=True)
+        raise typer.Exit(GATE_HELD_EXIT)
 
 
 def print_step(result: dict) -> None:
@@ -180,7 +195,8 @@ def tasks(store: StoreOption = None, as_json: JsonOption = False):
     for column in ("task", "version", "method", "aliases", "accuracy %"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["task"], str(row["version"]), row["method"], ", ".join(row["aliases"]),
+        table.add_row(row["task"], "held" if row["version"] is None else str(row["version"]),
+                      row["method"], ", ".join(row["aliases"]),
                       percent(row["accuracy"]))
     out.print(table if rows else "no tasks yet: add one with ahl add-task NAME --train FILE")
 
@@ -283,13 +299,63 @@ def store_versions(name: Annotated[str, typer.Argument(help="Task name.")],
     if as_json:
         return print_json(rows)
     table = Table(title=f"{name} versions")
-    for column in ("version", "method", "parent", "data digest", "aliases", "test accuracy %"):
+    for column in ("version", "method", "parent", "data digest", "aliases", "status",
+                   "test accuracy %"):
         table.add_column(column)
     for row in rows:
         table.add_row(str(row["version"]), row["method"], str(row["parent"] or "-"),
-                      row["data"]["digest"][:12], ", ".join(row["aliases"]),
+                      row["data"]["digest"][:12], ", ".join(row["aliases"]), row["status"],
                       percent(row["metrics"].get("test_accuracy")))
     out.print(table)
+
+
+@command(store_app, "lineage")
+def store_lineage(name: Annotated[str, typer.Argument(help="Task name.")],
+                  store: StoreOption = None, as_json: JsonOption = False):
+    """The versions of a task as a tree: parent, earlier tasks, base, data, method, accuracy."""
+    info = Hub(store).lineage(name)
+    if as_json:
+        return print_json(info)
+    nodes = {n["version"]: n for n in info["versions"]}
+    tree = Tree(f"[bold]{name}[/bold]")
+
+    def grow(branch: Tree, node: dict) -> None:
+        after = ", ".join(f"{a['task']}@{a['version']}" for a in node["after"]) or "-"
+        flags = [*node["aliases"], *(["serving"] if node["serving"] else []),
+                 *([node["status"]] if node["status"] != "live" else [])]
+        child = branch.add(
+            f"[bold]v{node['version']}[/bold] {node['method']}  acc {percent(node['accuracy'])}%  "
+            f"data {(node['data_digest'] or '')[:12]}  base {node['base']['name']}  after {after}"
+            + (f"  ({', '.join(flags)})" if flags else ""))
+        for version in node["children"]:
+            grow(child, nodes[version])
+
+    for node in info["versions"]:
+        if node["parent"] not in nodes:
+            grow(tree, node)
+    out.print(tree)
+
+
+@command(store_app, "rm")
+def store_rm(ref: Annotated[str, typer.Argument(help="NAME@VERSION (or NAME@ALIAS) to remove.")],
+             store: StoreOption = None, as_json: JsonOption = False):
+    """Take a version out of queries and routing; its run and files stay for its history."""
+    info = Hub(store).remove(ref)
+    if as_json:
+        return print_json(info)
+    out.print(f"{info['task']}@{info['version']} removed from queries and routing "
+              f"(history kept: ahl store lineage {info['task']})")
+
+
+@command(store_app, "gate")
+def store_gate(value: Annotated[Optional[float], typer.Argument(help="Largest allowed drop in an earlier task's routed accuracy, e.g. 0.02.")] = None,
+               off: Annotated[bool, typer.Option("--off", help="Clear the store's gate.")] = False,
+               store: StoreOption = None, as_json: JsonOption = False):
+    """Show or set the store's default forgetting gate for add-task."""
+    gate = Hub(store).gate(value, off)
+    if as_json:
+        return print_json({"gate": gate})
+    out.print(f"forgetting gate: {gate}" if gate is not None else "no forgetting gate")
 
 
 @command(store_app, "promote")

@@ -84,8 +84,8 @@ def log_images(store, run_id: str, step: int, tasks: list[str], matrices: dict[s
                            key="router_confusion", step=step)
 
 
-def log_step(store, tasks: list[str], matrices: dict[str, Matrix], versions: dict[str, int],
-             confusion: dict) -> None:
+def log_step(store, tasks: list[str], matrices: dict[str, Matrix], confusion: dict,
+             versions: dict[str, int]) -> None:
     """Append one step to the sequence run: the router's confusion and the heatmaps first, then
     every metric and the step count in one batch, so a step is either all there or not at all."""
     from mlflow.entities import RunTag

@@ -18,9 +18,10 @@ def first_steps(R: Matrix) -> list[int]:
 
 
 def _old_columns(R: Matrix) -> list[int]:
-    """Columns that existed before the last step (the only ones that can be forgotten)."""
+    """Columns that existed before the last step and are still measured in it (the only ones
+    that can be forgotten; a task removed from the store has no value in later rows)."""
     last = len(R) - 1
-    return [j for j, first in enumerate(first_steps(R)) if first < last]
+    return [j for j, first in enumerate(first_steps(R)) if first < last and R[-1][j] is not None]
 
 
 def average_accuracy(R: Matrix) -> float | None:
@@ -48,6 +49,16 @@ def forgetting(R: Matrix) -> float | None:
     drops = [max(row[j] for row in R[:-1] if j < len(row) and row[j] is not None) - R[-1][j]
              for j in old]
     return sum(drops) / len(drops)
+
+
+def regressions(R: Matrix, tolerance: float) -> list[tuple[int, float, float]]:
+    """(column, before, after) for each task whose value dropped by more than `tolerance` from
+    the previous step to the last one: what the forgetting gate refuses."""
+    if len(R) < 2:
+        return []
+    before, after = R[-2], R[-1]
+    return [(j, before[j], after[j]) for j in range(min(len(before), len(after)))
+            if before[j] is not None and after[j] is not None and before[j] - after[j] > tolerance]
 
 
 def summarize(R: Matrix) -> dict:

@@ -23,11 +23,12 @@ from adapterhub_local.dashboards import MODES, log_step, read_matrices, read_con
 from adapterhub_local.data import TaskData, check_task_name, load_spec, load_task_data
 from adapterhub_local.errors import AhlError
 from adapterhub_local.evaluation import COMPOSE_TOP_K, evaluate_task
-from adapterhub_local.forgetting import first_steps, summarize
+from adapterhub_local.forgetting import first_steps, regressions, summarize
 from adapterhub_local.inference import answer, adapter_name, bank_for
 from adapterhub_local.methods import get_method, method_options
 from adapterhub_local.router import GaussianRouter, Route, TaskStats, task_stats
-from adapterhub_local.store import ROUTER, TAG, AdapterStore, sha256_file
+from adapterhub_local.store import (HELD, PRODUCTION, ROUTER, TAG, AdapterStore, parse_ref,
+                                    sha256_file)
 from adapterhub_local.trainer import TrainOptions, split_validation, train_adapter
 
 ADAPTER_ARTIFACT, STATS_ARTIFACT, ROUTER_ARTIFACT = "adapter", "router_stats", "router"
@@ -60,19 +61,24 @@ class Hub:
                  test: str | Path | None = None, *, spec: str | Path | None = None,
                  text_column: str | None = None, label_column: str | None = None,
                  method: str | None = None, method_args: dict | None = None,
-                 base: str | None = None, progress: Callable[[int, int], None] | None = None,
-                 **train_args) -> dict:
+                 base: str | None = None, gate: float | None = None,
+                 progress: Callable[[int, int], None] | None = None, **train_args) -> dict:
         """Learn an adapter for task `name`, register it as the task's next version, refit the
         router, and re-evaluate every task in every mode. Options not given come from the spec,
         then the defaults. train_args: epochs, lr, batch_size, max_length, seed (TrainOptions).
+
+        With a forgetting gate (`gate`, else the store's), the new version gets the production
+        alias only if no earlier task's routed accuracy dropped by more than the gate; otherwise
+        it is kept as a candidate and result["gate"]["passed"] is False.
         """
         plan = self._plan(name, train, test, spec, text_column, label_column, method,
                           method_args, base, train_args)
+        gate = self.store.gate() if gate is None else check_gate(gate)
         name, data = plan.data.name, plan.data
         loaded = load_base(plan.base)
         bank = bank_for(loaded)
-        current = {t: self.store.current_version(t) for t in self.store.task_names()}
-        parent = current.get(name)
+        current = self.store.serving()  # the new version is measured beside what serves now
+        parent = self.store.current_version(name)
         run_id = self.store.start_run(name, params={
             "task": name, "method": plan.method, **plan.train.as_dict(), "base": loaded.name,
             **{f"method.{k}": v for k, v in vars(plan.options).items()},
@@ -106,11 +112,18 @@ class Hub:
             router_version = self._register_router(router, run_id, versions)
             self.store.set_version_tag(name, registered.version, f"{TAG}router.version",
                                        router_version.version)
-            step = self._evaluate_step(bank, router, {**current, name: registered})
+            evaluated = {**current, name: registered}
+            step, record = self._evaluate_step(bank, router, evaluated)
+            step["gate"] = self._apply_gate(gate, name, registered, step)
+            self._sync_router()
+            # Last, in one batch: a step is in the matrices only if everything else succeeded.
+            log_step(self.store, *record, {t: int(v.version) for t, v in evaluated.items()})
         except BaseException as e:
             for task, made in ((ROUTER, router_version), (name, registered)):
                 if made is not None:
                     self.store.unregister(task, made.version)
+            if registered is not None:  # deleting a version drops its aliases: put them back
+                self._restore_production(name, current.get(name))
             bank.remove_adapter(new_adapter)
             self.store.finish_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
@@ -121,7 +134,9 @@ class Hub:
                 "train_rows": report.train_rows, "test_rows": len(data.test_texts),
                 "dropped_rows": data.dropped, "trainable_params": report.trainable_params,
                 "parent": int(parent.version) if parent else None, "run_id": run_id,
-                "router_version": int(router_version.version), **step}
+                "router_version": int(router_version.version),
+                "serving": int(registered.version) == int(getattr(
+                    self.store.serving().get(name), "version", 0)), **step}
 
     def _plan(self, name, train, test, spec, text_column, label_column, method, method_args,
               base, train_args) -> Plan:
@@ -183,14 +198,14 @@ class Hub:
             f"{TAG}versions": json.dumps(versions), f"{TAG}shrinkage": router.shrinkage_,
             f"{TAG}threshold": router.threshold_, f"{TAG}package_version": __version__})
 
-    def _evaluate_step(self, bank, router: GaussianRouter, versions: dict) -> dict:
-        """Evaluate every task's current version in every mode, append a row to each matrix."""
+    def _evaluate_step(self, bank, router: GaussianRouter, versions: dict) -> tuple[dict, tuple]:
+        """Evaluate the given version of every task in every mode: (the step's summary, what
+        log_step records: tasks, the matrices with the new row, the router's confusion)."""
         tasks, matrices = read_matrices(self.store)
         tasks = tasks + [t for t in versions if t not in tasks]
         adapters = {t: self._load_version(bank, t, v) for t, v in versions.items()}
         results = {}
-        for task in tasks:
-            version = versions[task]
+        for task, version in versions.items():  # a removed task keeps its column, empty
             split = self._cached(version.run_id, "test", lambda: self.store.read_json_artifact(
                 version.run_id, TEST_ARTIFACT))
             max_length = max_length_of(version)
@@ -202,18 +217,77 @@ class Hub:
                                           split["labels"], probs, features, max_length)
         for mode in (*MODES, "routing"):
             old = [r + [None] * (len(tasks) - len(r)) for r in matrices[mode]]
-            matrices[mode] = old + [[getattr(results[t], mode) for t in tasks]]
-        confusion = {"tasks": router.tasks_, "true_tasks": tasks,
-                     "matrix": [results[t].confusion for t in tasks]}
-        log_step(self.store, tasks, matrices, {t: int(v.version) for t, v in versions.items()},
-                 confusion)
+            matrices[mode] = old + [[getattr(results[t], mode) if t in results else None
+                                     for t in tasks]]
+        confusion = {"tasks": router.tasks_, "true_tasks": list(results),
+                     "matrix": [results[t].confusion for t in results]}
         R = matrices["oracle"]
         return {"step": len(R), "tasks": tasks, "row": R[-1],
                 "learned": [R[first][j] for j, first in enumerate(first_steps(R))],
                 "routed_row": matrices["routed"][-1], "routing_row": matrices["routing"][-1],
+                "routed_regressions": regressions(matrices["routed"], 0.0),
                 **{k: v for k, v in summarize(R).items() if k != "matrix"},
                 "routed_average_accuracy": summarize(matrices["routed"])["average_accuracy"],
-                "composed_average_accuracy": summarize(matrices["composed"])["average_accuracy"]}
+                "composed_average_accuracy": summarize(matrices["composed"])["average_accuracy"]
+                }, (tasks, matrices, confusion)
+
+    def _apply_gate(self, gate: float | None, task: str, version, step: dict) -> dict | None:
+        """Promote the new version to production if no earlier task's routed accuracy dropped by
+        more than the gate; else mark it held (a candidate) and leave the alias where it was."""
+        if gate is None:
+            return None
+        dropped = [{"task": step["tasks"][j], "before": before, "after": after,
+                    "drop": before - after}
+                   for j, before, after in step["routed_regressions"]
+                   if before - after > gate and step["tasks"][j] != task]
+        if dropped:
+            self.store.set_version_tag(task, version.version, HELD, json.dumps(
+                {"gate": gate, "regressions": dropped}))
+        else:
+            self.store.client.set_registered_model_alias(self.store.model_name(task), PRODUCTION,
+                                                         str(version.version))
+        return {"threshold": gate, "passed": not dropped, "regressions": dropped}
+
+    def _sync_router(self) -> None:
+        """Point the router's production alias at a router fit for exactly the serving versions:
+        the newest such router version, else a new one fit from the stored statistics."""
+        serving = self.store.serving()
+        wanted = {t: int(v.version) for t, v in serving.items()}
+        name = self.store.model_name(ROUTER)
+        for router_version in reversed(self.store.versions(ROUTER)):
+            if router_versions(router_version) == wanted:
+                self.store.client.set_registered_model_alias(name, PRODUCTION,
+                                                             str(router_version.version))
+                return
+        if not serving:
+            if self._serving_router() is not None:
+                self.store.client.delete_registered_model_alias(name, PRODUCTION)
+            return
+        router = GaussianRouter().fit({t: self._task_stats(v) for t, v in serving.items()})
+        run_id = self.store.start_run(ROUTER, params={"versions": json.dumps(wanted)},
+                                      tags={f"{TAG}kind": "router"})
+        try:
+            made = self._register_router(router, run_id, wanted)
+            self.store.client.set_registered_model_alias(name, PRODUCTION, str(made.version))
+        except BaseException:
+            self.store.finish_run(run_id, "FAILED")
+            raise
+        self.store.finish_run(run_id)
+
+    def _restore_production(self, task: str, version) -> None:
+        if version is not None and PRODUCTION in (version.aliases or []):
+            self.store.client.set_registered_model_alias(self.store.model_name(task), PRODUCTION,
+                                                         str(version.version))
+        self._sync_router()
+
+    def _serving_router(self):
+        """The router version prediction uses: the router's production alias (stores made before
+        aliases existed: its newest version)."""
+        try:
+            return self.store.client.get_model_version_by_alias(self.store.model_name(ROUTER),
+                                                                PRODUCTION)
+        except Exception:
+            return self.store.current_version(ROUTER)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -236,12 +310,16 @@ class Hub:
         """(bank, router, {task: adapter name}, {task: version}) of the current router version:
         the adapters loaded are exactly the versions that router was fit for."""
         self.require_tasks()
-        version = self.store.current_version(ROUTER)
+        version = self._serving_router()
+        if version is None:
+            raise AhlError(f"store {self.store.location} has no serving versions (the gate held "
+                           "them all back): promote one with ahl store promote NAME VERSION "
+                           "--alias production")
         if self._opened and self._opened[0] == version.version:
             return self._opened[1]
         router = GaussianRouter.load(self.store.adapter_folder(version))
         bank = bank_for(load_base(self.store.base_binding()[0]))
-        versions = {t: int(v) for t, v in json.loads(version.tags[f"{TAG}versions"]).items()}
+        versions = router_versions(version)
         adapters = {t: self._load_version(bank, t, self.store.resolve(f"{t}@{v}"))
                     for t, v in versions.items()}
         self._opened = (version.version, (bank, router, adapters, versions))
@@ -314,14 +392,16 @@ class Hub:
     # -- queries ------------------------------------------------------------------------------
 
     def tasks(self) -> list[dict]:
-        """Each task with its current version, method, aliases and latest oracle accuracy."""
-        tasks, matrices = read_matrices(self.store)
-        last_row = dict(zip(tasks, matrices["oracle"][-1])) if matrices["oracle"] else {}
+        """Each task with the version that serves (None while the gate holds back its only
+        versions), its method, aliases and latest oracle accuracy."""
+        last_row = last_oracle_row(self.store)
+        serving = self.store.serving()
         result = []
-        for task in self.store.task_names():
-            version = self.store.current_version(task)
-            accuracy = last_row.get(task)
-            result.append({"task": task, "version": int(version.version),
+        for task, versions in self.store.all_versions().items():
+            version = serving.get(task, versions[-1])
+            accuracy = last_row.get(task) if task in serving else None
+            result.append({"task": task,
+                           "version": int(version.version) if task in serving else None,
                            "method": version.tags.get(f"{TAG}method"),
                            "aliases": list(version.aliases or []),
                            "accuracy": accuracy if accuracy is not None
@@ -349,8 +429,50 @@ class Hub:
         return [self.store.lineage(v) for v in self.store.versions(task)]
 
     def promote(self, task: str, version: int | str, alias: str) -> dict:
-        """Point a task's alias (e.g. production) at one of its versions."""
-        return self.store.lineage(self.store.promote(task, version, alias))
+        """Point a task's alias (e.g. production) at one of its versions; routing follows the
+        production alias."""
+        promoted = self.store.promote(task, version, alias)
+        if alias == PRODUCTION:
+            self._sync_router()
+        return self.store.lineage(promoted)
+
+    def remove(self, ref: str) -> dict:
+        """Take NAME@VERSION out of queries and routing; its run and files stay, and
+        `lineage` still shows it. The router is refit without it if it was serving."""
+        task, at = parse_ref(ref)
+        if at is None:
+            raise AhlError(f"say which version to remove: {task}@VERSION (see ahl store "
+                           f"versions {task})")
+        version = self.store.resolve(ref)
+        self.store.remove(version)
+        self._sync_router()
+        return self.store.lineage(self.store.client.get_model_version(version.name,
+                                                                      version.version))
+
+    def lineage(self, task: str) -> dict:
+        """Every version of a task, removed ones included, as a tree: each version's parent,
+        the tasks it was trained after, base, data digest, method, accuracy and status."""
+        versions = self.store.versions(task, include_removed=True)
+        if not versions:
+            self.store.resolve(task)  # the one-line error naming the known tasks
+        serving = getattr(self.store.serving().get(task), "version", None)
+        nodes = []
+        for v in versions:
+            info = self.store.lineage(v, with_run=False)
+            nodes.append({k: info[k] for k in ("version", "parent", "after", "base", "method",
+                                               "aliases", "status")}
+                         | {"data_digest": info["data"]["digest"],
+                            "accuracy": float(v.tags.get(f"{TAG}accuracy", "nan")),
+                            "serving": v.version == serving,
+                            "children": [int(c.version) for c in versions
+                                         if c.tags.get(f"{TAG}parent") == str(v.version)]})
+        return {"task": task, "versions": nodes}
+
+    def gate(self, value: float | None = None, off: bool = False) -> float | None:
+        """The store's default forgetting gate: read it, set it (value) or clear it (off)."""
+        if off or value is not None:
+            self.store.set_gate(None if off else check_gate(value))
+        return self.store.gate()
 
     def export(self, ref: str, folder: str | Path, force: bool = False) -> dict:
         """Copy a version's adapter into a plain PEFT folder (adapter_config.json and
@@ -394,6 +516,28 @@ def check_texts(texts) -> list[str]:
         raise AhlError(f"item {wrong[0]} is a {type(texts[wrong[0]]).__name__}, not a string: "
                        "pass texts as strings")
     return texts
+
+
+def check_gate(gate: float) -> float:
+    if not 0 <= gate < 1:
+        raise AhlError(f"gate {gate} is not an accuracy drop between 0 and 1: try --gate 0.02")
+    return float(gate)
+
+
+def router_versions(router_version) -> dict[str, int]:
+    """{task: version} that a router version was fit for."""
+    return {t: int(v) for t, v in json.loads(router_version.tags[f"{TAG}versions"]).items()}
+
+
+def last_oracle_row(store) -> dict[str, float]:
+    """{task: oracle accuracy at the last step}: MLflow keeps each metric's latest value on the
+    run, so this is one query however long the sequence."""
+    run_id = store.sequence_run_id(create=False)
+    if run_id is None:
+        return {}
+    prefix = "oracle/acc/"
+    return {k[len(prefix):]: v for k, v in store.client.get_run(run_id).data.metrics.items()
+            if k.startswith(prefix)}
 
 
 def max_length_of(version) -> int:

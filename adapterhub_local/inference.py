@@ -91,6 +91,8 @@ class AdapterBank:
                 with warnings.catch_warnings():  # "was active, now deleted": that is the point
                     warnings.simplefilter("ignore", UserWarning)
                     self.peft_model.delete_adapter(name)
+                # peft leaves the deleted name active; its next forward would look it up.
+                self.peft_model.set_adapter(next(iter(self.peft_model.peft_config)))
         for table in (self.heads, self.labels, self.mixed_batch):
             table.pop(name, None)
 

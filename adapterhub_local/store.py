@@ -23,6 +23,10 @@ DEFAULT_NAMESPACE = "ahl"
 SEQUENCE_RUN = "sequence"
 ROUTER = "_router"  # the router's registered model; task names cannot start with "_"
 TAG = "ahl."  # prefix of every tag this package writes
+PRODUCTION = "production"  # the alias that routing serves
+REMOVED = f"{TAG}removed"  # version tag set by `ahl store rm`: hidden from queries and routing
+HELD = f"{TAG}gate.held"  # version tag: the forgetting gate kept this version back (why)
+GATE = f"{TAG}gate"  # experiment tag: the store's default forgetting gate
 ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
@@ -114,27 +118,52 @@ class AdapterStore:
     def model_name(self, task: str) -> str:
         return f"{self.namespace}.{task}"
 
-    def task_names(self) -> list[str]:
-        """Tasks in order of their first add-task."""
+    def all_versions(self, include_removed: bool = False) -> dict[str, list]:
+        """{task: its versions, oldest first}, tasks in order of their first version: one query,
+        so that listing a store costs the same with 5 tasks or 500 versions."""
         if not self.exists():
-            return []
+            return {}
         prefix = f"{self.namespace}."
-        models = self.client.search_registered_models(filter_string=f"name LIKE '{prefix}%'",
-                                                      max_results=1000)
-        models = [m for m in models if m.name.startswith(prefix) and m.latest_versions
-                  and not m.name[len(prefix):].startswith("_")]
-        return [m.name[len(prefix):] for m in sorted(models, key=lambda m: m.creation_timestamp)]
+        found = self.client.search_model_versions(f"name LIKE '{prefix}%'", max_results=10000)
+        with_aliases(found, self.client.search_registered_models(
+            filter_string=f"name LIKE '{prefix}%'", max_results=1000))
+        by_task: dict[str, list] = {}
+        for v in sorted(found, key=lambda v: (v.creation_timestamp, int(v.version))):
+            task = v.name[len(prefix):]
+            if v.name.startswith(prefix) and not task.startswith("_") and (
+                    include_removed or REMOVED not in v.tags):
+                by_task.setdefault(task, []).append(v)
+        return {t: sorted(vs, key=lambda v: int(v.version)) for t, vs in by_task.items()}
 
-    def versions(self, task: str) -> list:
-        """The task's model versions, oldest first (empty for an unknown task)."""
+    def task_names(self) -> list[str]:
+        """Tasks with a live version, in order of their first add-task."""
+        return list(self.all_versions())
+
+    def versions(self, task: str, include_removed: bool = False) -> list:
+        """The task's model versions, oldest first (empty for an unknown task); removed
+        versions (`ahl store rm`) only on request."""
         if not self.exists():
             return []
         found = self.client.search_model_versions(f"name='{self.model_name(task)}'")
-        return sorted(found, key=lambda v: int(v.version))
+        if found:
+            with_aliases(found, [self.client.get_registered_model(self.model_name(task))])
+        return sorted((v for v in found if include_removed or REMOVED not in v.tags),
+                      key=lambda v: int(v.version))
 
     def current_version(self, task: str):
+        """The task's newest live version (the parent of its next one)."""
         versions = self.versions(task)
         return versions[-1] if versions else None
+
+    def serving(self) -> dict:
+        """{task: the version that routing and prediction use}: its `production` alias where it
+        has one, else its newest version that the forgetting gate did not hold back."""
+        serving = {}
+        for task, versions in self.all_versions().items():
+            chosen = serving_version(versions)
+            if chosen is not None:
+                serving[task] = chosen
+        return serving
 
     def resolve(self, ref: str):
         """The model version that 'NAME', 'NAME@VERSION' or 'NAME@ALIAS' names."""
@@ -149,7 +178,11 @@ class AdapterStore:
         if at.isdigit():
             match = [v for v in versions if int(v.version) == int(at)]
             if not match:
-                raise AhlError(f"task {task!r} has no version {at} (versions: "
+                removed = [v for v in self.versions(task, include_removed=True)
+                           if int(v.version) == int(at)]
+                why = " (removed by ahl store rm; ahl store lineage keeps its history)" \
+                    if removed else ""
+                raise AhlError(f"task {task!r} has no version {at}{why} (versions: "
                                f"{', '.join(str(v.version) for v in versions)}): pick one of those")
             return match[0]
         try:
@@ -167,12 +200,34 @@ class AdapterStore:
         self.client.set_registered_model_alias(self.model_name(task), alias, str(target.version))
         return self.resolve(f"{task}@{alias}")
 
+    def remove(self, version) -> None:
+        """Take a version out of queries and routing; its run, files and tags stay (history)."""
+        name = version.name
+        for alias in version.aliases or []:
+            self.client.delete_registered_model_alias(name, alias)
+        self.client.set_model_version_tag(name, version.version, REMOVED,
+                                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def gate(self) -> float | None:
+        """The store's forgetting gate (largest allowed drop in routed accuracy), if set."""
+        if not self.exists():
+            return None
+        value = self.client.get_experiment(self.experiment_id()).tags.get(GATE)
+        return float(value) if value else None
+
+    def set_gate(self, value: float | None) -> None:
+        if value is None:
+            if self.gate() is not None:
+                self.client.delete_experiment_tag(self.experiment_id(), GATE)
+        else:
+            self.client.set_experiment_tag(self.experiment_id(), GATE, str(value))
+
     def verify(self) -> list[str]:
         """Re-hash every version's adapter files against the checksums recorded when it was
         registered; returns one line per missing or altered file."""
         problems = []
-        for task in self.task_names():
-            for version in self.versions(task):
+        for task, versions in self.all_versions(include_removed=True).items():
+            for version in versions:
                 recorded = json.loads(version.tags.get(f"{TAG}files", "{}"))
                 try:
                     folder = self.adapter_folder(version)
@@ -205,10 +260,11 @@ class AdapterStore:
     def read_json_artifact(self, run_id: str, path: str):
         return json.loads(self.artifact_folder(run_id, path).read_text(encoding="utf-8"))
 
-    def lineage(self, version) -> dict:
-        """A version's lineage, files and metrics, from its tags and run (DESIGN section 5)."""
+    def lineage(self, version, with_run: bool = True) -> dict:
+        """A version's lineage, files and metrics, from its tags and run (DESIGN section 5);
+        status: "removed" (ahl store rm), "held" (by the forgetting gate) or "live"."""
         tags = version.tags
-        run = self.client.get_run(version.run_id)
+        run = self.client.get_run(version.run_id) if with_run else None
         read = lambda key, default: json.loads(tags.get(f"{TAG}{key}", default))  # noqa: E731
         return {
             "task": tags.get(f"{TAG}task"), "version": int(version.version),
@@ -226,7 +282,9 @@ class AdapterStore:
             "router_version": int(tags[f"{TAG}router.version"]) if tags.get(f"{TAG}router.version") else None,
             "aliases": list(version.aliases or []),
             "run_id": version.run_id, "source": version.source,
-            "files": read("files", "{}"), "metrics": dict(run.data.metrics),
+            "files": read("files", "{}"), "metrics": dict(run.data.metrics) if run else {},
+            "status": "removed" if REMOVED in tags else "held" if HELD in tags else "live",
+            "held": read("gate.held", "null"),
             "package_version": tags.get(f"{TAG}package_version"),
         }
 
@@ -312,6 +370,27 @@ class AdapterStore:
                                      tags={f"{TAG}kind": SEQUENCE_RUN})
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
+
+
+def with_aliases(versions: list, models: list) -> None:
+    """Fill in each version's aliases: MLflow's version search leaves them empty, while its
+    registered models carry {alias: version}."""
+    aliases: dict[tuple[str, str], list[str]] = {}
+    for model in models:
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault((model.name, str(version)), []).append(alias)
+    for v in versions:
+        v.aliases = sorted(aliases.get((v.name, str(v.version)), []))
+
+
+def serving_version(versions: list):
+    """Of one task's live versions (oldest first): the production one, else the newest that the
+    forgetting gate did not hold back, else None."""
+    for v in versions:
+        if PRODUCTION in (v.aliases or []):
+            return v
+    free = [v for v in versions if HELD not in v.tags]
+    return free[-1] if free else None
 
 
 def params_of(values: dict) -> list:

@@ -3,7 +3,7 @@
 import pytest
 
 from adapterhub_local.forgetting import (average_accuracy, backward_transfer, first_steps,
-                                         forgetting, summarize)
+                                         forgetting, regressions, summarize)
 
 # Three tasks, one per step: task 0 drops 0.9 -> 0.8 -> 0.6, task 1 rises 0.7 -> 0.75.
 R = [[0.9, None, None],
@@ -45,3 +45,21 @@ def test_a_retrained_task_keeps_its_first_step_as_reference():
 def test_empty_matrix():
     assert average_accuracy([]) is None
     assert backward_transfer([]) is None
+
+
+def test_regressions_name_the_columns_that_dropped_more_than_the_tolerance():
+    R = [[0.9, None, None],
+         [0.9, 0.8, None],
+         [0.85, 0.79, 0.7]]
+    assert regressions(R, 0.02) == [(0, 0.9, 0.85)]
+    assert regressions(R, 0.06) == []
+    assert regressions(R[:1], 0.0) == []
+
+
+def test_a_task_without_a_value_in_the_last_row_is_not_counted_as_forgotten():
+    R = [[0.9, None],
+         [0.8, 0.7],
+         [None, 0.6]]  # task 0 was removed before step 3
+    assert backward_transfer(R) == pytest.approx(-0.1)
+    assert forgetting(R) == pytest.approx(0.1)
+    assert average_accuracy(R) == pytest.approx(0.6)

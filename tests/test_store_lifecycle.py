@@ -1,0 +1,130 @@
+"""A store's lifecycle: lineage trees, removing a version, and the forgetting gate."""
+
+import json
+
+from adapterhub_local import Hub
+from conftest import FAST, file_digest, tiny_rows, write_csv
+from test_cli import ahl
+
+
+def add(hub, task, tiny_data, tiny_base, **extra):
+    return hub.add_task(task, tiny_data[task]["train"], tiny_data[task]["test"], base=tiny_base,
+                        **FAST, **extra)
+
+
+def routed_tasks(hub, task):
+    return {a["task"] for a in hub.predict([t for t, _ in tiny_rows(task, 5, seed=7)])}
+
+
+def test_lineage_is_a_tree_of_versions_with_what_each_came_from(store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    for task in ("colors", "animals", "colors"):
+        add(hub, task, tiny_data, tiny_base)
+    tree = json.loads(ahl("store", "lineage", "colors", "--json", "--store", store_dir).stdout)
+    first, second = tree["versions"]
+    assert (first["version"], first["parent"], first["children"]) == (1, None, [2])
+    assert (second["version"], second["parent"], second["children"]) == (2, 1, [])
+    assert second["after"] == [{"task": "animals", "version": 1}] and first["after"] == []
+    assert first["data_digest"] == second["data_digest"] and first["method"] == "lora"
+    assert second["serving"] and not first["serving"] and 0 <= second["accuracy"] <= 1
+    printed = ahl("store", "lineage", "colors", "--store", store_dir).stdout
+    assert "v1" in printed and "v2" in printed and "serving" in printed
+
+
+def test_rm_hides_a_version_from_queries_and_routing_but_keeps_its_history(
+        store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    add(hub, "animals", tiny_data, tiny_base)
+    assert "animals" in routed_tasks(hub, "animals")
+    run_id = hub.show("animals@1")["run_id"]
+
+    ahl("store", "rm", "animals@1", "--store", store_dir)
+    hub = Hub(store_dir)  # a fresh process's view
+    assert [t["task"] for t in hub.tasks()] == ["colors"]
+    assert routed_tasks(hub, "animals") <= {"colors", None}
+    result = ahl("store", "versions", "animals", "--store", store_dir, ok=False)
+    assert result.exit_code == 1 and "no task 'animals'" in result.stderr
+    lineage = hub.lineage("animals")["versions"]
+    assert [(v["version"], v["status"]) for v in lineage] == [(1, "removed")]
+    assert hub.store.client.get_run(run_id).info.status == "FINISHED"  # the run is still there
+    assert hub.verify() == []  # and its files too
+
+    before = file_digest(store_dir)
+    for ref, message in [("colors", "say which version"), ("colors@5", "has no version 5"),
+                         ("animals@1", "no task 'animals'")]:
+        result = ahl("store", "rm", ref, "--store", store_dir, ok=False)
+        assert result.exit_code == 1 and message in result.stderr, result.stderr
+    assert file_digest(store_dir) == before
+
+
+def test_a_task_added_again_is_routed_again_after_its_old_version_was_removed(
+        store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    add(hub, "animals", tiny_data, tiny_base)
+    hub.remove("animals@1")
+    step = add(hub, "animals", tiny_data, tiny_base)
+    assert step["version"] == 2 and step["parent"] is None
+    assert "animals" in routed_tasks(hub, "animals")
+
+
+def test_the_gate_holds_back_a_version_that_makes_an_earlier_task_forget(
+        store_dir, tiny_data, tiny_base, tmp_path):
+    hub = Hub(store_dir)
+    first = add(hub, "colors", tiny_data, tiny_base, gate=0.02)
+    assert first["gate"]["passed"] and hub.show("colors@production")["version"] == 1
+    assert hub.store.gate() is None  # --gate applies to one add-task; `store gate` sets a default
+
+    # colors' red texts again under a second name, where red is nearly every row: the router
+    # now sends red texts to the copycat, and colors' routed accuracy drops by about half.
+    rows = tiny_rows("colors", 40, seed=1)
+    copycat = write_csv(tmp_path / "copycat.csv", [r for r in rows if r[1] == "red"]
+                        + [r for r in rows if r[1] == "blue"][:3])
+    ahl("store", "gate", "0.02", "--store", store_dir)
+    before = {t["task"]: t["version"] for t in hub.tasks()}
+    result = ahl("add-task", "copycat", "--train", copycat, "--test", tiny_data["colors"]["test"],
+                 "--base", tiny_base, "--epochs", "1", "--store", store_dir, ok=False)
+    assert result.exit_code == 3, result.stderr
+    assert "colors" in result.stderr and "kept as a candidate" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+    hub = Hub(store_dir)
+    held = hub.show("copycat@1")
+    assert held["status"] == "held" and held["held"]["regressions"][0]["task"] == "colors"
+    assert {t["task"]: t["version"] for t in hub.tasks()} == {**before, "copycat": None}
+    assert routed_tasks(hub, "colors") == {"colors"}  # routing still serves production only
+
+    hub.promote("copycat", 1, "production")  # a person overrides the gate
+    assert "copycat" in routed_tasks(Hub(store_dir), "colors")
+
+
+def test_a_gate_outside_zero_to_one_is_refused(store_dir, tiny_data, tiny_base):
+    result = ahl("store", "gate", "2", "--store", store_dir, ok=False)
+    assert result.exit_code == 1 and "between 0 and 1" in result.stderr
+
+
+def test_a_failure_after_the_gate_promoted_puts_production_back(store_dir, tiny_data, tiny_base,
+                                                                 monkeypatch):
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base, gate=0.02)
+    sync, calls = Hub._sync_router, []
+
+    def fail_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("registry went away")
+        return sync(self)
+
+    monkeypatch.setattr(Hub, "_sync_router", fail_once)
+    try:
+        add(hub, "colors", tiny_data, tiny_base, gate=0.02)
+    except OSError:
+        pass
+    monkeypatch.undo()
+    hub = Hub(store_dir)
+    assert [v["version"] for v in hub.versions("colors")] == [1]
+    assert hub.show("colors@production")["version"] == 1
+    answers = hub.predict([t for t, _ in tiny_rows("colors", 3, seed=7)])
+    assert {a["version"] for answer in answers for a in answer["adapters"]} == {1}
+    assert len(hub.metrics()["modes"]["oracle"]["matrix"]) == 1
