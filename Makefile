@@ -28,3 +28,4 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/store_scale.py

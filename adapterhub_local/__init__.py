@@ -11,7 +11,12 @@ import os
 for _name, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                       "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                       "TOKENIZERS_PARALLELISM": "false",
-                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                      # A tracking server that is down should fail in seconds, not after
+                      # MLflow's default of 7 retries with exponential backoff (minutes).
+                      "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
     os.environ.setdefault(_name, _value)
 
 __version__ = "0.1.0"

@@ -144,11 +144,6 @@ def read_confusion(store) -> dict | None:
 def serve_ui(store, port: int):
     """Start the MLflow UI for a store on 127.0.0.1:port, lean (one worker, no job runner).
     Returns the server process; the caller stops it with stop_ui."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     from adapterhub_local.errors import AhlError
 
     if store.uri.startswith(("http://", "https://")):
@@ -156,6 +151,20 @@ def serve_ui(store, port: int):
     if not store.exists():
         raise AhlError(f"store {store.location} has no tasks yet: add one with ahl add-task "
                        "NAME --train FILE")
+    return start_server(store.uri, port, ["--default-artifact-root", store.artifact_root])
+
+
+def start_server(backend_uri: str, port: int, artifact_options: list[str]):
+    """`mlflow server` on 127.0.0.1:port over a backend (sqlite:///..., postgresql://...), with
+    one worker and no job runner; artifact_options say where artifacts go
+    (`--default-artifact-root URI`, or `--artifacts-destination DIR` to serve them itself)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from adapterhub_local.errors import AhlError
+
     with socket.socket() as probe:
         # As the server will: connections of a server that just stopped (TIME_WAIT) don't count.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -163,10 +172,8 @@ def serve_ui(store, port: int):
             probe.bind(("127.0.0.1", port))
         except OSError:
             raise AhlError(f"port {port} on 127.0.0.1 is busy: pass --port with a free one") from None
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    if store.artifact_root:
-        command += ["--default-artifact-root", store.artifact_root]
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *artifact_options]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return subprocess.Popen(command, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -79,8 +79,10 @@ class AdapterStore:
             try:
                 experiment = self.client.get_experiment_by_name(self.namespace)
             except Exception as e:
-                raise AhlError(f"cannot reach the store at {self.location}: "
-                               f"{str(e).splitlines()[0][:160]}; check --store") from None
+                why = ("no MLflow tracking server answers there" if "Max retries" in str(e)
+                       else str(e).splitlines()[0][:160])
+                raise AhlError(f"cannot reach the store at {self.location}: {why}; start the "
+                               "server or check --store") from None
             if experiment is not None:
                 self._experiment_id = experiment.experiment_id
             elif create:

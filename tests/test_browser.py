@@ -1,0 +1,42 @@
+"""`ahl ui` in a real browser: headless Chromium loads the store's sequence run and finds the
+forgetting metrics. The screenshots are kept as test artifacts (test-artifacts/ by default)."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from adapterhub_local import Hub
+from conftest import FAST
+from services import chromium, chromium_page, free_port
+
+ARTIFACTS = Path(os.environ.get("AHL_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+def test_the_sequence_run_shows_the_forgetting_metrics_in_chromium(store_dir, tiny_data, tiny_base):
+    chromium()  # skips (or fails under .ci/run) before any work when there is no browser
+    hub = Hub(store_dir)
+    for task in ("colors", "animals"):
+        hub.add_task(task, tiny_data[task]["train"], tiny_data[task]["test"], base=tiny_base, **FAST)
+    experiment, run = hub.store.experiment_id(), hub.store.sequence_run_id(create=False)
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "adapterhub_local.cli", "ui", "--port", str(port),
+                           "--store", str(store_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert url in ui.stdout.readline()  # printed once the server answers
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page = f"{url}/#/experiments/{experiment}/runs/{run}"
+        overview = chromium_page(page, ARTIFACTS / "ui_sequence_run.png")
+        charts = chromium_page(f"{page}/model-metrics", ARTIFACTS / "ui_model_metrics.png")
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(timeout=30)
+    assert "sequence" in overview and "How each earlier task held up" in overview
+    for metric in ("oracle/bwt", "oracle/acc/colors", "routed/acc/animals", "routing/acc/colors"):
+        assert metric in overview, metric
+    assert "composed/acc" in charts and "forgetting" in charts  # the charts, sectioned by prefix
+    for shot in ("ui_sequence_run.png", "ui_model_metrics.png"):
+        assert (ARTIFACTS / shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
