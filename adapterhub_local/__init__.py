@@ -4,6 +4,7 @@ One frozen pretrained transformer, a parameter-efficient adapter per task, a ver
 MLflow with lineage, and forgetting metrics after every new task.
 """
 
+import logging
 import os
 
 # Nothing in this package may reach the network: set the offline switches before transformers,
@@ -18,6 +19,10 @@ for _name, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
     os.environ.setdefault(_name, _value)
+
+# bitsandbytes (QLoRA, LoftQ) warns at import, on every command, that an optional CPU kernel
+# package is missing; it then uses its plain CPU path, which is what we want.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -60,18 +60,20 @@ class Base:
         return self.model.config.num_hidden_layers // 2 - 1
 
     @contextlib.contextmanager
-    def resumed_after(self, layer: int, hidden: torch.Tensor):
-        """Inside this context a forward pass skips blocks 0..layer and goes on from `hidden`,
-        the states block `layer` output in an earlier pass (transformers 5 blocks return a
-        tensor). Embeddings and masks are still computed: they are cheap."""
-        originals = [self.layers[i] for i in range(layer + 1)]
+    def resumed_after(self, layer: int, hidden: torch.Tensor, model=None):
+        """Inside this context a forward pass of `model` (the base, or a copy of it that
+        adapters wrap) skips blocks 0..layer and goes on from `hidden`, the states block
+        `layer` output in an earlier pass (transformers 5 blocks return a tensor). Embeddings
+        and masks are still computed: they are cheap."""
+        layers = (model or self.model).get_submodule(self.layers_name)
+        originals = [layers[i] for i in range(layer + 1)]
         for i in range(layer + 1):
-            self.layers[i] = _Replay(hidden if i == layer else None)
+            layers[i] = _Replay(hidden if i == layer else None)
         try:
             yield
         finally:
             for i, block in enumerate(originals):
-                self.layers[i] = block
+                layers[i] = block
 
     def states_after(self, layer: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The hidden states that block `layer` (0-based) outputs, without running the blocks

@@ -185,6 +185,24 @@ def print_step(result: dict) -> None:
     out.print(table)
 
 
+@command(app, "methods")
+def methods(as_json: JsonOption = False):
+    """The adapter methods, their options (--method-arg KEY=VALUE) and what they work on."""
+    from adapterhub_local.methods import describe_methods
+
+    rows = describe_methods()
+    if as_json:
+        return print_json(rows)
+    table = Table(title="adapter methods (ahl add-task --method NAME --method-arg KEY=VALUE)")
+    for column in ("method", "family", "options (defaults)", "mixed batch", "bases"):
+        table.add_column(column)
+    for row in rows:
+        options = ", ".join(f"{o['name']}={o['default']}" for o in row["options"]) or "-"
+        table.add_row(row["name"], row["family"], options, "yes" if row["mixed_batch"] else "grouped",
+                      ", ".join(row["architectures"]))
+    out.print(table)
+
+
 @command(app, "tasks")
 def tasks(store: StoreOption = None, as_json: JsonOption = False):
     """The tasks with their current version, method, aliases and accuracy."""

@@ -89,8 +89,9 @@ class Hub:
         registered = router_version = None
         try:
             started = time.time()
-            report = train_adapter(bank, new_adapter, get_method(plan.method).build(plan.options, loaded),
-                                   data, plan.train, mixed_batch=get_method(plan.method).mixed_batch,
+            method = get_method(plan.method)
+            report = train_adapter(bank, new_adapter, method.build(plan.options, loaded), data,
+                                   plan.train, method,
                                    log=lambda m, step: self.store.log_metrics(run_id, m, step),
                                    progress=progress)
             train_seconds = time.time() - started
@@ -163,6 +164,9 @@ class Hub:
                               seed=train_options.seed)
         base_name, base_path = resolve_base(base or (self.store.base_binding() or (None,))[0])
         self.store.check_base(base_name, fingerprint(base_path))
+        loaded = load_base(base_name if base is None else base)
+        get_method(method).check_base(loaded)
+        get_method(method).build(options, loaded)  # a bad combination fails here, not mid-run
         return Plan(data, method, options, train_options, base_name)
 
     def _fit_stats(self, bank, data: TaskData, options: TrainOptions) -> TaskStats:
@@ -298,8 +302,8 @@ class Hub:
 
     def _load_version(self, bank, task: str, version) -> str:
         name = adapter_name(task, version.run_id)
-        mixed_batch = get_method(version.tags.get(f"{TAG}method", "lora")).mixed_batch
-        bank.load_adapter(name, self.store.adapter_folder(version), mixed_batch)
+        method = get_method(version.tags.get(f"{TAG}method", "lora"))
+        bank.load_adapter(name, self.store.adapter_folder(version), method)
         return name
 
     def _task_stats(self, version) -> TaskStats:

@@ -6,12 +6,17 @@ and a label map, saved beside the PEFT files as safetensors and JSON.
 """
 
 import contextlib
+import copy
 import json
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+# peft's prefix tuning passes the prefix as `past_key_values`, which transformers 5 still
+# accepts under its new name (`cache`) with a warning at every forward.
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 HEAD_FILE = "head.safetensors"
 LABELS_FILE = "labels.json"
@@ -20,25 +25,38 @@ EVAL_BATCH_SIZE = 64
 
 @contextlib.contextmanager
 def quiet_peft_wrap():
-    """peft 0.21 reads transformers 5's deprecated is_gradient_checkpointing when wrapping."""
+    """peft 0.21 reads transformers 5's deprecated is_gradient_checkpointing when wrapping, and
+    warns that a stored AdaLoRA rank_pattern matches no module (its keys name the pruned lora_E
+    entries, which AdaLoRA's own loader applies)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                                 category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
+        # AdaLoRA saves a fully pruned update as zero-sized tensors, and peft takes that for an
+        # unsharded DeepSpeed save; it loads back fine.
+        warnings.filterwarnings("ignore", message=".*have invalid shape.*")
         yield
 
 
 def adapter_name(task: str, run_id: str) -> str:
     """The adapter's name in the bank: one per add-task run, so stores sharing a process never
-    collide; the prefix keeps it from being a substring of peft's parameter prefixes ("lora_")."""
-    return f"ahl_{task}_{run_id}"
+    collide. It has no "_": peft finds an adapter's parameters by substrings such as "lora_" or
+    "hada_", and a task named "adalora" would otherwise match them."""
+    return f"ahl-{task.replace('_', '-')}-{run_id}"
 
 
 class AdapterBank:
-    """One frozen base, many named adapters and heads, loaded once and switched by name."""
+    """One frozen base, many named adapters and heads, loaded once and switched by name.
+
+    peft wraps a model for one adapter type at a time, and QLoRA and LoftQ need the base in 4
+    bits: adapters live in groups, one per (peft type, base precision), each group a peft model
+    over its own copy of the base. The bank's base itself stays bare: the router reads it.
+    """
 
     def __init__(self, base):
         self.base = base
-        self.peft_model = None
+        self.groups: dict[str, object] = {}  # group key -> peft model
+        self.group_of: dict[str, str] = {}  # adapter name -> group key
         self.heads: dict[str, torch.nn.Linear] = {}
         self.labels: dict[str, list[str]] = {}
         self.mixed_batch: dict[str, bool] = {}
@@ -47,59 +65,85 @@ class AdapterBank:
     def __contains__(self, name: str) -> bool:
         return name in self.heads
 
-    def add_adapter(self, name: str, peft_config, labels: list[str], mixed_batch: bool) -> None:
+    def model(self, name: str):
+        """The peft model that holds adapter `name`."""
+        return self.groups[self.group_of[name]]
+
+    def _group(self, peft_type: str, method) -> tuple[str, object | None]:
+        key = f"{peft_type}/{'nf4' if method.quantized else 'fp32'}"
+        return key, self.groups.get(key)
+
+    def _base_copy(self, method):
+        """A private copy of the base for a new group (in 4 bits for quantized methods)."""
+        from adapterhub_local.quantize import quantize_nf4
+
+        model = copy.deepcopy(self.base.model)
+        return quantize_nf4(model, self.base.layers_name) if method.quantized else model
+
+    def add_adapter(self, name: str, peft_config, labels: list[str], method) -> None:
         """A new trainable adapter and a freshly initialised head (seed the caller's RNG first)."""
         from peft import get_peft_model
 
-        if self.peft_model is None:
+        method.register_with_peft()
+        key, model = self._group(str(peft_config.peft_type), method)
+        if model is None:
             with quiet_peft_wrap():
-                self.peft_model = get_peft_model(self.base.model, peft_config, adapter_name=name)
+                self.groups[key] = get_peft_model(self._base_copy(method), peft_config,
+                                                  adapter_name=name)
         else:
-            self.peft_model.add_adapter(name, peft_config)
+            model.add_adapter(name, peft_config)
+        self.group_of[name] = key
+        if method.initialise is not None:
+            method.initialise(self.model(name), name, self.base.model)
         self.heads[name] = torch.nn.Linear(self.base.hidden_size, len(labels))
         self.labels[name] = list(labels)
-        self.mixed_batch[name] = mixed_batch
+        self.mixed_batch[name] = method.mixed_batch
         self.activate(name)
 
-    def load_adapter(self, name: str, folder: Path, mixed_batch: bool) -> None:
+    def load_adapter(self, name: str, folder: Path, method) -> None:
         """Load a saved adapter folder (PEFT files + head + label map), frozen."""
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
         if name in self:
             return
-        if self.peft_model is None:
-            with quiet_peft_wrap():
-                self.peft_model = PeftModel.from_pretrained(self.base.model, folder,
-                                                            adapter_name=name)
-        else:
-            self.peft_model.load_adapter(folder, adapter_name=name)
+        method.register_with_peft()
+        key, model = self._group(str(PeftConfig.from_pretrained(folder).peft_type), method)
+        with quiet_peft_wrap():
+            if model is None:
+                self.groups[key] = PeftModel.from_pretrained(self._base_copy(method), folder,
+                                                             adapter_name=name)
+                self.groups[key].eval()
+            else:
+                model.load_adapter(folder, adapter_name=name)
+        self.group_of[name] = key
         weights = load_file(Path(folder) / HEAD_FILE)
         labels = json.loads((Path(folder) / LABELS_FILE).read_text(encoding="utf-8"))
         head = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
         head.load_state_dict(weights)
         head.requires_grad_(False)
         self.heads[name], self.labels[name] = head, labels
-        self.mixed_batch[name] = mixed_batch
+        self.mixed_batch[name] = method.mixed_batch
 
     def remove_adapter(self, name: str) -> None:
-        if self.peft_model is not None and name in self.peft_model.peft_config:
-            if len(self.peft_model.peft_config) == 1:
-                # peft cannot delete its last adapter: take the injected layers out instead.
-                self.base.model = self.peft_model.unload()
-                self.peft_model = None
+        if name in self.group_of:
+            key = self.group_of.pop(name)
+            model = self.groups[key]
+            if len(model.peft_config) == 1:
+                del self.groups[key]  # the group's base copy goes with its last adapter
             else:
                 with warnings.catch_warnings():  # "was active, now deleted": that is the point
                     warnings.simplefilter("ignore", UserWarning)
-                    self.peft_model.delete_adapter(name)
+                    model.delete_adapter(name)
                 # peft leaves the deleted name active; its next forward would look it up.
-                self.peft_model.set_adapter(next(iter(self.peft_model.peft_config)))
+                model.set_adapter(next(iter(model.peft_config)))
         for table in (self.heads, self.labels, self.mixed_batch):
             table.pop(name, None)
 
     def save_adapter(self, name: str, folder: Path) -> None:
         """Write the PEFT folder (adapter_config.json, adapter_model.safetensors), head and labels."""
         folder = Path(folder)
-        self.peft_model.save_pretrained(folder, selected_adapters=[name])
+        with quiet_peft_wrap():
+            self.model(name).save_pretrained(folder, selected_adapters=[name])
         # save_pretrained nests non-default adapters in a subfolder; flatten to a plain PEFT folder.
         nested = folder / name
         if nested.is_dir():
@@ -112,20 +156,20 @@ class AdapterBank:
                                           encoding="utf-8")
 
     def activate(self, name: str) -> None:
-        self.peft_model.set_adapter(name)
+        self.model(name).set_adapter(name)
 
     def trainable_parameters(self, name: str) -> list[torch.nn.Parameter]:
-        adapter = [p for p in self.peft_model.parameters() if p.requires_grad]
+        adapter = [p for p in self.model(name).parameters() if p.requires_grad]
         return adapter + list(self.heads[name].parameters())
 
     def logits(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Head logits for a padded batch through the named adapter (must be active)."""
-        return self.heads[name](mean_pool(self.peft_model(**batch).last_hidden_state, batch))
+        return self.heads[name](mean_pool(self.model(name)(**batch).last_hidden_state, batch))
 
     def resumes(self, name: str) -> bool:
         """Whether the adapter leaves the bottom half bare, so that its rows can go on from the
         states the router's pass already computed instead of starting over."""
-        layers = getattr(self.peft_model.peft_config[name], "layers_to_transform", None)
+        layers = getattr(self.model(name).peft_config[name], "layers_to_transform", None)
         if layers is None:
             return False
         return min([layers] if isinstance(layers, int) else layers) > self.base.middle
@@ -141,15 +185,13 @@ class AdapterBank:
         features = torch.zeros(len(texts), self.base.hidden_size)
         states: list[torch.Tensor | None] = [None] * len(texts)
         ids = self.base.tokenize(texts, max_length)
-        bare = self.peft_model.disable_adapter() if self.peft_model else contextlib.nullcontext()
-        with bare:
-            for rows in length_batches(ids, range(len(ids)), batch_size):
-                batch = self.base.pad([ids[i] for i in rows])
-                hidden = self.base.states_after(self.base.middle, batch)
-                features[rows] = torch.nn.functional.normalize(mean_pool(hidden, batch), dim=-1)
-                if keep_states:
-                    for k, row in enumerate(rows):
-                        states[row] = hidden[k, : len(ids[row])]
+        for rows in length_batches(ids, range(len(ids)), batch_size):
+            batch = self.base.pad([ids[i] for i in rows])
+            hidden = self.base.states_after(self.base.middle, batch)
+            features[rows] = torch.nn.functional.normalize(mean_pool(hidden, batch), dim=-1)
+            if keep_states:
+                for k, row in enumerate(rows):
+                    states[row] = hidden[k, : len(ids[row])]
         return features, states if keep_states else None
 
     def features(self, texts: list[str], max_length: int = 128) -> torch.Tensor:
@@ -165,15 +207,18 @@ class AdapterBank:
         encode), rows of adapters that leave the bottom half bare go on from them."""
         if not texts:
             return []
-        self.peft_model.eval()
         ids = self.base.tokenize(texts, max_length)
         out: list[torch.Tensor | None] = [None] * len(texts)
         resume = {a: states is not None and self.resumes(a) for a in set(adapters)}
-        groups = [[i for i, a in enumerate(adapters) if self.mixed_batch[a] and resume[a] == r]
-                  for r in (True, False)]
-        for adapter in dict.fromkeys(a for a in adapters if not self.mixed_batch[a]):
-            groups.append([i for i, a in enumerate(adapters) if a == adapter])
-        for group in filter(None, groups):
+        # Rows share a forward pass when their adapters sit in one group, honour adapter_names
+        # and agree on resuming; every other adapter's rows run on their own.
+        shared = lambda a: (self.group_of[a], resume[a]) if self.mixed_batch[a] else a  # noqa: E731
+        groups = {}
+        for i, a in enumerate(adapters):
+            groups.setdefault(shared(a), []).append(i)
+        for group in groups.values():
+            model = self.model(adapters[group[0]])
+            model.eval()
             for rows in length_batches(ids, group, batch_size):
                 batch = self.base.pad([ids[i] for i in rows])
                 names = [adapters[i] for i in rows]
@@ -182,10 +227,10 @@ class AdapterBank:
                     self.activate(names[0])
                 if resume[names[0]]:
                     hidden = torch.nn.utils.rnn.pad_sequence([states[i] for i in rows], batch_first=True)
-                    with self.base.resumed_after(self.base.middle, hidden):
-                        hidden = self.peft_model(**batch, **mixed).last_hidden_state
+                    with self.base.resumed_after(self.base.middle, hidden, model.get_base_model()):
+                        hidden = model(**batch, **mixed).last_hidden_state
                 else:
-                    hidden = self.peft_model(**batch, **mixed).last_hidden_state
+                    hidden = model(**batch, **mixed).last_hidden_state
                 pooled = mean_pool(hidden, batch)
                 for name in dict.fromkeys(names):
                     at = [k for k, n in enumerate(names) if n == name]
@@ -229,6 +274,9 @@ def answer(route, probs: dict[str, torch.Tensor], labels: dict[str, list[str]]) 
 
 
 def mean_pool(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean over each text's own tokens (prompt tuning's virtual tokens, prepended to the
+    sequence, are left out)."""
+    hidden = hidden[:, -batch["attention_mask"].shape[1]:]
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 

@@ -89,20 +89,27 @@ def split_validation(labels: list[int], seed: int) -> tuple[list[int], list[int]
     return [i for i in range(len(labels)) if i not in held], sorted(val)
 
 
-def train_adapter(bank, name: str, peft_config, data, options: TrainOptions,
-                  mixed_batch: bool = True, log: Callable[[dict, int], None] | None = None,
+def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, method,
+                  log: Callable[[dict, int], None] | None = None,
                   progress: Callable[[int, int], None] | None = None) -> TrainReport:
-    """Add adapter `name` to the bank and train it with its head on `data` (a TaskData)."""
+    """Add adapter `name` (of `method`, a methods.Method) to the bank and train it with its
+    head on `data` (a TaskData)."""
     # Setup: everything random is drawn from the seed, in a fixed order.
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
-    bank.add_adapter(name, peft_config, data.labels, mixed_batch)
     train_idx, val_idx = split_validation(data.train_labels, options.seed)
+    total = options.epochs * math.ceil(len(train_idx) / options.batch_size)
+    if method.schedule is not None:  # AdaLoRA plans its rank budget over the run
+        method.schedule(peft_config, total)
+    bank.add_adapter(name, peft_config, data.labels, method)
+    model = bank.model(name)
     ids = bank.base.tokenize([data.train_texts[i] for i in train_idx], options.max_length)
     labels = torch.tensor([data.train_labels[i] for i in train_idx])
     params = bank.trainable_parameters(name)
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    total = options.epochs * math.ceil(len(ids) / options.batch_size)
+    # AdaLoRA moves its rank budget between backward and zero_grad; without the call it never
+    # prunes, silently.
+    allocate = getattr(model.base_model, "update_and_allocate", None)
     warmup = max(1, int(total * options.warmup))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
@@ -111,7 +118,7 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions,
     # Train.
     step, loss_sum, loss_count, val_accuracy = 0, 0.0, 0, float("nan")
     for epoch in range(options.epochs):
-        bank.peft_model.train()
+        model.train()
         for rows in length_grouped_batches(lengths, options.batch_size, rng):
             logits = bank.logits(name, bank.base.pad([ids[i] for i in rows]))
             loss = torch.nn.functional.cross_entropy(logits, labels[rows])
@@ -119,6 +126,8 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions,
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
+            if allocate is not None:
+                allocate(step)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
@@ -134,9 +143,10 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions,
                 log({"val_accuracy": val_accuracy, "epoch": epoch + 1}, step)
 
     # Cleanup: the adapter is frozen from here on, like every stored adapter.
-    bank.peft_model.eval()
+    model.eval()
     for p in params:
         p.requires_grad_(False)
+    model.peft_config[name].inference_mode = True  # AdaLoRA allows one trainable adapter
     return TrainReport(steps=step, final_loss=loss.item(), val_accuracy=val_accuracy,
                        trainable_params=sum(p.numel() for p in params),
                        train_rows=len(train_idx), val_rows=len(val_idx))

@@ -6,6 +6,7 @@ from peft import LoraConfig
 
 from adapterhub_local.base import load_base
 from adapterhub_local.inference import answer, bank_for
+from adapterhub_local.methods import get_method
 from adapterhub_local.router import Route
 
 TEXTS = ["the red cat", "a very happy dog seen today", "blue", "sad bird near here and the nest",
@@ -15,7 +16,7 @@ TEXTS = ["the red cat", "a very happy dog seen today", "blue", "sad bird near he
 @pytest.fixture(scope="module")
 def bank(tiny_base):
     """Two adapters with random (non-zero) LoRA weights and their own heads, in the process's
-    bank for the tiny base (peft wraps a base once: a second bank would wrap it twice)."""
+    bank for the tiny base."""
     bank = bank_for(load_base(tiny_base))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"],
                         init_lora_weights=False)
@@ -25,8 +26,8 @@ def bank(tiny_base):
                                     (2, "ahl_b", ["p", "q", "r"], config),
                                     (3, "ahl_top", ["s", "t"], top_half)):
         torch.manual_seed(seed)
-        bank.add_adapter(name, cfg, labels, mixed_batch=True)
-    bank.peft_model.eval()
+        bank.add_adapter(name, cfg, labels, get_method("lora"))
+    bank.model("ahl_a").eval()
     yield bank
     for name in ("ahl_a", "ahl_b", "ahl_top"):
         bank.remove_adapter(name)

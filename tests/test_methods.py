@@ -1,0 +1,174 @@
+"""The whole adapter family: every method trains through add-task, reloads from the store in a
+fresh process and answers; mixed batches over methods equal one adapter at a time; the traps
+(AdaLoRA's budget, LoftQ's start, QLoRA's 4-bit base, prefix tuning on BERT) are handled."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adapterhub_local import Hub
+from adapterhub_local.base import load_base
+from adapterhub_local.inference import bank_for
+from adapterhub_local.methods import METHODS, get_method
+from conftest import FAST, file_digest
+from test_cli import ahl
+from test_inference import TEXTS
+
+ENCODER_METHODS = [m for m in METHODS if "bert" in METHODS[m].architectures]
+DECODER_ONLY = [m for m in METHODS if "bert" not in METHODS[m].architectures]
+
+# In a fresh process: every task's adapter reloads from the store, and the CLI answers for it.
+PREDICT_EACH = """
+import json, sys
+from typer.testing import CliRunner
+from adapterhub_local.cli import app
+store, tasks, text = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+for task in tasks:
+    result = CliRunner().invoke(app, ["predict", text, "--task", task, "--json", "--store", store])
+    assert result.exit_code == 0, (result.output, repr(result.exception))
+    print(json.dumps({"task": task, "answer": json.loads(result.stdout)[0]}))
+"""
+
+
+def predict_in_fresh_process(store, tasks: list[str], text: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PREDICT_EACH, str(store), ",".join(tasks), text],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {row["task"]: row["answer"] for row in map(json.loads, done.stdout.splitlines())}
+
+
+def test_methods_json_lists_all_eleven_with_their_options():
+    rows = json.loads(ahl("methods", "--json").stdout)
+    assert [r["name"] for r in rows] == ["prompt-tuning", "prefix-tuning", "adaption-prompt",
+                                         "lora", "qlora", "adalora", "loftq", "loha", "lokr",
+                                         "bottleneck", "ia3"]
+    by_name = {r["name"]: r for r in rows}
+    assert {r["family"] for r in rows} == {"soft-prompt", "lora", "adapter"}
+    assert by_name["adaption-prompt"]["architectures"] == ["llama"]
+    assert [m for m, r in by_name.items() if r["mixed_batch"]] == ["lora", "qlora", "loftq",
+                                                                   "bottleneck"]
+    r_option = next(o for o in by_name["lora"]["options"] if o["name"] == "r")
+    assert r_option["default"] == 8 and r_option["help"]
+
+
+def test_every_method_trains_stores_reloads_and_answers(store_dir, tmp_path, tiny_data, tiny_base,
+                                                       tiny_llama):
+    hub = Hub(store_dir)
+    for method in ENCODER_METHODS:
+        result = hub.add_task(method.replace("-", "_"), tiny_data["animals"]["train"],
+                              tiny_data["animals"]["test"], base=tiny_base, method=method, **FAST)
+        assert result["method"] == method and hub.show(result["task"])["method"] == method
+    llama_store = tmp_path / "llama_store"
+    for method in DECODER_ONLY + ["lora"]:
+        Hub(llama_store).add_task(method.replace("-", "_"), tiny_data["animals"]["train"],
+                                  tiny_data["animals"]["test"], base=tiny_llama, method=method,
+                                  **FAST)
+    assert json.loads(ahl("store", "verify", "--json", "--store", store_dir).stdout)["ok"]
+
+    labels = {"cat", "dog", "bird"}
+    for store, methods in ((store_dir, ENCODER_METHODS), (llama_store, DECODER_ONLY + ["lora"])):
+        tasks = [m.replace("-", "_") for m in methods]
+        answers = predict_in_fresh_process(store, tasks, "the kitten near the nest")
+        assert set(answers) == set(tasks)
+        assert all(a["label"] in labels and a["task"] == t for t, a in answers.items())
+
+
+def test_a_mixed_batch_over_methods_equals_one_adapter_at_a_time(tiny_base):
+    bank = bank_for(load_base(tiny_base))
+    made = []
+    for seed, method in enumerate(["lora", "bottleneck", "ia3", "loha", "prompt-tuning",
+                                   "prefix-tuning", "lokr", "qlora"]):
+        name = f"mix-{method}"
+        torch.manual_seed(seed)
+        config = get_method(method).build(get_method(method).options(), bank.base)
+        bank.add_adapter(name, config, ["x", "y", "z"][: 2 + seed % 2], get_method(method))
+        with torch.no_grad():  # most methods start as the identity: move them off it
+            for param in bank.trainable_parameters(name):
+                param.add_(0.3 * torch.randn_like(param))
+                param.requires_grad_(False)
+        made.append(name)
+    try:
+        adapters = [made[i % len(made)] for i in range(2 * len(made))]
+        texts = [TEXTS[i % len(TEXTS)] for i in range(len(adapters))]
+        mixed = bank.probabilities(texts, adapters)
+        alone = [bank.probabilities([t], [a])[0] for t, a in zip(texts, adapters)]
+        for got, want in zip(mixed, alone):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # The adapters really differ from each other and from the bare base.
+        firsts = [bank.probabilities(TEXTS[:1], [name])[0][:2] for name in made]
+        assert len({tuple(round(float(v), 4) for v in p) for p in firsts}) == len(made)
+    finally:
+        for name in made:
+            bank.remove_adapter(name)
+
+
+def test_adalora_moves_its_rank_budget(store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    hub.add_task("budget", tiny_data["animals"]["train"], base=tiny_base, method="adalora", **FAST)
+    config = json.loads((hub.store.adapter_folder(hub.store.resolve("budget"))
+                         / "adapter_config.json").read_text())
+    kept = [sum(mask) for mask in config["rank_pattern"].values()]
+    assert config["total_step"] > 1 and max(kept) > min(kept)  # ranks were reallocated
+
+
+def test_loftq_starts_closer_to_the_full_precision_base_than_qlora(tiny_base):
+    from adapterhub_local.quantize import dequantized, quantize_nf4, size_bytes
+
+    bank = bank_for(load_base(tiny_base))
+    for method in ("qlora", "loftq"):
+        torch.manual_seed(0)
+        config = get_method(method).build(get_method(method).options(r=4), bank.base)
+        bank.add_adapter(f"start-{method}", config, ["x", "y"], get_method(method))
+    model = bank.model("start-loftq")  # one 4-bit group holds both (same peft type and base)
+    assert model is bank.model("start-qlora")
+    original = dict(bank.base.model.named_modules())
+    errors = {"qlora": 0.0, "loftq": 0.0}
+    for name, module in model.get_base_model().named_modules():
+        if "start-loftq" in getattr(module, "lora_A", {}):
+            W, Q = original[name].weight, dequantized(module.get_base_layer())
+            for method in errors:
+                a = f"start-{method}"
+                delta = module.lora_B[a].weight @ module.lora_A[a].weight * module.scaling[a]
+                errors[method] += float((W - Q - delta).norm())
+    try:
+        assert errors["loftq"] < 0.9 * errors["qlora"]
+        four_bit = quantize_nf4(copy.deepcopy(bank.base.model), bank.base.layers_name)
+        assert size_bytes(four_bit) < 0.6 * size_bytes(bank.base.model)
+    finally:
+        for method in errors:
+            bank.remove_adapter(f"start-{method}")
+
+
+def test_prefix_tuning_on_bert_trains_its_prefix(tiny_base):
+    bank = bank_for(load_base(tiny_base))
+    config = get_method("prefix-tuning").build(get_method("prefix-tuning").options(), bank.base)
+    bank.add_adapter("prefix-grad", config, ["x", "y"], get_method("prefix-tuning"))
+    try:
+        batch = bank.base.pad(bank.base.tokenize(TEXTS, 32))
+        bank.model("prefix-grad").train()
+        bank.logits("prefix-grad", batch).logsumexp(-1).sum().backward()
+        prefix = [p for n, p in bank.model("prefix-grad").named_parameters() if p.requires_grad]
+        assert prefix and all(p.grad is not None and p.grad.abs().sum() > 1e-4 for p in prefix)
+    finally:
+        bank.remove_adapter("prefix-grad")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "dora"], "unknown method 'dora': use one of"),
+    (["--method", "lora", "--method-arg", "rank=4"], "has no option rank: its options are r,"),
+    (["--method", "lora", "--method-arg", "r=four"], "is not of type int"),
+    (["--method", "adaption-prompt"], "does not work on 'bert' bases (it supports llama)"),
+    (["--method", "bottleneck", "--method-arg", "variant=middle"], "houlsby or pfeiffer"),
+])
+def test_bad_method_input_is_one_line_and_changes_nothing(store_dir, tiny_data, tiny_base, args,
+                                                          message):
+    before = file_digest(store_dir)
+    result = ahl("add-task", "animals", "--train", tiny_data["animals"]["train"], "--base",
+                 tiny_base, "--store", store_dir, *args, ok=False)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr, result.stderr
+    assert file_digest(store_dir) == before
