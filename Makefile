@@ -29,3 +29,4 @@ test: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/store_scale.py
+	$(BIN)/python bench/methods.py

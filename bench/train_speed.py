@@ -33,7 +33,7 @@ def run_ahl(data, options: TrainOptions) -> tuple[float, float]:
     bank = AdapterBank(base)
     config = get_method("lora").build(method_options("lora"), base)
     started = time.perf_counter()
-    train_adapter(bank, "bench", config, data, options)
+    train_adapter(bank, "bench", config, data, options, get_method("lora"))
     seconds = time.perf_counter() - started
     accuracy = bank.accuracy("bench", data.test_texts, data.test_labels, options.max_length)
     bank.remove_adapter("bench")
