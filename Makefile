@@ -30,3 +30,4 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/store_scale.py
 	$(BIN)/python bench/methods.py
+	$(BIN)/python bench/forgetting_baselines.py

@@ -72,6 +72,14 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     return batches
 
 
+def warmup_then_linear_decay(optimizer, total_steps: int, warmup_share: float):
+    """The learning rate rises linearly over the first warmup_share of the steps, then falls
+    linearly to 0 at the last one."""
+    warmup = max(1, int(total_steps * warmup_share))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+
+
 def split_validation(labels: list[int], seed: int) -> tuple[list[int], list[int]]:
     """(train, val) indices: a seeded slice of each label for validation, none if too small."""
     rng = random.Random(seed)
@@ -110,9 +118,7 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     # AdaLoRA moves its rank budget between backward and zero_grad; without the call it never
     # prunes, silently.
     allocate = getattr(model.base_model, "update_and_allocate", None)
-    warmup = max(1, int(total * options.warmup))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    schedule = warmup_then_linear_decay(optimizer, total, options.warmup)
     lengths = [len(x) for x in ids]
 
     # Train.

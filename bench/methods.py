@@ -23,6 +23,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import torch  # noqa: E402
+
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
 FULL = "full fine-tuning"
 
@@ -46,50 +48,27 @@ def run_method(method: str, task: str) -> dict:
 
 def run_full(task: str) -> dict:
     """The reference the PEFT literature measures against: every weight of the base trains."""
-    import random
-
-    import torch
+    from forgetting_baselines import accuracy_of, train_on
 
     from adapterhub_local.base import load_base
     from adapterhub_local.data import load_spec, load_task_data
-    from adapterhub_local.inference import length_batches, mean_pool
-    from adapterhub_local.trainer import TrainOptions, length_grouped_batches, split_validation
+    from adapterhub_local.trainer import TrainOptions
 
     spec = load_spec(TASKS / f"{task}.toml")
     data = load_task_data(task, spec.train, spec.test)
     options = TrainOptions(lr=5e-5)
     base = load_base()
-    torch.manual_seed(options.seed)
     model = copy.deepcopy(base.model).requires_grad_(True)
+    torch.manual_seed(options.seed)
     head = torch.nn.Linear(base.hidden_size, len(data.labels))
-    rows, _ = split_validation(data.train_labels, options.seed)
-    ids = base.tokenize([data.train_texts[i] for i in rows], options.max_length)
-    labels = torch.tensor([data.train_labels[i] for i in rows])
-    params = list(model.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    rng, started = random.Random(options.seed), time.perf_counter()
-    model.train()
-    for _ in range(options.epochs):
-        for batch_rows in length_grouped_batches([len(x) for x in ids], options.batch_size, rng):
-            batch = base.pad([ids[i] for i in batch_rows])
-            loss = torch.nn.functional.cross_entropy(
-                head(mean_pool(model(**batch).last_hidden_state, batch)), labels[batch_rows])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    started = time.perf_counter()
+    train_on(base, model, head, data, options)
     seconds = time.perf_counter() - started
-    model.eval()
-    test_ids = base.tokenize(data.test_texts, options.max_length)
-    right = 0
-    with torch.inference_mode():
-        for batch_rows in length_batches(test_ids, range(len(test_ids)), 64):
-            batch = base.pad([test_ids[i] for i in batch_rows])
-            predicted = head(mean_pool(model(**batch).last_hidden_state, batch)).argmax(-1)
-            right += sum(int(p) == data.test_labels[i] for p, i in zip(predicted, batch_rows))
-    size = sum(p.numel() * p.element_size() for p in params)
-    return {"method": FULL, "accuracy": right / len(test_ids),
-            "trainable_params": sum(p.numel() for p in params), "size_kb": size / 1024,
+    params = list(model.parameters()) + list(head.parameters())
+    return {"method": FULL, "accuracy": accuracy_of(base, model, head, data.test_texts,
+                                                     data.test_labels, options.max_length),
+            "trainable_params": sum(p.numel() for p in params),
+            "size_kb": sum(p.numel() * p.element_size() for p in params) / 1024,
             "train_seconds": round(seconds, 2), "peak_mb": peak_mb()}
 
 
