@@ -7,6 +7,7 @@ parameters, adapter size on disk (the PEFT files and the head, as stored), train
 resident memory of the process. Also the base's size in fp32 and in NF4 (QLoRA, LoftQ).
 
     .venv/bin/python bench/methods.py [--task wordnet_things] [--methods lora,ia3,...]
+    .venv/bin/python bench/methods.py --base smollm2-135m --methods adaption-prompt,lora --epochs 1
 """
 
 import argparse
@@ -33,12 +34,12 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_method(method: str, task: str) -> dict:
+def run_method(method: str, task: str, base: str | None, epochs: int | None) -> dict:
     from adapterhub_local import Hub
 
     with tempfile.TemporaryDirectory() as tmp:
         hub = Hub(Path(tmp) / "store")
-        result = hub.add_task(spec=TASKS / f"{task}.toml", method=method)
+        result = hub.add_task(spec=TASKS / f"{task}.toml", method=method, base=base, epochs=epochs)
         folder = hub.store.adapter_folder(hub.store.resolve(task))
         size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")
     return {"method": method, "accuracy": result["accuracy"],
@@ -72,11 +73,11 @@ def run_full(task: str) -> dict:
             "train_seconds": round(seconds, 2), "peak_mb": peak_mb()}
 
 
-def base_sizes() -> dict:
+def base_sizes(name: str | None) -> dict:
     from adapterhub_local.base import load_base
     from adapterhub_local.quantize import quantize_nf4, size_bytes
 
-    base = load_base()
+    base = load_base(name)
     four_bit = quantize_nf4(copy.deepcopy(base.model), base.layers_name)
     return {"fp32_mb": size_bytes(base.model) / 2**20, "nf4_mb": size_bytes(four_bit) / 2**20}
 
@@ -88,19 +89,27 @@ def main() -> None:
     parser.add_argument("--task", default="wordnet_things")
     parser.add_argument("--methods", default=",".join(
         [m for m, spec in METHODS.items() if "bert" in spec.architectures] + [FULL]))
+    parser.add_argument("--base", help="a base name or folder [default: all-MiniLM-L6-v2]; "
+                                       "full fine-tuning always uses the default")
+    parser.add_argument("--epochs", type=int, help="override the task's epochs (default 3)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        row = run_full(args.task) if args.one == FULL else run_method(args.one, args.task)
+        row = (run_full(args.task) if args.one == FULL
+               else run_method(args.one, args.task, args.base, args.epochs))
         print(json.dumps(row))
         return
-    sizes = base_sizes()
-    print(f"MiniLM base: {sizes['fp32_mb']:.1f} MB in fp32, {sizes['nf4_mb']:.1f} MB with NF4 "
-          f"blocks ({sizes['nf4_mb'] / sizes['fp32_mb']:.2f}x); task {args.task}", flush=True)
+    sizes = base_sizes(args.base)
+    print(f"base {args.base or 'all-MiniLM-L6-v2'}: {sizes['fp32_mb']:.1f} MB in fp32, "
+          f"{sizes['nf4_mb']:.1f} MB with NF4 blocks ({sizes['nf4_mb'] / sizes['fp32_mb']:.2f}x); "
+          f"task {args.task}", flush=True)
+    extra = [*(["--base", args.base] if args.base else []),
+             *(["--epochs", str(args.epochs)] if args.epochs else [])]
     print("| method | test accuracy % | trainable params | adapter on disk | train s | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for method in args.methods.split(","):
-        done = subprocess.run([sys.executable, __file__, "--task", args.task, "--one", method],
+        done = subprocess.run([sys.executable, __file__, "--task", args.task, "--one", method,
+                               *extra],
                               capture_output=True, text=True)
         if done.returncode != 0:
             print(f"| {method} | failed: {done.stderr.strip().splitlines()[-1][:120]} |||||")
