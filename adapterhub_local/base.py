@@ -148,6 +148,20 @@ def resolve_base(name: str | None) -> tuple[str, Path]:
                        "safetensors weights") from None
 
 
+@contextlib.contextmanager
+def quiet_gguf():
+    """transformers draws its GGUF dequantizing bar with plain tqdm, which its own
+    disable_progress_bar does not reach; a bar for a local file load is noise on stderr."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda items, **kwargs: items
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 @functools.lru_cache(maxsize=8)
 def fingerprint(path: Path) -> str:
     """sha256 over the weight files (names and bytes), in name order; a GGUF base is its file."""
@@ -177,8 +191,9 @@ def load_base(name: str | None = None) -> Base:
     sha = fingerprint(path)
     try:
         if path.suffix == ".gguf":  # GGUF: tensors and tokenizer in one file, dequantized to fp32
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModel.from_pretrained(path.parent, gguf_file=path.name)
+            with quiet_gguf():
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                model = AutoModel.from_pretrained(path.parent, gguf_file=path.name)
         else:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModel.from_pretrained(path, use_safetensors=True)
