@@ -43,6 +43,8 @@ class Plan:
     data: TaskData
     method: str
     options: object
+    peft_config: object
+    """What the method's builder made of the options for this base."""
     train: TrainOptions
     base: str
 
@@ -89,9 +91,8 @@ class Hub:
         registered = router_version = None
         try:
             started = time.time()
-            method = get_method(plan.method)
-            report = train_adapter(bank, new_adapter, method.build(plan.options, loaded), data,
-                                   plan.train, method,
+            report = train_adapter(bank, new_adapter, plan.peft_config, data, plan.train,
+                                   get_method(plan.method),
                                    log=lambda m, step: self.store.log_metrics(run_id, m, step),
                                    progress=progress)
             train_seconds = time.time() - started
@@ -164,10 +165,10 @@ class Hub:
                               seed=train_options.seed)
         base_name, base_path = resolve_base(base or (self.store.base_binding() or (None,))[0])
         self.store.check_base(base_name, fingerprint(base_path))
-        loaded = load_base(base_name if base is None else base)
+        loaded = load_base(base_name)
         get_method(method).check_base(loaded)
-        get_method(method).build(options, loaded)  # a bad combination fails here, not mid-run
-        return Plan(data, method, options, train_options, base_name)
+        peft_config = get_method(method).build(options, loaded)  # bad combinations fail here
+        return Plan(data, method, options, peft_config, train_options, base_name)
 
     def _fit_stats(self, bank, data: TaskData, options: TrainOptions) -> TaskStats:
         """The router's statistics of a task: its training rows' features, with the trainer's

@@ -51,14 +51,17 @@ class AdapterBank:
     """One frozen base, many named adapters and heads, loaded once and switched by name.
 
     peft wraps a model for one adapter type at a time, and QLoRA and LoftQ need the base in 4
-    bits: adapters live in groups, one per (peft type, base precision), each group a peft model
-    over its own copy of the base. The bank's base itself stays bare: the router reads it.
+    bits: adapters live in groups, one per (peft type, base precision), each a peft model. The
+    first full-precision group whose tuner injects layers (LoRA, by default) wraps the bank's
+    base itself, and the router reads the base with that group's adapters disabled; every other
+    group gets its own copy of the base, so one method costs no second base in memory.
     """
 
     def __init__(self, base):
         self.base = base
         self.groups: dict[str, object] = {}  # group key -> peft model
         self.group_of: dict[str, str] = {}  # adapter name -> group key
+        self.in_place: str | None = None  # the group that wraps self.base.model itself
         self.heads: dict[str, torch.nn.Linear] = {}
         self.labels: dict[str, list[str]] = {}
         self.mixed_batch: dict[str, bool] = {}
@@ -75,12 +78,31 @@ class AdapterBank:
         key = f"{peft_type}/{'nf4' if method.quantized else 'fp32'}"
         return key, self.groups.get(key)
 
-    def _base_copy(self, method):
-        """A private copy of the base for a new group (in 4 bits for quantized methods)."""
+    def _base_for(self, key: str, peft_config, method):
+        """The model a new group wraps: the bank's base itself for the first full-precision
+        group of a tuner that injects (and can unload) layers, else a copy (in 4 bits for
+        quantized methods)."""
         from adapterhub_local.quantize import quantize_nf4
 
-        model = copy.deepcopy(self.base.model)
-        return quantize_nf4(model, self.base.layers_name) if method.quantized else model
+        if method.quantized:
+            return quantize_nf4(self.bare_copy(), self.base.layers_name)
+        injects = not (peft_config.is_prompt_learning or peft_config.is_adaption_prompt)
+        if injects and self.in_place is None:
+            self.in_place = key
+            return self.base.model
+        return self.bare_copy()
+
+    def bare_copy(self) -> torch.nn.Module:
+        """A copy of the bare base (without the layers the in-place group injected)."""
+        if self.in_place is None:
+            return copy.deepcopy(self.base.model)
+        return copy.deepcopy(self.groups[self.in_place]).unload()
+
+    def bare(self):
+        """A context in which self.base.model computes the bare base."""
+        if self.in_place is None:
+            return contextlib.nullcontext()
+        return self.groups[self.in_place].disable_adapter()
 
     def add_adapter(self, name: str, peft_config, labels: list[str], method) -> None:
         """A new trainable adapter and a freshly initialised head (seed the caller's RNG first)."""
@@ -90,8 +112,8 @@ class AdapterBank:
         key, model = self._group(str(peft_config.peft_type), method)
         if model is None:
             with quiet_peft_wrap():
-                self.groups[key] = get_peft_model(self._base_copy(method), peft_config,
-                                                  adapter_name=name)
+                self.groups[key] = get_peft_model(self._base_for(key, peft_config, method),
+                                                  peft_config, adapter_name=name)
         else:
             model.add_adapter(name, peft_config)
         self.group_of[name] = key
@@ -109,11 +131,12 @@ class AdapterBank:
         if name in self:
             return
         method.register_with_peft()
-        key, model = self._group(str(PeftConfig.from_pretrained(folder).peft_type), method)
+        config = PeftConfig.from_pretrained(folder)
+        key, model = self._group(str(config.peft_type), method)
         with quiet_peft_wrap():
             if model is None:
-                self.groups[key] = PeftModel.from_pretrained(self._base_copy(method), folder,
-                                                             adapter_name=name)
+                self.groups[key] = PeftModel.from_pretrained(self._base_for(key, config, method),
+                                                             folder, adapter_name=name)
                 self.groups[key].eval()
             else:
                 model.load_adapter(folder, adapter_name=name)
@@ -131,7 +154,10 @@ class AdapterBank:
             key = self.group_of.pop(name)
             model = self.groups[key]
             if len(model.peft_config) == 1:
-                del self.groups[key]  # the group's base copy goes with its last adapter
+                if key == self.in_place:  # peft cannot delete its last adapter: unload instead
+                    self.base.model = model.unload()
+                    self.in_place = None
+                del self.groups[key]  # a group's copy of the base goes with its last adapter
             else:
                 with warnings.catch_warnings():  # "was active, now deleted": that is the point
                     warnings.simplefilter("ignore", UserWarning)
@@ -187,13 +213,14 @@ class AdapterBank:
         features = torch.zeros(len(texts), self.base.hidden_size)
         states: list[torch.Tensor | None] = [None] * len(texts)
         ids = self.base.tokenize(texts, max_length)
-        for rows in length_batches(ids, range(len(ids)), batch_size):
-            batch = self.base.pad([ids[i] for i in rows])
-            hidden = self.base.states_after(self.base.middle, batch)
-            features[rows] = torch.nn.functional.normalize(mean_pool(hidden, batch), dim=-1)
-            if keep_states:
-                for k, row in enumerate(rows):
-                    states[row] = hidden[k, : len(ids[row])]
+        with self.bare():
+            for rows in length_batches(ids, range(len(ids)), batch_size):
+                batch = self.base.pad([ids[i] for i in rows])
+                hidden = self.base.states_after(self.base.middle, batch)
+                features[rows] = torch.nn.functional.normalize(mean_pool(hidden, batch), dim=-1)
+                if keep_states:
+                    for k, row in enumerate(rows):
+                        states[row] = hidden[k, : len(ids[row])]
         return features, states if keep_states else None
 
     def features(self, texts: list[str], max_length: int = 128) -> torch.Tensor:

@@ -168,13 +168,21 @@ class LoraOptions:
     share one pass through it; as accurate on the bundled tasks) or all."""
 
     def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"r must be a positive rank, got {self.r}: try r=8")
+        check_rank(self.r, 8)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}: try dropout=0.05")
-        if self.layers not in LAYER_CHOICES:
-            raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}, got "
-                             f"{self.layers!r}: try layers=top-half")
+        check_layers(self.layers)
+
+
+def check_rank(r: int, example: int) -> None:
+    if r < 1:
+        raise ValueError(f"r must be a positive rank, got {r}: try r={example}")
+
+
+def check_layers(layers: str) -> None:
+    if layers not in LAYER_CHOICES:
+        raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}, got {layers!r}: "
+                         "try layers=top-half")
 
 
 LAYER_CHOICES = ("top-half", "all")
@@ -195,10 +203,6 @@ def build_lora(options: LoraOptions, base):
     return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                       target_modules=options.target_modules or linear_targets(base),
                       **layer_selection(options.layers, base))
-
-
-def build_qlora(options: LoraOptions, base):
-    return build_lora(options, base)
 
 
 @dataclass
@@ -247,8 +251,7 @@ class AdaloraOptions:
         if not 1 <= self.target_r <= self.init_r:
             raise ValueError(f"need 1 <= target_r <= init_r, got target_r={self.target_r}, "
                              f"init_r={self.init_r}: try init_r=12 target_r=8")
-        if self.layers not in LAYER_CHOICES:
-            raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}: try layers=top-half")
+        check_layers(self.layers)
 
 
 def build_adalora(options: AdaloraOptions, base):
@@ -290,26 +293,20 @@ class LycorisOptions:
     """Blocks to adapt: top-half or all."""
 
     def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"r must be a positive rank, got {self.r}: try r=8")
-        if self.layers not in LAYER_CHOICES:
-            raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}: try layers=top-half")
+        check_rank(self.r, 8)
+        check_layers(self.layers)
 
 
-def build_loha(options: LycorisOptions, base):
-    from peft import LoHaConfig
+def build_lycoris(config_name: str) -> Callable:
+    """The builder of LoHa or LoKr: the same options, peft's LoHaConfig or LoKrConfig."""
+    def build(options: LycorisOptions, base):
+        import peft
 
-    return LoHaConfig(r=options.r, alpha=options.alpha,
-                      target_modules=options.target_modules or linear_targets(base),
-                      **layer_selection(options.layers, base))
-
-
-def build_lokr(options: LycorisOptions, base):
-    from peft import LoKrConfig
-
-    return LoKrConfig(r=options.r, alpha=options.alpha,
-                      target_modules=options.target_modules or linear_targets(base),
-                      **layer_selection(options.layers, base))
+        return getattr(peft, config_name)(
+            r=options.r, alpha=options.alpha,
+            target_modules=options.target_modules or linear_targets(base),
+            **layer_selection(options.layers, base))
+    return build
 
 
 @dataclass
@@ -340,15 +337,13 @@ class BottleneckOptions:
     """Blocks to adapt: top-half or all."""
 
     def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"r must be a positive width, got {self.r}: try r=16")
+        check_rank(self.r, 16)
         if self.variant not in BOTTLENECK_PLACES["bert"]:
             raise ValueError(f"variant must be houlsby or pfeiffer, got {self.variant!r}")
         if self.non_linearity not in ("relu", "gelu", "silu", "tanh"):
             raise ValueError(f"non_linearity must be relu, gelu, silu or tanh, got "
                              f"{self.non_linearity!r}: try non_linearity=relu")
-        if self.layers not in LAYER_CHOICES:
-            raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}: try layers=top-half")
+        check_layers(self.layers)
 
 
 # Where bottleneck adapters go, per architecture: the output projections of the attention and
@@ -441,7 +436,7 @@ register(Method("adaption-prompt", "soft-prompt", AdaptionPromptOptions, build_a
                 description="Zero-gated prompts in the top blocks (LLaMA-Adapter, Zhang et al., 2023)."))
 register(Method("lora", "lora", LoraOptions, build_lora, mixed_batch=True,
                 description="Low-rank updates of the linear layers (Hu et al., 2021)."))
-register(Method("qlora", "lora", LoraOptions, build_qlora, mixed_batch=True, quantized=True,
+register(Method("qlora", "lora", LoraOptions, build_lora, mixed_batch=True, quantized=True,
                 description="LoRA over a 4-bit NF4 base (Dettmers et al., 2023)."))
 register(Method("adalora", "lora", AdaloraOptions, build_adalora, mixed_batch=False,
                 schedule=schedule_adalora, initialise=adalora_initialise,
@@ -449,9 +444,9 @@ register(Method("adalora", "lora", AdaloraOptions, build_adalora, mixed_batch=Fa
 register(Method("loftq", "lora", LoftqOptions, build_loftq, mixed_batch=True, quantized=True,
                 initialise=loftq_initialise,
                 description="LoRA over an NF4 base, started from the quantization error (Li et al., 2023)."))
-register(Method("loha", "lora", LycorisOptions, build_loha, mixed_batch=False,
+register(Method("loha", "lora", LycorisOptions, build_lycoris("LoHaConfig"), mixed_batch=False,
                 description="Low-rank Hadamard product updates (Hyeon-Woo et al., 2022)."))
-register(Method("lokr", "lora", LycorisOptions, build_lokr, mixed_batch=False,
+register(Method("lokr", "lora", LycorisOptions, build_lycoris("LoKrConfig"), mixed_batch=False,
                 description="Low-rank Kronecker product updates (Edalati et al., 2022)."))
 register(Method("bottleneck", "adapter", BottleneckOptions, build_bottleneck, mixed_batch=True,
                 peft_module="adapterhub_local.bottleneck",

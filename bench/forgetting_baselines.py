@@ -12,7 +12,6 @@ backward transfer (BWT, below 0 is forgetting) and forgetting.
 """
 
 import argparse
-import copy
 import math
 import os
 import random
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 from adapterhub_local.base import load_base  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
 from adapterhub_local.forgetting import summarize  # noqa: E402
-from adapterhub_local.inference import length_batches, mean_pool  # noqa: E402
+from adapterhub_local.inference import bank_for, length_batches, mean_pool  # noqa: E402
 from adapterhub_local.trainer import (TrainOptions, length_grouped_batches,  # noqa: E402
                                       split_validation, warmup_then_linear_decay)
 
@@ -95,11 +94,11 @@ def shared_lora(base, tasks, options):
     from adapterhub_local.methods import get_method, method_options
 
     config = get_method("lora").build(method_options("lora"), base)
-    return sequential(base, get_peft_model(copy.deepcopy(base.model), config), tasks, options)
+    return sequential(base, get_peft_model(bank_for(base).bare_copy(), config), tasks, options)
 
 
 def full_fine_tuning(base, tasks, options):
-    model = copy.deepcopy(base.model).requires_grad_(True)
+    model = bank_for(base).bare_copy().requires_grad_(True)  # ahl's run wrapped the base
     return sequential(base, model, tasks, TrainOptions(**{**options.as_dict(), "lr": 5e-5}))
 
 

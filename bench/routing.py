@@ -34,10 +34,11 @@ def last_layer_features(bank, texts: list[str]) -> torch.Tensor:
     """Mean-pooled last layer of the bare base: the features routers usually start from."""
     ids = bank.base.tokenize(texts, 128)
     out = torch.zeros(len(texts), bank.base.hidden_size)
-    for rows in length_batches(ids, range(len(ids)), 64):  # the bank's base is always bare
-        batch = bank.base.pad([ids[i] for i in rows])
-        pooled = mean_pool(bank.base.model(**batch).last_hidden_state, batch)
-        out[rows] = torch.nn.functional.normalize(pooled, dim=-1)
+    with bank.bare():
+        for rows in length_batches(ids, range(len(ids)), 64):
+            batch = bank.base.pad([ids[i] for i in rows])
+            pooled = mean_pool(bank.base.model(**batch).last_hidden_state, batch)
+            out[rows] = torch.nn.functional.normalize(pooled, dim=-1)
     return out
 
 

@@ -72,6 +72,14 @@ def test_router_features_ignore_loaded_adapters(tiny_base, bank):
     torch.testing.assert_close(bank.features(TEXTS), want, rtol=1e-4, atol=1e-5)
 
 
+def test_the_default_lora_group_wraps_the_bank_base_itself(bank):
+    """One method in use costs one base in memory: LoRA wraps the bank's base in place."""
+    assert bank.model("ahl_a").get_base_model() is bank.base.model
+    copied = bank.bare_copy()
+    assert copied is not bank.base.model
+    assert not any("lora_" in name for name, _ in copied.named_modules())
+
+
 def test_very_long_text_is_truncated_not_refused(bank):
     long = " ".join(["cat"] * 5000)
     assert bank.probabilities([long], ["ahl_a"], max_length=32)[0].shape == (2,)

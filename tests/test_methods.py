@@ -2,7 +2,6 @@
 fresh process and answers; mixed batches over methods equal one adapter at a time; the traps
 (AdaLoRA's budget, LoftQ's start, QLoRA's 4-bit base, prefix tuning on BERT) are handled."""
 
-import copy
 import json
 import subprocess
 import sys
@@ -136,8 +135,8 @@ def test_loftq_starts_closer_to_the_full_precision_base_than_qlora(tiny_base):
                 errors[method] += float((W - Q - delta).norm())
     try:
         assert errors["loftq"] < 0.9 * errors["qlora"]
-        four_bit = quantize_nf4(copy.deepcopy(bank.base.model), bank.base.layers_name)
-        assert size_bytes(four_bit) < 0.6 * size_bytes(bank.base.model)
+        four_bit = quantize_nf4(bank.bare_copy(), bank.base.layers_name)
+        assert size_bytes(four_bit) < 0.6 * size_bytes(bank.bare_copy())
     finally:
         for method in errors:
             bank.remove_adapter(f"start-{method}")
