@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import shutil
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,25 +34,39 @@ err = Console(stderr=True)
 StoreOption = Annotated[Optional[str], typer.Option(
     "--store", envvar="AHL_STORE", help="Store folder or MLflow tracking URI [default: ./store].")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+WaitOption = Annotated[float, typer.Option(
+    "--wait", help="Seconds to wait for the store's lock while another writer commits.")]
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 GATE_HELD_EXIT = 3
 
 
 def command(group: typer.Typer, name: str):
-    """Register a command whose user errors become one line on stderr and a non-zero exit."""
+    """Register a command whose user errors become one line on stderr and a non-zero exit.
+    SIGTERM (a scheduler, `docker stop`, `kill`) unwinds like Ctrl-C: an add-task rolls back."""
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
+            previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
             try:
                 return fn(*args, **kwargs)
             except AhlError as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(1) from None
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 typer.echo("interrupted: nothing was registered, the store is unchanged", err=True)
-                raise typer.Exit(130) from None
+                raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
         return group.command(name)(run)
     return wrap
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, as Ctrl-C's KeyboardInterrupt is."""
+
+
+def interrupt_on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def print_json(value) -> None:
@@ -137,14 +152,16 @@ def add_task(
     base: Annotated[Optional[str], typer.Option(help="Base model: a known name, a local folder or a cached id [default: the store's base, else all-MiniLM-L6-v2].")] = None,
     gate: Annotated[Optional[float], typer.Option(help="Forgetting gate: promote to production only if no earlier task's routed accuracy drops by more than this (e.g. 0.02) [default: the store's, see ahl store gate].")] = None,
     store: StoreOption = None,
+    wait: WaitOption = 300.0,
     as_json: JsonOption = False,
 ):
     """Learn a new adapter for a task on the frozen base and register it as a new version.
 
+    Training runs in parallel with other writers; the commit waits for the store's lock.
     Exits 3 when the forgetting gate holds the new version back as a candidate."""
-    if name is None and spec is None:
+    if not name and spec is None:
         raise AhlError("name the task: ahl add-task NAME --train FILE (or --spec FILE)")
-    hub = Hub(store)
+    hub = Hub(store, wait=wait)
     with progress_bar(f"training {name or spec.stem}") as advance:
         result = hub.add_task(name, train, test, spec=spec, text_column=text_column,
                               label_column=label_column, method=method,
@@ -273,16 +290,25 @@ def predict(
     if not inputs:
         raise AhlError("no texts: pass TEXT arguments or --file PATH")
     answers = Hub(store).predict(inputs, mode=modes[mode], top_k=top_k, task=task)
+    for error in dict.fromkeys(a["error"] for a in answers if "error" in a):
+        typer.echo(f"error: {error} (the inputs routed to it have no answer)", err=True)
     if as_json:
-        return print_json(answers)
-    table = Table(title=f"{len(answers)} answers ({'task ' + task if task else mode})")
+        print_json(answers)
+    else:
+        out.print(answers_table(answers, f"task {task}" if task else mode))
+    if any("error" in a for a in answers):
+        raise typer.Exit(1)
+
+
+def answers_table(answers: list[dict], what: str) -> Table:
+    table = Table(title=f"{len(answers)} answers ({what})")
     for column in ("text", "task", "label", "score", "adapters (weight)"):
         table.add_column(column, overflow="fold" if column == "text" else "ellipsis")
     for a in answers:
         adapters = ", ".join(f"{x['task']}@{x['version']} ({x['weight']:.2f})" for x in a["adapters"])
         table.add_row(a["text"][:80], a["task"] or "-", a["label"] or "-", f"{a['score']:.2f}",
                       adapters or a.get("reason", "-"))
-    out.print(table)
+    return table
 
 
 @command(store_app, "show")
@@ -356,9 +382,9 @@ def store_lineage(name: Annotated[str, typer.Argument(help="Task name.")],
 
 @command(store_app, "rm")
 def store_rm(ref: Annotated[str, typer.Argument(help="NAME@VERSION (or NAME@ALIAS) to remove.")],
-             store: StoreOption = None, as_json: JsonOption = False):
+             store: StoreOption = None, wait: WaitOption = 300.0, as_json: JsonOption = False):
     """Take a version out of queries and routing; its run and files stay for its history."""
-    info = Hub(store).remove(ref)
+    info = Hub(store, wait=wait).remove(ref)
     if as_json:
         return print_json(info)
     out.print(f"{info['task']}@{info['version']} removed from queries and routing "
@@ -380,9 +406,9 @@ def store_gate(value: Annotated[Optional[float], typer.Argument(help="Largest al
 def store_promote(name: Annotated[str, typer.Argument(help="Task name.")],
                   version: Annotated[int, typer.Argument(help="The version to point the alias at.")],
                   alias: Annotated[str, typer.Option(help="Alias name, e.g. production.")],
-                  store: StoreOption = None, as_json: JsonOption = False):
+                  store: StoreOption = None, wait: WaitOption = 300.0, as_json: JsonOption = False):
     """Point an alias of a task at one of its versions."""
-    info = Hub(store).promote(name, version, alias)
+    info = Hub(store, wait=wait).promote(name, version, alias)
     if as_json:
         return print_json(info)
     out.print(f"{name}@{alias} -> version {info['version']}")
@@ -415,27 +441,62 @@ def store_verify(store: StoreOption = None, as_json: JsonOption = False):
         raise typer.Exit(1)
 
 
+@command(store_app, "doctor")
+def store_doctor(store: StoreOption = None, wait: WaitOption = 300.0, as_json: JsonOption = False):
+    """Finish or roll back what killed writers left, then verify every file."""
+    report = Hub(store, wait=wait).doctor()
+    if as_json:
+        print_json({"ok": not report["problems"], **report})
+    else:
+        for line in report["repaired"]:
+            out.print(f"repaired: {line}")
+        for line in report["problems"]:
+            typer.echo(line, err=True)
+        out.print("nothing to repair" if not report["repaired"] else
+                  f"{len(report['repaired'])} repair(s)")
+        out.print("every file matches its checksum" if not report["problems"]
+                  else f"{len(report['problems'])} problem(s): see ahl store verify")
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
 @command(app, "ui")
 def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
        store: StoreOption = None):
     """Serve the MLflow UI for this store on 127.0.0.1 (Ctrl-C stops it)."""
-    from adapterhub_local.dashboards import serve_ui, stop_ui, wait_for_ui
+    import signal
+    import time
+
+    from adapterhub_local.dashboards import serve_ui, server_log, stop_ui, wait_for_ui
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    def last_line() -> str:
+        return (server_log(server).strip().splitlines() or ["?"])[-1][:160]
 
     hub = Hub(store)
-    server = serve_ui(hub.store, port)
+    server = serve_ui(hub.store, port)  # dies with this process, however it ends
     url = f"http://127.0.0.1:{port}"
+    # Ctrl-C and SIGTERM stop the UI, for this command only. Set even over an inherited "ignore"
+    # (a background job of a non-interactive shell starts with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: the UI would ignore Ctrl-C for good).
+    previous = {n: signal.signal(n, interrupt) for n in (signal.SIGINT, signal.SIGTERM)}
     try:
         if not wait_for_ui(url, server):
-            reason = (server.stderr.read().decode(errors="replace").strip().splitlines() or ["?"])[-1] \
-                if server.poll() is not None else "no answer within 60 s"
-            raise AhlError(f"the MLflow UI did not start ({reason[:160]}): try another --port")
+            reason = last_line() if server.poll() is not None else "no answer within 60 s"
+            raise AhlError(f"the MLflow UI did not start ({reason}): try another --port")
         typer.echo(f"MLflow UI: {url}  (store {hub.store.location})")  # plain: never wrapped
         typer.echo(f"The forgetting dashboards: experiment '{hub.store.namespace}', run 'sequence' "
                    "(Model metrics, Artifacts). Ctrl-C stops it.")
-        server.wait()
+        while server.poll() is None:  # short sleeps: a signal is handled at once, never deferred
+            time.sleep(0.5)
+        raise AhlError(f"the MLflow UI stopped by itself (exit {server.returncode}: {last_line()})")
     except KeyboardInterrupt:
         out.print("stopped")
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         stop_ui(server)
 
 

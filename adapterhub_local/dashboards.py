@@ -1,36 +1,14 @@
-"""What goes to MLflow for the forgetting dashboards, and how the matrices are read back.
+"""What goes to MLflow for the forgetting dashboards, and the MLflow UI server.
 
 The store's sequence run holds, at step s (the number of add-tasks so far), one metric per task
 and mode, `MODE/acc/TASK`, and the summaries `MODE/average_accuracy`, `MODE/bwt`,
-`MODE/forgetting`. MLflow's UI groups metrics by their prefix, so each mode is a section whose
-charts show how every earlier task held up after each step. The same metrics are the source of
-the matrices that `ahl metrics` prints: there is no second copy to drift.
+`MODE/forgetting` (sequence.py writes them with the step's record). MLflow's UI groups metrics by
+their prefix, so each mode is a section whose charts show how every earlier task held up after
+each step; the heatmaps here are the matrices as images, one per step.
 """
 
-import json
-import tempfile
-from pathlib import Path
-
-from adapterhub_local.forgetting import Matrix, summarize
-from adapterhub_local.store import TAG
-
-MODES = ("oracle", "routed", "composed")
-MATRICES = (*MODES, "routing")  # routing: share of task j's inputs routed to j after step i
-CONFUSION_ARTIFACT = "confusion"
-
-
-def accuracy_key(mode: str, task: str) -> str:
-    return f"{mode}/acc/{task}"
-
-
-def step_metrics(mode: str, tasks: list[str], R: Matrix) -> dict[str, float]:
-    """The metrics of the last row of one mode's matrix."""
-    metrics = {accuracy_key(mode, t): v for t, v in zip(tasks, R[-1]) if v is not None}
-    summary = summarize(R)
-    for key in ("average_accuracy", "bwt", "forgetting"):
-        if summary[key] is not None:
-            metrics[f"{mode}/{key}"] = summary[key]
-    return metrics
+from adapterhub_local.forgetting import Matrix
+from adapterhub_local.sequence import MATRICES
 
 
 DESCRIPTION = """**How each earlier task held up after each new task.**
@@ -76,69 +54,12 @@ def log_images(store, run_id: str, step: int, tasks: list[str], matrices: dict[s
     steps = [str(i + 1) for i in range(step)]
     for mode in MATRICES:
         by_task = [[row[j] for row in matrices[mode]] for j in range(len(tasks))]
-        store.client.log_image(run_id, heatmap(f"{mode} accuracy % (rows: tasks, columns: steps)",
-                                               by_task, tasks, steps), key=f"{mode}_matrix", step=step)
+        store.log_image(run_id, heatmap(f"{mode} accuracy % (rows: tasks, columns: steps)",
+                                        by_task, tasks, steps), key=f"{mode}_matrix", step=step)
     shares = [[n / max(1, sum(row)) for n in row] for row in confusion["matrix"]]
-    store.client.log_image(run_id, heatmap("router confusion % (rows: true task)", shares,
-                                           confusion["true_tasks"], confusion["tasks"] + ["abstain"]),
-                           key="router_confusion", step=step)
-
-
-def log_step(store, tasks: list[str], matrices: dict[str, Matrix], confusion: dict,
-             versions: dict[str, int]) -> None:
-    """Append one step to the sequence run: the router's confusion and the heatmaps first, then
-    every metric and the step count in one batch, so a step is either all there or not at all."""
-    from mlflow.entities import RunTag
-
-    step = len(matrices["oracle"])
-    run_id = store.sequence_run_id()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"step_{step:03d}.json"
-        path.write_text(json.dumps(confusion), encoding="utf-8")
-        store.client.log_artifact(run_id, str(path), CONFUSION_ARTIFACT)
-    log_images(store, run_id, step, tasks, matrices, confusion)
-    metrics = {}
-    for mode in MODES:
-        metrics.update(step_metrics(mode, tasks, matrices[mode]))
-    metrics.update({accuracy_key("routing", t): v
-                    for t, v in zip(tasks, matrices["routing"][-1]) if v is not None})
-    store.log_metrics(run_id, metrics, step, tags=[
-        RunTag(f"{TAG}tasks", json.dumps(tasks)),
-        RunTag(f"{TAG}steps", str(step)),
-        RunTag(f"{TAG}step.{step}", json.dumps(versions)),
-        RunTag("mlflow.note.content", DESCRIPTION),
-    ])
-
-
-def read_matrices(store) -> tuple[list[str], dict[str, Matrix]]:
-    """(tasks in order of addition, {mode: matrix}) from the sequence run; empty if none yet."""
-    run_id = store.sequence_run_id(create=False)
-    if run_id is None:
-        return [], {mode: [] for mode in MATRICES}
-    tags = store.client.get_run(run_id).data.tags
-    tasks = json.loads(tags.get(f"{TAG}tasks", "[]"))
-    steps = int(tags.get(f"{TAG}steps", "0"))
-    matrices = {}
-    for mode in MATRICES:
-        R = [[None] * len(tasks) for _ in range(steps)]
-        for j, task in enumerate(tasks):
-            history = store.client.get_metric_history(run_id, accuracy_key(mode, task))
-            # A step logged twice (a retried add-task) keeps its latest value.
-            for m in sorted(history, key=lambda m: m.timestamp):
-                if 1 <= m.step <= steps:
-                    R[m.step - 1][j] = m.value
-        matrices[mode] = R
-    return tasks, matrices
-
-
-def read_confusion(store) -> dict | None:
-    """The router's task confusion at the last step: rows are the tasks' test inputs, columns
-    the router's tasks and then "abstain"."""
-    run_id = store.sequence_run_id(create=False)
-    steps = int(store.client.get_run(run_id).data.tags.get(f"{TAG}steps", "0")) if run_id else 0
-    if not steps:
-        return None
-    return store.read_json_artifact(run_id, f"{CONFUSION_ARTIFACT}/step_{steps:03d}.json")
+    store.log_image(run_id, heatmap("router confusion % (rows: true task)", shares,
+                                    confusion["true_tasks"], confusion["tasks"] + ["abstain"]),
+                    key="router_confusion", step=step)
 
 
 def serve_ui(store, port: int):
@@ -154,14 +75,19 @@ def serve_ui(store, port: int):
     return start_server(store.uri, port, ["--default-artifact-root", store.artifact_root])
 
 
-def start_server(backend_uri: str, port: int, artifact_options: list[str]):
+def start_server(backend_uri: str, port: int, artifact_options: list[str],
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None):
     """`mlflow server` on 127.0.0.1:port over a backend (sqlite:///..., postgresql://...), with
     one worker and no job runner; artifact_options say where artifacts go
-    (`--default-artifact-root URI`, or `--artifacts-destination DIR` to serve them itself)."""
+    (`--default-artifact-root URI`, or `--artifacts-destination DIR` to serve them itself);
+    extra_args and env go to the server as they are (`--app-name basic-auth` and its settings).
+    The server dies with this process, however it ends (see WATCHDOG); stop it with stop_ui."""
+    import collections
     import os
     import socket
     import subprocess
     import sys
+    import threading
 
     from adapterhub_local.errors import AhlError
 
@@ -173,10 +99,49 @@ def start_server(backend_uri: str, port: int, artifact_options: list[str]):
         except OSError:
             raise AhlError(f"port {port} on 127.0.0.1 is busy: pass --port with a free one") from None
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *artifact_options]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return subprocess.Popen(command, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *artifact_options,
+               *(extra_args or [])]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    # Its own session: a Ctrl-C meant for us does not reach it half-way; we stop it in order.
+    server = subprocess.Popen(command, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server.watchdog = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", WATCHDOG, str(server.pid)], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Keep reading its stderr (the last lines say why it failed): a pipe nobody reads fills up
+    # over a long session and then blocks the server in the middle of a write, shutdown included.
+    server.log = collections.deque(maxlen=20)
+    server.drain = threading.Thread(target=server.log.extend, args=(server.stderr,), daemon=True)
+    server.drain.start()
+    return server
+
+
+# `mlflow server` runs the app in a uvicorn child process, which a death signal set on the first
+# (prctl PR_SET_PDEATHSIG) would not reach, and which outlives it when it is SIGKILLed. So a tiny
+# process of its own session waits for EOF on its stdin, a pipe whose write end only the server's
+# parent holds: the kernel closes it however the parent ends, SIGKILL included (and stop_ui closes
+# it on purpose). Then it stops the server's whole process group: SIGTERM, SIGKILL after 15 s.
+WATCHDOG = """
+import os, signal, sys, time
+group = int(sys.argv[1])
+sys.stdin.buffer.read()
+try:
+    os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        os.killpg(group, 0)  # raises once no process of the group is left
+    os.killpg(group, signal.SIGKILL)
+except OSError:
+    pass
+"""
+
+
+def server_log(server) -> str:
+    """The last lines the server wrote on stderr (up to its very last, once it has exited)."""
+    if server.poll() is not None:
+        server.drain.join(timeout=5)
+    return b"".join(list(server.log)).decode(errors="replace")
 
 
 def wait_for_ui(url: str, server, timeout: float = 60.0) -> bool:
@@ -196,15 +161,16 @@ def wait_for_ui(url: str, server, timeout: float = 60.0) -> bool:
 
 
 def stop_ui(server) -> None:
-    """Stop the server and its workers (they share its process group)."""
+    """Stop the server and its worker (its process group) the way its watchdog does when this
+    process dies: closing the watchdog's pipe is the one way to stop it."""
     import os
     import signal
     import subprocess
 
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+    server.watchdog.stdin.close()
+    try:
+        server.wait(timeout=30)  # reap it now, or the watchdog would wait on its zombie
+    except subprocess.TimeoutExpired:  # only if someone killed the watchdog
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    server.watchdog.wait()

@@ -28,8 +28,8 @@ class TaskEval:
 def evaluate_task(bank, router, task: str, adapters: dict[str, str], texts: list[str],
                   labels: list[int], oracle_probs: list[torch.Tensor], features: torch.Tensor,
                   max_length: int = 128) -> TaskEval:
-    """All modes for one task. oracle_probs are its own adapter's outputs (cached by the caller:
-    an isolated adapter's answers never change), features the bare base's."""
+    """All modes for one task. oracle_probs are its own adapter's outputs, features the bare
+    base's (the caller may reuse both: see serving.Loader.oracle_probs)."""
     n = len(texts)
     oracle_right = [int(p.argmax()) == y for p, y in zip(oracle_probs, labels)]
     routes = router.route(features, top_k=COMPOSE_TOP_K)
@@ -55,3 +55,17 @@ def evaluate_task(bank, router, task: str, adapters: dict[str, str], texts: list
         confusion=confusion,
     )
 
+
+
+def evaluate_step(bank, router, loader, versions: dict, adapters: dict[str, str]) -> dict[str, TaskEval]:
+    """Every task's given version ({task: model version}, adapters loaded as {task: name}) in
+    every mode, each scored from the weights in memory (loader.oracle_probs)."""
+    from adapterhub_local.serving import max_length_of
+
+    results = {}
+    for task, version in versions.items():
+        split = loader.test_split(version)
+        results[task] = evaluate_task(bank, router, task, adapters, split["texts"], split["labels"],
+                                      loader.oracle_probs(bank, adapters[task], version),
+                                      loader.features(bank, version), max_length_of(version))
+    return results

@@ -51,16 +51,34 @@ def forgetting(R: Matrix) -> float | None:
     return sum(drops) / len(drops)
 
 
-def regressions(R: Matrix, tolerance: float) -> list[tuple[int, float, float]]:
-    """(column, before, after) for each task whose value dropped by more than `tolerance` from
-    the previous step to the last one: what the forgetting gate refuses."""
-    if len(R) < 2:
-        return []
-    before, after = R[-2], R[-1]
-    return [(j, before[j], after[j]) for j in range(min(len(before), len(after)))
-            if before[j] is not None and after[j] is not None and before[j] - after[j] > tolerance]
-
-
 def summarize(R: Matrix) -> dict:
     return {"matrix": R, "average_accuracy": average_accuracy(R),
             "bwt": backward_transfer(R), "forgetting": forgetting(R)}
+
+
+def carry(first: dict, best: dict, row: dict) -> tuple[dict, dict]:
+    """A column's first value and its best value so far, carried from step to step, so that a
+    new step's summaries need the previous step alone, not the whole matrix."""
+    first = {**{t: v for t, v in row.items() if v is not None}, **first}
+    best = {t: max(v, best.get(t, v)) for t, v in row.items() if v is not None} | {
+        t: v for t, v in best.items() if row.get(t) is None}
+    return first, best
+
+
+def summarize_step(first: dict, best: dict, row: dict) -> dict:
+    """summarize()'s numbers for the last row, from what carry() kept of the rows before it:
+    first and best are {task: value} over the earlier rows, row the new one (None where a task
+    was not measured). Equal to summarize() on the full matrix."""
+    values = [v for v in row.values() if v is not None]
+    old = [t for t, v in row.items() if v is not None and t in first]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"average_accuracy": mean(values),
+            "bwt": mean([row[t] - first[t] for t in old]),
+            "forgetting": mean([best[t] - row[t] for t in old])}
+
+
+def drops(previous: dict, row: dict, tolerance: float) -> list[tuple[str, float, float]]:
+    """(task, before, after) for each task whose value dropped by more than `tolerance` from the
+    previous step to this one: what the forgetting gate refuses."""
+    return [(t, previous[t], v) for t, v in row.items()
+            if v is not None and previous.get(t) is not None and previous[t] - v > tolerance]

@@ -7,6 +7,7 @@ and a label map, saved beside the PEFT files as safetensors and JSON.
 
 import contextlib
 import copy
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -185,6 +186,18 @@ class AdapterBank:
 
     def activate(self, name: str) -> None:
         self.model(name).set_adapter(name)
+
+    def digest(self, name: str) -> str:
+        """sha256 of the adapter's weights and head as they are in memory now: a score computed
+        with these weights may be reused only while this stays the same."""
+        marker = f".{name}."
+        h = hashlib.sha256()
+        tensors = [(k, p) for k, p in self.model(name).named_parameters() if marker in f"{k}."]
+        tensors += sorted(self.heads[name].state_dict().items())
+        for key, tensor in tensors:
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def trainable_parameters(self, name: str) -> list[torch.nn.Parameter]:
         adapter = [p for p in self.model(name).parameters() if p.requires_grad]

@@ -13,10 +13,12 @@ import logging
 import os
 import re
 import time
-import warnings
 from pathlib import Path
 
 from adapterhub_local.errors import AhlError
+from adapterhub_local.relocate import (check_database_present, guard_artifact_cache,
+                                       open_folder_store)
+from adapterhub_local.tracking import TrackingWrites, error_code
 
 DEFAULT_STORE = "store"
 DEFAULT_NAMESPACE = "ahl"
@@ -27,6 +29,13 @@ PRODUCTION = "production"  # the alias that routing serves
 REMOVED = f"{TAG}removed"  # version tag set by `ahl store rm`: hidden from queries and routing
 HELD = f"{TAG}gate.held"  # version tag: the forgetting gate kept this version back (why)
 GATE = f"{TAG}gate"  # experiment tag: the store's default forgetting gate
+PENDING = f"{TAG}pending"  # version tag: made by a commit that has not completed (invisible)
+STEP_TAG = f"{TAG}step"  # pending version tag: the step its commit will be recorded as
+SEQUENCE_RUN = "sequence"  # the run that holds the sequence record (sequence.py)
+STEPS_TAG = f"{TAG}steps"  # its tag: the number of committed steps
+LEASE = "_lease"  # the registered model whose existence is the store's write lease
+PAGE = 1000  # MLflow's largest page for searches
+LINEAGE_ARTIFACT = "lineage.json"  # per add-task run: what served when it was committed
 ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
@@ -36,8 +45,9 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, at or None
 
 
-class AdapterStore:
-    """Registered adapter versions, their lineage and the sequence run, over an MLflow backend."""
+class AdapterStore(TrackingWrites):
+    """Registered adapter versions, their lineage and the sequence run, over an MLflow backend.
+    This half reads; tracking.TrackingWrites writes."""
 
     def __init__(self, location: str | Path | None = None, namespace: str = DEFAULT_NAMESPACE):
         location = str(location or os.environ.get("AHL_STORE") or DEFAULT_STORE)
@@ -57,6 +67,7 @@ class AdapterStore:
     def exists(self) -> bool:
         """Whether the store holds anything yet (reads never create a folder store)."""
         if self.folder is not None and not (self.folder / "mlflow.db").exists():
+            check_database_present(self.folder)  # artifacts without a database: say so, not "empty"
             return False
         return self.experiment_id(create=False) is not None
 
@@ -70,8 +81,11 @@ class AdapterStore:
             logging.getLogger("alembic").setLevel(logging.WARNING)
 
             if self.folder is not None:
+                open_folder_store(self.folder)  # a moved or copied store: its paths, before MLflow
                 self.folder.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            if self.folder is not None:  # MLflow's artifact cache ignores copies and moves
+                guard_artifact_cache(self._client, self.artifact_root)
         return self._client
 
     def experiment_id(self, create: bool = True) -> str | None:
@@ -79,6 +93,14 @@ class AdapterStore:
             try:
                 experiment = self.client.get_experiment_by_name(self.namespace)
             except Exception as e:
+                # A server with MLflow's auth on refuses before anything else: MLflow's client
+                # sends the credentials it finds in the environment, so say which to set.
+                status = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}.get(error_code(e))
+                if status:
+                    fix = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                           if status == 401 else "ask the server's admin for a permission on it")
+                    raise AhlError(f"the store at {self.location} refused access (HTTP {status}): "
+                                   f"{fix}") from None
                 why = ("no MLflow tracking server answers there" if "Max retries" in str(e)
                        else str(e).splitlines()[0][:160])
                 raise AhlError(f"cannot reach the store at {self.location}: {why}; start the "
@@ -86,10 +108,20 @@ class AdapterStore:
             if experiment is not None:
                 self._experiment_id = experiment.experiment_id
             elif create:
-                self._experiment_id = self.client.create_experiment(
-                    self.namespace, artifact_location=self.artifact_root,
-                    tags={f"{TAG}store": "true"})
+                self._experiment_id = self._create_experiment()
         return self._experiment_id
+
+    def _create_experiment(self) -> str:
+        """Create the store's experiment; another writer may create it at the same moment, and
+        the name is unique in MLflow, so the loser reads the winner's."""
+        try:
+            return self.client.create_experiment(self.namespace,
+                                                 artifact_location=self.artifact_root,
+                                                 tags={f"{TAG}store": "true"})
+        except Exception as e:
+            if error_code(e) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(self.namespace).experiment_id
 
     # -- base binding -------------------------------------------------------------------------
 
@@ -126,14 +158,13 @@ class AdapterStore:
         if not self.exists():
             return {}
         prefix = f"{self.namespace}."
-        found = self.client.search_model_versions(f"name LIKE '{prefix}%'", max_results=10000)
-        with_aliases(found, self.client.search_registered_models(
-            filter_string=f"name LIKE '{prefix}%'", max_results=1000))
+        found = pages(self.client.search_model_versions, filter_string=f"name LIKE '{prefix}%'")
+        with_aliases(found, self.registered_models())
         by_task: dict[str, list] = {}
         for v in sorted(found, key=lambda v: (v.creation_timestamp, int(v.version))):
             task = v.name[len(prefix):]
-            if v.name.startswith(prefix) and not task.startswith("_") and (
-                    include_removed or REMOVED not in v.tags):
+            if v.name.startswith(prefix) and not task.startswith("_") and self.visible(
+                    v, include_removed):
                 by_task.setdefault(task, []).append(v)
         return {t: sorted(vs, key=lambda v: int(v.version)) for t, vs in by_task.items()}
 
@@ -146,11 +177,36 @@ class AdapterStore:
         versions (`ahl store rm`) only on request."""
         if not self.exists():
             return []
-        found = self.client.search_model_versions(f"name='{self.model_name(task)}'")
+        found = pages(self.client.search_model_versions,
+                      filter_string=f"name='{self.model_name(task)}'")
         if found:
             with_aliases(found, [self.client.get_registered_model(self.model_name(task))])
-        return sorted((v for v in found if include_removed or REMOVED not in v.tags),
+        return sorted((v for v in found if self.visible(v, include_removed)),
                       key=lambda v: int(v.version))
+
+    def visible(self, version, include_removed: bool = False) -> bool:
+        """Whether queries and routing see a version: not while its commit is pending, that is
+        until its step is recorded (commit.py: a writer killed right after the commit point
+        leaves its version pending, and the next writer finishes it)."""
+        if REMOVED in version.tags and not include_removed:
+            return False
+        return PENDING not in version.tags or 0 < int(
+            version.tags.get(STEP_TAG, "0")) <= self.steps_committed()
+
+    def steps_committed(self) -> int:
+        """The sequence record's step count (sequence.py): one look-up, when needed."""
+        run_id = self.find_run(f"{TAG}kind", SEQUENCE_RUN) if self.exists() else None
+        return int(self.run_info(run_id)[1].get(STEPS_TAG, "0")) if run_id else 0
+
+    def registered_models(self) -> list:
+        """The store's registered models (tasks, the router, the lease), every page."""
+        return pages(self.client.search_registered_models,
+                     filter_string=f"name LIKE '{self.namespace}.%'")
+
+    def pending_versions(self) -> list:
+        """Versions made by commits that never completed (a killed writer's), every model."""
+        return pages(self.client.search_model_versions,
+                     filter_string=f"name LIKE '{self.namespace}.%' AND tags.`{PENDING}` = '1'")
 
     def current_version(self, task: str):
         """The task's newest live version (the parent of its next one)."""
@@ -170,7 +226,7 @@ class AdapterStore:
     def resolve(self, ref: str):
         """The model version that 'NAME', 'NAME@VERSION' or 'NAME@ALIAS' names."""
         task, at = parse_ref(ref)
-        versions = self.versions(task)
+        versions = self.versions(task) if not task.startswith("_") else []  # ours, not a task
         if not versions:
             known = ", ".join(self.task_names()) or "none yet"
             raise AhlError(f"no task {task!r} in store {self.location} (tasks: {known}): "
@@ -193,12 +249,16 @@ class AdapterStore:
             raise AhlError(f"task {task!r} has no version or alias {at!r}: see ahl store "
                            f"versions {task}") from None
 
-    def promote(self, task: str, version: str, alias: str):
-        """Point `alias` of a task at one of its versions (MLflow registered-model aliases)."""
+    def check_promote(self, task: str, version: str, alias: str):
+        """The version `promote` would point the alias at; AhlError on bad input."""
         if not ALIAS.match(alias) or alias.isdigit():
             raise AhlError(f"alias {alias!r} is not a plain name: use letters, digits, '_' or '-', "
                            "starting with a letter (e.g. production)")
-        target = self.resolve(f"{task}@{int(version) if str(version).isdigit() else version}")
+        return self.resolve(f"{task}@{int(version) if str(version).isdigit() else version}")
+
+    def promote(self, task: str, version: str, alias: str):
+        """Point `alias` of a task at one of its versions (MLflow registered-model aliases)."""
+        target = self.check_promote(task, version, alias)
         self.client.set_registered_model_alias(self.model_name(task), alias, str(target.version))
         return self.resolve(f"{task}@{alias}")
 
@@ -225,18 +285,18 @@ class AdapterStore:
             self.client.set_experiment_tag(self.experiment_id(), GATE, str(value))
 
     def verify(self) -> list[str]:
-        """Re-hash every version's adapter files against the checksums recorded when it was
-        registered; returns one line per missing or altered file."""
+        """Re-hash the files of every version, and of every router version, against the
+        checksums recorded when it was registered; one line per missing or altered file."""
         problems = []
-        for task, versions in self.all_versions(include_removed=True).items():
+        routers = [v for v in self.versions(ROUTER, include_removed=True)]
+        for task, versions in [*self.all_versions(include_removed=True).items(), (ROUTER, routers)]:
             for version in versions:
-                recorded = json.loads(version.tags.get(f"{TAG}files", "{}"))
                 try:
                     folder = self.adapter_folder(version)
                 except Exception:
-                    problems.append(f"{task}@{version.version}: adapter folder missing")
+                    problems.append(f"{task}@{version.version}: folder missing")
                     continue
-                for name, sha in recorded.items():
+                for name, sha in self.recorded_files(version).items():
                     path = folder / name
                     if not path.is_file():
                         problems.append(f"{task}@{version.version}: {name} missing")
@@ -244,6 +304,11 @@ class AdapterStore:
                         problems.append(f"{task}@{version.version}: {name} altered (sha256 "
                                         f"{sha256_file(path)[:12]}, recorded {sha[:12]})")
         return problems
+
+    @staticmethod
+    def recorded_files(version) -> dict[str, str]:
+        """{file name: sha256} recorded when the version was registered."""
+        return json.loads(version.tags.get(f"{TAG}files", "{}"))
 
     def adapter_folder(self, version) -> Path:
         """A local folder with the version's adapter files (downloaded if the store is remote)."""
@@ -261,6 +326,37 @@ class AdapterStore:
 
     def read_json_artifact(self, run_id: str, path: str):
         return json.loads(self.artifact_folder(run_id, path).read_text(encoding="utf-8"))
+
+    def after(self, version) -> list[dict]:
+        """The tasks (and versions) that served when a version was committed: an artifact of its
+        run, since the list grows with the store (older stores kept it in a tag)."""
+        if f"{TAG}after" in version.tags:
+            after = json.loads(version.tags[f"{TAG}after"])
+        else:
+            try:
+                after = self.read_json_artifact(version.run_id, LINEAGE_ARTIFACT)["after"]
+            except Exception:
+                return []
+        return [{"task": a["task"], "version": int(a["version"])} for a in after]
+
+    def lineage_tree(self, task: str) -> dict:
+        """Every version of a task, removed ones included, as a tree: each version's parent,
+        the tasks it was trained after, base, data digest, method, accuracy and status."""
+        versions = self.versions(task, include_removed=True) if not task.startswith("_") else []
+        if not versions:
+            self.resolve(task)  # the one-line error naming the known tasks
+        serving = getattr(self.serving().get(task), "version", None)
+        nodes = []
+        for v in versions:
+            info = self.lineage(v, with_run=False)
+            nodes.append({k: info[k] for k in ("version", "parent", "after", "base", "method",
+                                               "aliases", "status")}
+                         | {"data_digest": info["data"]["digest"],
+                            "accuracy": float(v.tags.get(f"{TAG}accuracy", "nan")),
+                            "serving": v.version == serving,
+                            "children": [int(c.version) for c in versions
+                                         if c.tags.get(f"{TAG}parent") == str(v.version)]})
+        return {"task": task, "versions": nodes}
 
     def lineage(self, version, with_run: bool = True) -> dict:
         """A version's lineage, files and metrics, from its tags and run (DESIGN section 5);
@@ -280,7 +376,7 @@ class AdapterStore:
                      "dropped": int(tags.get(f"{TAG}data.dropped", 0))},
             "labels": read("labels", "[]"),
             "parent": int(tags[f"{TAG}parent"]) if tags.get(f"{TAG}parent") else None,
-            "after": [{"task": a["task"], "version": int(a["version"])} for a in read("after", "[]")],
+            "after": self.after(version),
             "router_version": int(tags[f"{TAG}router.version"]) if tags.get(f"{TAG}router.version") else None,
             "aliases": list(version.aliases or []),
             "run_id": version.run_id, "source": version.source,
@@ -289,90 +385,6 @@ class AdapterStore:
             "held": read("gate.held", "null"),
             "package_version": tags.get(f"{TAG}package_version"),
         }
-
-    # -- writing ------------------------------------------------------------------------------
-
-    def start_run(self, task: str, params: dict, tags: dict) -> str:
-        run = self.client.create_run(self.experiment_id(), run_name=task,
-                                     tags={f"{TAG}task": task, **tags})
-        self.client.log_batch(run.info.run_id, params=params_of(params))
-        return run.info.run_id
-
-    def log_metrics(self, run_id: str, metrics: dict, step: int, tags: list | None = None) -> None:
-        """Metrics (and tags) in one batch: one transaction on a database backend."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
-                                               for k, v in metrics.items()], tags=tags or [])
-
-    def register(self, task: str, run_id: str, artifact_path: str, tags: dict):
-        """Create the task's next version from a run's artifacts: the one atomic step.
-
-        The lineage tags go in with the version in one call; if the registered model was made
-        here and the version fails, the model is removed again, so nothing half-made is left.
-        """
-        name = self.model_name(task)
-        created = False
-        if not self.versions(task):
-            try:
-                self.client.get_registered_model(name)
-            except Exception:
-                self.client.create_registered_model(name, tags={f"{TAG}task": task})
-                created = True
-        try:
-            source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-            return self.client.create_model_version(name, source=source, run_id=run_id,
-                                                    tags={k: str(v) for k, v in tags.items()})
-        except BaseException:
-            if created:
-                self.client.delete_registered_model(name)
-            raise
-
-    def set_version_tag(self, task: str, version, key: str, value) -> None:
-        self.client.set_model_version_tag(self.model_name(task), str(version), key, str(value))
-
-    def log_dataset(self, run_id: str, data) -> None:
-        """A task's training rows as the run's MLflow dataset input (digest, rows, source)."""
-        import pandas as pd
-        from mlflow.data.pandas_dataset import from_pandas
-        from mlflow.entities import DatasetInput, InputTag
-
-        frame = pd.DataFrame({"text": data.train_texts,
-                              "label": [data.labels[y] for y in data.train_labels]})
-        with warnings.catch_warnings():  # mlflow registers the local-file source twice, says so
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = from_pandas(frame, source=data.source, targets="label", name=data.name,
-                                  digest=data.digest[:32])
-        self.client.log_inputs(run_id, datasets=[DatasetInput(
-            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])])
-
-    def unregister(self, task: str, version: str) -> None:
-        """Roll back a version made by a failed add-task (and its model if it was the first)."""
-        name = self.model_name(task)
-        self.client.delete_model_version(name, version)
-        if not self.client.search_model_versions(f"name='{name}'"):
-            self.client.delete_registered_model(name)
-
-    def finish_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
-
-    def sequence_run_id(self, create: bool = True) -> str | None:
-        """The one long-lived run per store that collects the accuracy matrices."""
-        if not self.exists() and not create:
-            return None
-        runs = self.client.search_runs([self.experiment_id()],
-                                       filter_string=f"tags.`{TAG}kind` = '{SEQUENCE_RUN}'",
-                                       max_results=1)
-        if runs:
-            return runs[0].info.run_id
-        if not create:
-            return None
-        run = self.client.create_run(self.experiment_id(), run_name=SEQUENCE_RUN,
-                                     tags={f"{TAG}kind": SEQUENCE_RUN})
-        self.client.set_terminated(run.info.run_id, "FINISHED")
-        return run.info.run_id
-
 
 def with_aliases(versions: list, models: list) -> None:
     """Fill in each version's aliases: MLflow's version search leaves them empty, while its
@@ -395,11 +407,15 @@ def serving_version(versions: list):
     return free[-1] if free else None
 
 
-def params_of(values: dict) -> list:
-    """MLflow params from a flat dict (values longer than MLflow's limit are cut, not refused)."""
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+def pages(search, **kwargs) -> list:
+    """Every result of an MLflow search, page after page (one page holds at most 1,000)."""
+    found, token = [], None
+    while True:
+        page = search(**kwargs, max_results=PAGE, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
 
 
 def sha256_file(path: Path) -> str:

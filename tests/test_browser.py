@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from adapterhub_local import Hub
+from adapterhub_local.sequence import sequence_run
 from conftest import FAST
 from services import chromium, chromium_page, free_port
 
@@ -20,7 +21,7 @@ def test_the_sequence_run_shows_the_forgetting_metrics_in_chromium(store_dir, ti
     hub = Hub(store_dir)
     for task in ("colors", "animals"):
         hub.add_task(task, tiny_data[task]["train"], tiny_data[task]["test"], base=tiny_base, **FAST)
-    experiment, run = hub.store.experiment_id(), hub.store.sequence_run_id(create=False)
+    experiment, run = hub.store.experiment_id(), sequence_run(hub.store)
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "adapterhub_local.cli", "ui", "--port", str(port),
                            "--store", str(store_dir)], stdout=subprocess.PIPE, text=True)

@@ -95,3 +95,23 @@ def test_metrics_on_an_empty_store_says_how_to_start(tmp_path):
     result = ahl("metrics", "--store", tmp_path / "empty", ok=False)
     assert result.exit_code == 1 and "ahl add-task" in result.stderr
     assert not (tmp_path / "empty").exists()
+
+
+def test_an_empty_name_and_the_internal_router_model_are_one_line_errors(store_dir, tiny_data,
+                                                                       tiny_base, tmp_path):
+    result = ahl("add-task", "", "--train", tiny_data["colors"]["train"], "--store", store_dir,
+                 ok=False)
+    assert result.exit_code == 1 and result.stderr.startswith("error: name the task")
+    add(store_dir, "colors", tiny_data, tiny_base)
+    before = file_digest(store_dir)
+    for args in (["store", "versions", "_router"], ["store", "show", "_router@1"],
+                 ["store", "lineage", "_router"], ["store", "rm", "_router@1"],
+                 ["store", "export", "_router@1", tmp_path / "out"]):
+        result = ahl(*args, "--store", store_dir, ok=False)
+        assert result.exit_code == 1 and "no task '_router'" in result.stderr, args
+        assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists() and file_digest(store_dir) == before
+    (tmp_path / "a_file").write_text("x")
+    result = ahl("store", "export", "colors@1", tmp_path / "a_file", "--force", "--store",
+                 store_dir, ok=False)
+    assert result.exit_code == 1 and "is a file" in result.stderr

@@ -2,8 +2,9 @@
 
 import pytest
 
-from adapterhub_local.forgetting import (average_accuracy, backward_transfer, first_steps,
-                                         forgetting, regressions, summarize)
+from adapterhub_local.forgetting import (average_accuracy, backward_transfer, carry, drops,
+                                         first_steps, summarize_step,
+                                         forgetting, summarize)
 
 # Three tasks, one per step: task 0 drops 0.9 -> 0.8 -> 0.6, task 1 rises 0.7 -> 0.75.
 R = [[0.9, None, None],
@@ -47,13 +48,27 @@ def test_empty_matrix():
     assert backward_transfer([]) is None
 
 
-def test_regressions_name_the_columns_that_dropped_more_than_the_tolerance():
-    R = [[0.9, None, None],
-         [0.9, 0.8, None],
-         [0.85, 0.79, 0.7]]
-    assert regressions(R, 0.02) == [(0, 0.9, 0.85)]
-    assert regressions(R, 0.06) == []
-    assert regressions(R[:1], 0.0) == []
+def test_drops_name_the_tasks_that_dropped_more_than_the_tolerance():
+    before, after = {"a": 0.9, "b": 0.8}, {"a": 0.85, "b": 0.79, "c": 0.7}
+    assert drops(before, after, 0.02) == [("a", 0.9, 0.85)]
+    assert drops(before, after, 0.06) == []
+    assert drops({}, after, 0.0) == []
+
+
+@pytest.mark.parametrize("matrix", [
+    R,
+    [[0.9, None], [0.8, 0.7], [None, 0.6]],  # task 0 removed before step 3
+    [[0.5, None], [0.7, None], [0.6, 0.9], [0.65, 0.8]],  # task 0 re-trained at step 2
+])
+def test_summaries_carried_step_by_step_equal_those_of_the_whole_matrix(matrix):
+    first, best = {}, {}
+    for i, values in enumerate(matrix):
+        row = {j: v for j, v in enumerate(values)}
+        seen = max(j + 1 for r in matrix[: i + 1] for j, v in enumerate(r) if v is not None)
+        whole = summarize([r[:seen] for r in matrix[: i + 1]])
+        assert summarize_step(first, best, row) == pytest.approx(
+            {k: whole[k] for k in ("average_accuracy", "bwt", "forgetting")})
+        first, best = carry(first, best, row)
 
 
 def test_a_task_without_a_value_in_the_last_row_is_not_counted_as_forgotten():

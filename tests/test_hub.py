@@ -118,17 +118,20 @@ def test_failure_during_registration_leaves_no_version(store_dir, tiny_data, tin
 
 def test_failure_after_registration_rolls_the_version_back(store_dir, tiny_data, tiny_base,
                                                             monkeypatch):
-    import adapterhub_local.hub as hub_module
+    import adapterhub_local.commit as commit_module
 
     hub = Hub(store_dir)
     add(hub, "colors", tiny_data, tiny_base)
     before = visible_state(hub)
-    monkeypatch.setattr(hub_module, "log_step", lambda *a, **k: (_ for _ in ()).throw(
+    # The last thing before the commit point: the step's record is written, then this fails.
+    monkeypatch.setattr(commit_module, "commit_step", lambda *a, **k: (_ for _ in ()).throw(
         OSError("disk full")))
     with pytest.raises(OSError):
         add(hub, "colors", tiny_data, tiny_base)
     monkeypatch.undo()
     assert visible_state(hub) == before
+    assert hub.store.pending_versions() == []  # rolled back, not merely hidden
+    assert add(hub, "colors", tiny_data, tiny_base)["step"] == 2  # steps stay contiguous
 
 
 def test_ctrl_c_during_training_leaves_the_store_unchanged(store_dir, tiny_data, tiny_base):

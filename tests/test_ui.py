@@ -1,5 +1,7 @@
-"""`ahl ui` serves the MLflow UI for a store on 127.0.0.1, and stops on Ctrl-C."""
+"""`ahl ui` serves the MLflow UI for a store on 127.0.0.1, stops on Ctrl-C or SIGTERM, and takes
+its server down with it when it is killed outright."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
+
+import pytest
 
 from adapterhub_local import Hub
 from conftest import FAST
@@ -20,34 +25,107 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ui_serves_the_store_and_stops_on_ctrl_c(store_dir, tiny_data, tiny_base):
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_ui(store_dir: Path, port: int) -> subprocess.Popen:
+    # SIGINT starts ignored, as in a background job of a non-interactive shell (how a test suite
+    # is often run): `ahl ui` must still stop on Ctrl-C. It once ignored it there for half an hour.
+    return subprocess.Popen([sys.executable, "-m", "adapterhub_local.cli", "ui", "--port",
+                             str(port), "--store", str(store_dir)], stdout=subprocess.PIPE,
+                            text=True, preexec_fn=ignore_sigint)
+
+
+def wait_until(condition, timeout: float) -> bool:
+    """Poll: a busy 2-core machine can take long for anything, so no short fixed waits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(1)
+    return False
+
+
+def experiment(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name"
+                                    "?experiment_name=ahl", timeout=5) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def nothing_listens(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            return True
+        except OSError:
+            return False
+
+
+def live_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process that is not a zombie, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # it ended meanwhile
+        if state != "Z":
+            found.append((int(stat.parent.name), int(parent), int(group)))
+    return found
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ui_serves_the_store_and_stops_on_a_signal(store_dir, tiny_data, tiny_base, stop):
     Hub(store_dir).add_task("colors", tiny_data["colors"]["train"], tiny_data["colors"]["test"],
                             base=tiny_base, **FAST)
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "adapterhub_local.cli", "ui", "--port", str(port),
-                           "--store", str(store_dir)], stdout=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    ui = start_ui(store_dir, port)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline, answer = time.time() + 90, None
-        while time.time() < deadline and answer is None:
-            try:
-                with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name"
-                                            "?experiment_name=ahl", timeout=2) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                time.sleep(1)
-        assert answer and answer["experiment"]["name"] == "ahl"
+        assert wait_until(lambda: experiment(url), 120)
+        assert experiment(url)["experiment"]["name"] == "ahl"
         with urllib.request.urlopen(url, timeout=5) as response:
             assert response.status == 200 and b"<html" in response.read().lower()
         assert url in ui.stdout.readline()
+        ui.send_signal(stop)
+        assert ui.wait(timeout=60) == 0
+        assert "stopped" in ui.stdout.read()
+        assert nothing_listens(port)  # stop_ui waited for the server and its worker to end
     finally:
-        ui.send_signal(signal.SIGINT)
-        ui.wait(timeout=30)
-    assert ui.returncode is not None
-    with socket.socket() as s:  # the server is gone: nothing listens on its port any more
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-        s.listen()
+        if ui.poll() is None:  # the test failed: its server goes with it (see the next test)
+            ui.kill()
+            ui.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_killed_ui_takes_its_server_down(store_dir, tiny_data, tiny_base):
+    Hub(store_dir).add_task("colors", tiny_data["colors"]["train"], base=tiny_base, **FAST)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ui, groups = start_ui(store_dir, port), set()
+    try:
+        assert wait_until(lambda: experiment(url), 120)
+        # The groups of what `ahl ui` started: the server's (mlflow server and its uvicorn
+        # worker) and its watchdog's.
+        groups = {group for pid, parent, group in live_processes() if parent == ui.pid}
+        assert len(groups) == 2
+        ui.kill()  # SIGKILL: no handler, no finally, no atexit runs in ahl
+        ui.wait()
+        assert wait_until(lambda: nothing_listens(port), 60)
+        assert wait_until(lambda: not [p for p in live_processes() if p[2] in groups], 60)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+            ui.wait()
+        for group in groups:  # only if the test failed: nothing is left otherwise
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGKILL)
 
 
 def test_ui_on_a_busy_port_says_so(store_dir, tiny_data, tiny_base):

@@ -1,0 +1,273 @@
+"""The commit protocol: one writer at a time changes what a store serves, and a killed writer
+leaves nothing that counts.
+
+- The lease: a registered model `NAMESPACE._lease` whose existence is the lock. MLflow keeps model
+  names unique in its database, so creating it is atomic on SQLite and on a tracking server
+  shared by many machines alike. Its tags say who holds it (host:pid:start) and until when; the
+  holder renews the expiry from a thread. A lease past its expiry, or one whose holder is a dead
+  process on this host, is taken over by renaming it to `_lease.expired.TOKEN` first: of two
+  writers doing that at once only one rename succeeds.
+- A commit (add-task's, under the lease): register the new version and router as *pending*
+  (invisible to every query), evaluate, write the step's record, then set the sequence run's
+  step count: that one call is the commit point. Afterwards `finalize` clears the pending tags
+  and moves the aliases; it is idempotent, and `repair` re-runs it for a writer killed after the
+  commit point and rolls back (deletes) the pending versions of one killed before it.
+"""
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from adapterhub_local.dashboards import log_images
+from adapterhub_local.errors import AhlError
+from adapterhub_local.evaluation import evaluate_step
+from adapterhub_local.forgetting import carry, summarize_step
+from adapterhub_local.plan import lineage_tags
+from adapterhub_local.router import GaussianRouter
+from adapterhub_local.sequence import (MATRICES, MODES, commit_step, matrices_of, read_carry,
+                                       read_step, read_steps, sequence_run, steps_done, write_step)
+from adapterhub_local.serving import ADAPTER_ARTIFACT, gate_verdict, register_router, sync_router
+from adapterhub_local.store import (HELD, LEASE, LINEAGE_ARTIFACT, PENDING, PRODUCTION, ROUTER,
+                                    STEP_TAG, TAG)
+from adapterhub_local.tracking import owner_is_dead, process_owner
+
+log = logging.getLogger("adapterhub_local")
+LEASE_SECONDS = 120.0  # a holder renews every third of this; a dead holder's lease lapses after it
+DEFAULT_WAIT = 300.0  # how long a writer waits for the lease before giving up
+
+
+class Lease:
+    """The store's write lease, held in a `with` block:
+
+        with Lease(store):
+            ...  # nobody else commits to this store meanwhile
+    """
+
+    def __init__(self, store, wait: float = DEFAULT_WAIT, seconds: float = LEASE_SECONDS):
+        self.store, self.wait, self.seconds = store, wait, seconds
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._renewer = None
+        self.waited = 0.0  # seconds acquire() waited for another writer
+
+    def __enter__(self) -> "Lease":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        store, deadline, said = self.store, time.monotonic() + self.wait, 0.0
+        store.experiment_id()  # a store that cannot be reached says so before any waiting
+        while not store.create_model(LEASE, self._tags()):
+            holder = store.model_tags(LEASE)
+            if holder is None:
+                continue  # released between our two calls: try again at once
+            if self._lapsed(holder):
+                if store.rename_model(LEASE, f"{LEASE}.expired.{holder.get('token', 'none')}"):
+                    log.warning("took over the store's lock from %s (held since %s, %s)",
+                                holder.get("owner"), holder.get("since"), self._why(holder))
+                continue
+            waited = self.wait - (deadline - time.monotonic())
+            if time.monotonic() >= deadline:
+                raise AhlError(f"store {store.location} is locked by {holder.get('owner')} "
+                               f"(held {age(holder)}): try again later, or wait longer with "
+                               f"--wait SECONDS (waited {waited:.0f} s)")
+            if waited >= said:
+                log.warning("waiting for the store's lock, held by %s for %s",
+                            holder.get("owner"), age(holder))
+                said = waited + 30
+            time.sleep(0.5)
+        self.waited = self.wait - (deadline - time.monotonic())
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name="ahl-lease")
+        self._renewer.start()
+
+    def holds(self) -> bool:
+        """Whether the lease is still ours (checked again just before the commit point)."""
+        tags = self.store.model_tags(LEASE)
+        return tags is not None and tags.get("token") == self.token
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self.holds():
+            self.store.delete_model(LEASE)
+
+    def _tags(self) -> dict:
+        now = time.time()
+        return {"owner": process_owner(), "token": self.token, "expires": now + self.seconds,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "since_epoch": now}
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                if self.holds():
+                    self.store.set_model_tag(LEASE, "expires", time.time() + self.seconds)
+            except Exception:  # a renewal that fails is retried; a lease that lapses is checked
+                pass
+
+    @staticmethod
+    def _lapsed(holder: dict) -> bool:
+        return float(holder.get("expires", 0)) < time.time() or owner_is_dead(holder.get("owner", ""))
+
+    @staticmethod
+    def _why(holder: dict) -> str:
+        return ("its process is gone" if owner_is_dead(holder.get("owner", ""))
+                else "its lease expired")
+
+
+def age(holder: dict) -> str:
+    seconds = max(0, time.time() - float(holder.get("since_epoch", time.time())))
+    return f"{seconds // 60:.0f} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def finalize(store, loader, record: dict) -> None:
+    """After the commit point of `record`'s step: make its version and router visible and move
+    the aliases. Idempotent: repair runs it again for a writer killed halfway; the version
+    becomes visible last, so until then repair knows there is something to finish."""
+    task, version, router = record["task"], record["version"], record["router"]
+    if (record.get("gate") or {}).get("passed"):
+        store.set_alias(task, PRODUCTION, version)
+    made = {name: store.get_version(name, number) for name, number in ((ROUTER, router),
+                                                                       (task, version))}
+    for name, made_version in made.items():
+        if PENDING in made_version.tags:
+            store.delete_version_tag(name, made_version.version, PENDING)
+    sync_router(store, loader, prefer=made[ROUTER])
+    store.finish_run(record["run_id"])
+
+
+def repair(store, loader) -> list[str]:
+    """Under the lease: finish or roll back what killed writers left, and point the router at
+    the serving set; one line per action."""
+    done, run_id, actions, finished = steps_done(store), sequence_run(store), [], set()
+    for version in store.pending_versions():
+        model = version.name.split(".", 1)[1]
+        step = int(version.tags.get(STEP_TAG, "0"))
+        record = read_step(store, step, run_id) if 0 < step <= done else None
+        committed = record is not None and (
+            (model, int(version.version)) in ((record["task"], record["version"]),
+                                              (ROUTER, record["router"])))
+        if committed:
+            if step not in finished:
+                finalize(store, loader, record)
+                finished.add(step)
+            actions.append(f"{model}@{version.version}: committed at step {step}; finished "
+                           "making it visible")
+        else:
+            store.unregister(version.name, version.version)
+            actions.append(f"{model}@{version.version}: its writer died before committing; "
+                           "rolled back")
+    for run in store.running_runs():
+        owner = run.data.tags.get("ahl.owner", "")
+        if owner and owner_is_dead(owner):
+            store.finish_run(run.info.run_id, "KILLED")
+            actions.append(f"run {run.info.run_id} ({run.info.run_name}): its process "
+                           f"{owner.split(':')[1]} is gone; marked KILLED")
+    if done and sync_router(store, loader):  # a writer killed inside finalize's last calls
+        actions.append("_router: production pointed at the router of the serving set")
+    for line in actions:
+        log.warning("repaired: %s", line)
+    return actions
+
+
+@dataclass
+class Candidate:
+    """A trained adapter waiting for its commit: its run (artifacts logged), what it was
+    planned and measured as, and the router statistics of its task."""
+
+    plan: object
+    base: object
+    bank: object
+    run_id: str
+    adapter: str
+    files: dict
+    accuracy: float
+    stats: object
+
+
+def commit_add_task(store, loader, candidate: Candidate, gate: float | None, lease: Lease,
+                    images: bool = True) -> dict:
+    """Under the lease: make the candidate the task's next version, refit the router over the
+    serving set as it is now, evaluate every task in every mode and record the step. Returns
+    the step's record; on any error before the commit point nothing of it is visible."""
+    repair(store, loader)
+    c, name = candidate, candidate.plan.data.name
+    store.check_base(c.base.name, c.base.sha256)  # another writer may have bound the store
+    store.bind_base(c.base.name, c.base.sha256)
+    current = store.serving()
+    parent = store.current_version(name)
+    sequence = sequence_run(store, create=True)
+    step = steps_done(store, sequence) + 1
+    previous = {**(read_step(store, step - 1, sequence) or {}),
+                **read_carry(store, step - 1, sequence)}
+    store.log_json(c.run_id, LINEAGE_ARTIFACT, {"after": [
+        {"task": t, "version": int(v.version)} for t, v in current.items() if t != name]})
+    pending = {PENDING: "1", STEP_TAG: step}
+    made = []  # (model, version) registered here, rolled back on failure
+    try:
+        registered = store.register(name, c.run_id, ADAPTER_ARTIFACT, tags={
+            **lineage_tags(c.plan, c.base, parent, c.files, c.accuracy), **pending})
+        made.append((store.model_name(name), registered.version))
+        evaluated = {**{t: v for t, v in current.items() if t != name}, name: registered}
+        router = GaussianRouter().fit({**{t: loader.task_stats(v) for t, v in evaluated.items()
+                                          if t != name}, name: c.stats})
+        router_version = register_router(store, router, c.run_id, {
+            t: int(v.version) for t, v in evaluated.items()}, pending)
+        made.append((store.model_name(ROUTER), router_version.version))
+        store.set_version_tag(name, registered.version, f"{TAG}router.version",
+                              router_version.version)
+        adapters = {t: (c.adapter if t == name else loader.load_version(c.bank, t, v))
+                    for t, v in evaluated.items()}
+        results = evaluate_step(c.bank, router, loader, evaluated, adapters)
+        record = step_record(step, previous, name, registered, router_version, c.run_id,
+                             evaluated, results, router)
+        record["gate"] = gate_verdict(gate, name, dict(zip(previous.get("tasks", []),
+                                      previous.get("rows", {}).get("routed", []))),
+                                      dict(zip(record["tasks"], record["rows"]["routed"])))
+        if record["gate"] and not record["gate"]["passed"]:
+            store.set_version_tag(name, registered.version, HELD, json.dumps(
+                {"gate": gate, "regressions": record["gate"]["regressions"]}))
+        write_step(store, sequence, record)
+        if images:
+            log_images(store, sequence, step, *matrices_of(read_steps(store) + [record]),
+                       record["confusion"])
+        if not lease.holds():
+            raise AhlError(f"lost the store's lock while committing {name} (another writer took "
+                           "it over after it expired): nothing was committed; run add-task again")
+        commit_step(store, sequence, step)  # the commit point
+    except BaseException:
+        for model, version in reversed(made):
+            store.unregister(model, version)
+        raise
+    finalize(store, loader, record)
+    return record
+
+
+def step_record(step: int, previous: dict, task: str, registered, router_version, run_id: str,
+                evaluated: dict, results: dict, router) -> dict:
+    """One step of the sequence record (sequence.py): the columns so far, one row per mode,
+    what forgetting needs of the rows before (first and best values) and the summaries."""
+    tasks = previous.get("tasks", []) + [t for t in evaluated if t not in previous.get("tasks", [])]
+    rows, first, best, summary = {}, {}, {}, {}
+    for mode in MATRICES:
+        row = {t: getattr(results[t], mode) if t in results else None for t in tasks}
+        old_first = previous.get("first", {}).get(mode, {})
+        old_best = previous.get("best", {}).get(mode, {})
+        if mode in MODES:
+            summary[mode] = summarize_step(old_first, old_best, row)
+        rows[mode] = [row[t] for t in tasks]
+        first[mode], best[mode] = carry(old_first, old_best, row)
+    return {"step": step, "task": task, "version": int(registered.version),
+            "router": int(router_version.version), "run_id": run_id,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tasks": tasks,
+            "versions": {t: int(v.version) for t, v in evaluated.items()}, "rows": rows,
+            "first": first, "best": best, "summaries": summary,
+            "confusion": {"tasks": router.tasks_, "true_tasks": list(results),
+                          "matrix": [results[t].confusion for t in results]}}

@@ -1,0 +1,125 @@
+"""The sequence record: one step per committed add-task, read back in a constant number of calls.
+
+The store's one `sequence` run holds, for step s (1-based, contiguous):
+- the artifact `steps/step_{s:06d}.json`: the step's record: the task and version it added, the
+  version of every task evaluated, the router version, one row per mode aligned with `tasks`
+  (the columns so far, in order of addition), the router's confusion and the gate's verdict;
+- metrics `MODE/acc/TASK` and the summaries at step s, for MLflow's charts (dashboards.py);
+- the tag `ahl.steps`: the number of committed steps. Setting it is the commit point of an
+  add-task (commit.py): a record or metrics beyond it belong to a writer that died, are ignored
+  by readers, and are overwritten by the next writer.
+Step lists live in artifacts, never in tags: their size grows with the number of tasks.
+"""
+
+from adapterhub_local.forgetting import Matrix, summarize
+from adapterhub_local.store import SEQUENCE_RUN, STEPS_TAG, TAG
+STEPS_ARTIFACT = "steps"
+MODES = ("oracle", "routed", "composed")
+MATRICES = (*MODES, "routing")  # routing: share of task j's inputs routed to j after step i
+
+
+CARRY_ARTIFACT = "carry"
+
+
+def step_path(step: int, folder: str = STEPS_ARTIFACT) -> str:
+    return f"{folder}/step_{step:06d}.json"
+
+
+def sequence_run(store, create: bool = False) -> str | None:
+    """The store's sequence run (made by the first writer, who holds the lease)."""
+    if not store.exists():
+        return None
+    run_id = store.find_run(f"{TAG}kind", SEQUENCE_RUN)
+    if run_id is None and create:
+        run_id = store.create_finished_run(SEQUENCE_RUN, {f"{TAG}kind": SEQUENCE_RUN})
+    return run_id
+
+
+def steps_done(store, run_id: str | None = None) -> int:
+    """How many steps are committed."""
+    if run_id is None:
+        return store.steps_committed()
+    return int(store.run_info(run_id)[1].get(STEPS_TAG, "0"))
+
+
+def read_step(store, step: int, run_id: str | None = None) -> dict | None:
+    """One committed step's record (None beyond the last)."""
+    run_id = run_id or sequence_run(store)
+    if not run_id or not 1 <= step <= steps_done(store, run_id):
+        return None
+    return store.read_json_artifact(run_id, step_path(step))
+
+
+def last_step(store) -> dict | None:
+    run_id = sequence_run(store)
+    return read_step(store, steps_done(store, run_id), run_id) if run_id else None
+
+
+def read_steps(store) -> list[dict]:
+    """Every committed step's record, oldest first: one download of the steps folder."""
+    import json
+
+    run_id = sequence_run(store)
+    steps = steps_done(store, run_id) if run_id else 0
+    if not steps:
+        return []
+    folder = store.artifact_folder(run_id, STEPS_ARTIFACT)
+    return [json.loads((folder / step_path(s).split("/")[1]).read_text(encoding="utf-8"))
+            for s in range(1, steps + 1)]
+
+
+def matrices_of(records: list[dict]) -> tuple[list[str], dict[str, Matrix]]:
+    """(tasks in order of addition, {mode: matrix}) from step records; a column a step did not
+    evaluate (a removed task, or one not added yet) is None."""
+    tasks = records[-1]["tasks"] if records else []
+    matrices = {}
+    for mode in MATRICES:
+        matrices[mode] = [[dict(zip(r["tasks"], r["rows"][mode])).get(t) for t in tasks]
+                          for r in records]
+    return tasks, matrices
+
+
+def read_matrices(store) -> tuple[list[str], dict[str, Matrix]]:
+    return matrices_of(read_steps(store))
+
+
+def write_step(store, run_id: str, record: dict, metrics: bool = True) -> None:
+    """Write step `record["step"]`'s record and metrics; it counts once commit_step ran. What
+    only the next step needs (each column's first and best values so far) goes to its own
+    artifact, so that reading the matrices reads the rows alone."""
+    carried = {k: record[k] for k in ("first", "best")}
+    store.log_json(run_id, step_path(record["step"], CARRY_ARTIFACT), carried)
+    store.log_json(run_id, step_path(record["step"]),
+                   {k: v for k, v in record.items() if k not in carried})
+    if metrics:
+        store.log_metrics(run_id, step_metrics(record), record["step"])
+
+
+def read_carry(store, step: int, run_id: str) -> dict:
+    """{"first", "best"} as step `step` left them ({} before the first step)."""
+    if step < 1:
+        return {}
+    return store.read_json_artifact(run_id, step_path(step, CARRY_ARTIFACT))
+
+
+def commit_step(store, run_id: str, step: int) -> None:
+    """The commit point: one tag, one call."""
+    store.set_run_tag(run_id, STEPS_TAG, step)
+
+
+def step_metrics(record: dict) -> dict[str, float]:
+    """The step's row of every mode as metrics, with each mode's summaries (the summaries need
+    the whole matrix: the caller puts it in record["summaries"])."""
+    metrics = {}
+    for mode in MATRICES:
+        metrics.update({f"{mode}/acc/{t}": v for t, v in zip(record["tasks"], record["rows"][mode])
+                        if v is not None})
+    for mode, summary in record.get("summaries", {}).items():
+        metrics.update({f"{mode}/{k}": v for k, v in summary.items() if v is not None})
+    return metrics
+
+
+def summaries(matrices: dict[str, Matrix]) -> dict[str, dict]:
+    """Average accuracy, BWT and forgetting of every mode at the last row."""
+    return {mode: {k: v for k, v in summarize(matrices[mode]).items() if k != "matrix"}
+            for mode in MODES}

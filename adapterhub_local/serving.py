@@ -1,0 +1,207 @@
+"""The serving set: which version of each task answers, the router fit for exactly those, the
+forgetting gate, and reading it all back with every file checked against its checksum.
+
+A task's serving version is its `production` alias, else its newest version the gate did not
+hold back (store.serving). The router model `_router` has its own `production` alias, always
+pointing at a router fit for exactly the serving set: whatever changes the serving set (a commit,
+promote, rm) calls sync_router under the store's lease.
+"""
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from adapterhub_local import __version__
+from adapterhub_local.errors import AhlError
+from adapterhub_local.forgetting import drops
+from adapterhub_local.inference import adapter_name, bank_for
+from adapterhub_local.methods import get_method
+from adapterhub_local.router import ROUTER_META, GaussianRouter, TaskStats
+from adapterhub_local.store import PRODUCTION, ROUTER, TAG, sha256_file
+
+ADAPTER_ARTIFACT, STATS_ARTIFACT, ROUTER_ARTIFACT = "adapter", "router_stats", "router"
+TEST_ARTIFACT = "eval/test.json"
+VERSIONS_DIGEST = f"{TAG}versions.sha256"  # router version tag: which serving set it was fit for
+
+
+def versions_digest(versions: dict[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(versions.items())).encode()).hexdigest()
+
+
+def digest_of_router(router_version) -> str:
+    """The serving set a router version was fit for, as a digest (older routers: their tag)."""
+    tags = router_version.tags
+    if VERSIONS_DIGEST in tags:
+        return tags[VERSIONS_DIGEST]
+    return versions_digest({t: int(v) for t, v in json.loads(tags.get(f"{TAG}versions", "{}")).items()})
+
+
+def register_router(store, router: GaussianRouter, run_id: str, versions: dict[str, int],
+                    extra_tags: dict | None = None):
+    """Save a router as run artifacts and register it as the next `_router` version, with the
+    checksums of its files (checked when it is loaded)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        router.save(Path(tmp), versions)
+        files = {f.name: sha256_file(f) for f in sorted(Path(tmp).iterdir())}
+        store.log_artifacts(run_id, Path(tmp), ROUTER_ARTIFACT)
+    return store.register(ROUTER, run_id, ROUTER_ARTIFACT, tags={
+        VERSIONS_DIGEST: versions_digest(versions), f"{TAG}files": json.dumps(files),
+        f"{TAG}shrinkage": router.shrinkage_, f"{TAG}threshold": router.threshold_,
+        f"{TAG}package_version": __version__, **(extra_tags or {})})
+
+
+def serving_router(store):
+    """The router version prediction uses: `_router`'s production alias (stores made before
+    aliases existed: its newest committed version)."""
+    return store.alias_version(ROUTER, PRODUCTION) or store.current_version(ROUTER)
+
+
+def sync_router(store, loader, prefer=None) -> bool:
+    """Point the router's production alias at a router fit for exactly the serving versions:
+    `prefer` (a commit's own router) if it fits, else the newest such router version, else a
+    new one fit from the stored statistics. Returns whether the alias moved."""
+    serving = store.serving()
+    wanted = {t: int(v.version) for t, v in serving.items()}
+    digest = versions_digest(wanted)
+    now = store.alias_version(ROUTER, PRODUCTION)
+    if now is not None and digest_of_router(now) == digest:
+        return False
+    for router_version in [prefer] if prefer is not None else []:
+        if digest_of_router(router_version) == digest:
+            store.set_alias(ROUTER, PRODUCTION, router_version.version)
+            return True
+    for router_version in reversed(store.versions(ROUTER)):
+        if digest_of_router(router_version) == digest:
+            store.set_alias(ROUTER, PRODUCTION, router_version.version)
+            return True
+    if not serving:
+        if now is not None:
+            store.delete_alias(ROUTER, PRODUCTION)
+        return now is not None
+    router = GaussianRouter().fit({t: loader.task_stats(v) for t, v in serving.items()})
+    run_id = store.start_run(ROUTER, params={"tasks": len(wanted)}, tags={f"{TAG}kind": "router"})
+    try:
+        store.log_json(run_id, "versions.json", wanted)
+        made = register_router(store, router, run_id, wanted)
+        store.set_alias(ROUTER, PRODUCTION, made.version)
+    except BaseException:
+        store.finish_run(run_id, "FAILED")
+        raise
+    store.finish_run(run_id)
+    return True
+
+
+def gate_verdict(gate: float | None, task: str, previous: dict, row: dict) -> dict | None:
+    """Whether a new version of `task` may serve: no earlier task's routed accuracy dropped by
+    more than the gate from the previous step (previous and row: {task: routed accuracy})."""
+    if gate is None:
+        return None
+    dropped = [{"task": t, "before": before, "after": after, "drop": before - after}
+               for t, before, after in drops(previous, row, gate) if t != task]
+    return {"threshold": gate, "passed": not dropped, "regressions": dropped}
+
+
+def check_gate(gate: float) -> float:
+    if not 0 <= gate < 1:
+        raise AhlError(f"gate {gate} is not an accuracy drop between 0 and 1: try --gate 0.02")
+    return float(gate)
+
+
+class Loader:
+    """What this process has read from the store: each version's files are checked against the
+    checksums recorded at registration the first time they are used (a bad file is one line
+    naming the version), router statistics and test splits are read once."""
+
+    def __init__(self, store):
+        self.store = store
+        self.checked: dict[str, Path] = {}  # model version source -> its verified local folder
+        self.cache: dict[tuple, object] = {}
+        self.opened = None  # (router version, (bank, router, adapters, versions, broken))
+
+    def folder(self, version) -> Path:
+        """The version's local folder, its files checked once per process."""
+        if version.source not in self.checked:
+            label = f"{version.tags.get(f'{TAG}task', version.name.split('.', 1)[-1])}@{version.version}"
+            recorded = json.loads(version.tags.get(f"{TAG}files", "{}"))
+            try:
+                folder = self.store.adapter_folder(version)
+            except Exception:
+                raise AhlError(f"{label}: its files are missing from the store: run ahl store "
+                               "verify") from None
+            bad = [n for n, sha in recorded.items()
+                   if not (folder / n).is_file() or sha256_file(folder / n) != sha]
+            if bad:
+                raise AhlError(f"{label}: {', '.join(bad)} missing or altered (checksum "
+                               "mismatch): run ahl store verify")
+            self.checked[version.source] = folder
+        return self.checked[version.source]
+
+    def cached(self, key: tuple, compute):
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def load_version(self, bank, task: str, version) -> str:
+        name = adapter_name(task, version.run_id)
+        method = get_method(version.tags.get(f"{TAG}method", "lora"))
+        bank.load_adapter(name, self.folder(version), method)
+        return name
+
+    def test_split(self, version) -> dict:
+        """{"texts", "labels"}: the version's test split, as its run stored it."""
+        return self.cached((version.run_id, "test"), lambda: self.store.read_json_artifact(
+            version.run_id, TEST_ARTIFACT))
+
+    def oracle_probs(self, bank, adapter: str, version) -> list:
+        """The adapter's outputs on its own test split. Reused only for the very weights that
+        produced them: the key holds the digest of the weights in memory now, so an adapter
+        changed in memory is scored again (forgetting is measured, never assumed)."""
+        split, max_length = self.test_split(version), max_length_of(version)
+        return self.cached((version.run_id, "probs", bank.digest(adapter)), lambda: bank.probabilities(
+            split["texts"], [adapter] * len(split["texts"]), max_length))
+
+    def features(self, bank, version):
+        """The bare base's features of the version's test split (the base never changes)."""
+        split = self.test_split(version)
+        return self.cached((version.run_id, "features"), lambda: bank.features(
+            split["texts"], max_length_of(version)))
+
+    def task_stats(self, version) -> TaskStats:
+        return self.cached((version.run_id, "stats"), lambda: TaskStats.load(
+            self.store.artifact_folder(version.run_id, STATS_ARTIFACT)))
+
+    def open_router(self, base_name: str):
+        """(bank, router, {task: adapter}, {task: version}, {task: error}) for the serving router:
+        its adapters loaded, each checked; a broken one is left out and named in `broken`, so
+        that only the inputs routed to it fail."""
+        version = serving_router(self.store)
+        if version is None:
+            raise AhlError(f"store {self.store.location} has no serving versions (the gate held "
+                           "them all back): promote one with ahl store promote NAME VERSION "
+                           "--alias production")
+        if self.opened and self.opened[0] == version.version:
+            return self.opened[1]
+        folder = self.folder(version)
+        router = GaussianRouter.load(folder)
+        versions = {t: int(v) for t, v in json.loads(
+            (folder / ROUTER_META).read_text(encoding="utf-8"))["versions"].items()}
+        bank = bank_for_base(base_name)
+        adapters, broken = {}, {}
+        for task, v in versions.items():
+            try:
+                adapters[task] = self.load_version(bank, task, self.store.get_version(task, v))
+            except AhlError as e:
+                broken[task] = str(e)
+        self.opened = (version.version, (bank, router, adapters, versions, broken))
+        return self.opened[1]
+
+
+def bank_for_base(base_name: str):
+    from adapterhub_local.base import load_base
+
+    return bank_for(load_base(base_name))
+
+
+def max_length_of(version) -> int:
+    return json.loads(version.tags.get(f"{TAG}train", "{}")).get("max_length", 128)
