@@ -9,7 +9,6 @@ the FFN output. It saves and loads as a normal PEFT folder (`peft_type: BOTTLENE
 mixed batches (peft's `adapter_names`, one adapter per row).
 """
 
-import enum
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial

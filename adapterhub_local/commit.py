@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 from adapterhub_local.dashboards import log_images
 from adapterhub_local.errors import AhlError
@@ -29,7 +28,8 @@ from adapterhub_local.plan import lineage_tags
 from adapterhub_local.router import GaussianRouter
 from adapterhub_local.sequence import (MATRICES, MODES, commit_step, matrices_of, read_carry,
                                        read_step, read_steps, sequence_run, steps_done, write_step)
-from adapterhub_local.serving import ADAPTER_ARTIFACT, gate_verdict, register_router, sync_router
+from adapterhub_local.serving import (ADAPTER_ARTIFACT, gate_verdict, register_router,
+                                      serving_set, sync_router)
 from adapterhub_local.store import (HELD, LEASE, LINEAGE_ARTIFACT, PENDING, PRODUCTION, ROUTER,
                                     STEP_TAG, TAG)
 from adapterhub_local.tracking import owner_is_dead, process_owner
@@ -136,16 +136,17 @@ def finalize(store, loader, record: dict) -> None:
         store.set_alias(task, PRODUCTION, version)
     made = {name: store.get_version(name, number) for name, number in ((ROUTER, router),
                                                                        (task, version))}
+    # The version counts from the commit point on (store.visible), so the router moves first;
+    # the pending tags go last: while one is left, repair knows there is something to finish.
+    sync_router(store, loader, changed=task, prefer=made[ROUTER])
     for name, made_version in made.items():
         if PENDING in made_version.tags:
             store.delete_version_tag(name, made_version.version, PENDING)
-    sync_router(store, loader, prefer=made[ROUTER])
     store.finish_run(record["run_id"])
 
 
 def repair(store, loader) -> list[str]:
-    """Under the lease: finish or roll back what killed writers left, and point the router at
-    the serving set; one line per action."""
+    """Under the lease: finish or roll back what killed writers left; one line per action."""
     done, run_id, actions, finished = steps_done(store), sequence_run(store), [], set()
     for version in store.pending_versions():
         model = version.name.split(".", 1)[1]
@@ -170,29 +171,12 @@ def repair(store, loader) -> list[str]:
             store.finish_run(run.info.run_id, "KILLED")
             actions.append(f"run {run.info.run_id} ({run.info.run_name}): its process "
                            f"{owner.split(':')[1]} is gone; marked KILLED")
-    if done and sync_router(store, loader):  # a writer killed inside finalize's last calls
-        actions.append("_router: production pointed at the router of the serving set")
     for line in actions:
         log.warning("repaired: %s", line)
     return actions
 
 
-@dataclass
-class Candidate:
-    """A trained adapter waiting for its commit: its run (artifacts logged), what it was
-    planned and measured as, and the router statistics of its task."""
-
-    plan: object
-    base: object
-    bank: object
-    run_id: str
-    adapter: str
-    files: dict
-    accuracy: float
-    stats: object
-
-
-def commit_add_task(store, loader, candidate: Candidate, gate: float | None, lease: Lease,
+def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease,
                     images: bool = True) -> dict:
     """Under the lease: make the candidate the task's next version, refit the router over the
     serving set as it is now, evaluate every task in every mode and record the step. Returns
@@ -201,7 +185,7 @@ def commit_add_task(store, loader, candidate: Candidate, gate: float | None, lea
     c, name = candidate, candidate.plan.data.name
     store.check_base(c.base.name, c.base.sha256)  # another writer may have bound the store
     store.bind_base(c.base.name, c.base.sha256)
-    current = store.serving()
+    current = serving_set(store)
     parent = store.current_version(name)
     sequence = sequence_run(store, create=True)
     step = steps_done(store, sequence) + 1
@@ -218,8 +202,7 @@ def commit_add_task(store, loader, candidate: Candidate, gate: float | None, lea
         evaluated = {**{t: v for t, v in current.items() if t != name}, name: registered}
         router = GaussianRouter().fit({**{t: loader.task_stats(v) for t, v in evaluated.items()
                                           if t != name}, name: c.stats})
-        router_version = register_router(store, router, c.run_id, {
-            t: int(v.version) for t, v in evaluated.items()}, pending)
+        router_version = register_router(store, router, c.run_id, evaluated, pending)
         made.append((store.model_name(ROUTER), router_version.version))
         store.set_version_tag(name, registered.version, f"{TAG}router.version",
                               router_version.version)

@@ -12,19 +12,18 @@ sequence (the matrices).
 """
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from adapterhub_local.commit import DEFAULT_WAIT, Candidate, Lease, commit_add_task, repair
+from adapterhub_local.candidate import measure_candidate
+from adapterhub_local.commit import DEFAULT_WAIT, Lease, commit_add_task, repair
 from adapterhub_local.errors import AhlError
 from adapterhub_local.evaluation import COMPOSE_TOP_K
 from adapterhub_local.plan import plan_add_task, run_params
-from adapterhub_local.sequence import MODES, last_step, read_steps, matrices_of
-from adapterhub_local.serving import (ADAPTER_ARTIFACT, STATS_ARTIFACT, TEST_ARTIFACT, Loader,
-                                      check_gate, sync_router)
-from adapterhub_local.store import PRODUCTION, TAG, AdapterStore, parse_ref, sha256_file
+from adapterhub_local.sequence import MODES, last_step, matrices_of, read_steps, step_summary
+from adapterhub_local.serving import Loader, check_gate, serving_set, sync_router
+from adapterhub_local.store import PRODUCTION, TAG, AdapterStore, parse_ref
 
 PREDICT_MODES = ("pick", "compose")
 
@@ -77,7 +76,8 @@ class Hub:
                                    get_method(plan.method), progress=progress,
                                    log=lambda m, step: self.store.log_metrics(run_id, m, step))
             train_seconds = time.time() - started
-            candidate = self._measure(plan, loaded, bank, run_id, adapter, report, train_seconds)
+            candidate = measure_candidate(self.store, self.loader, plan, loaded, bank, run_id,
+                                          adapter, report, train_seconds)
             with Lease(self.store, self.wait) as lease:
                 committing = time.time()
                 record = commit_add_task(self.store, self.loader, candidate, gate, lease)
@@ -86,7 +86,7 @@ class Hub:
             bank.remove_adapter(adapter)
             self.store.finish_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
-        serving = self.store.serving().get(plan.data.name)
+        serving = serving_set(self.store).get(plan.data.name)
         return {"task": record["task"], "version": record["version"], "method": plan.method,
                 "accuracy": candidate.accuracy, "val_accuracy": report.val_accuracy,
                 "train_seconds": round(train_seconds, 2), "steps": report.steps,
@@ -99,41 +99,13 @@ class Hub:
                 "serving": serving is not None and int(serving.version) == record["version"],
                 **step_summary(record)}
 
-    def _measure(self, plan, loaded, bank, run_id, adapter, report, train_seconds) -> Candidate:
-        """Test accuracy and router statistics of a freshly trained adapter, and its files as
-        run artifacts: everything of an add-task that needs no lock."""
-        from adapterhub_local.router import task_stats
-        from adapterhub_local.trainer import split_validation
-
-        data = plan.data
-        probs = bank.probabilities(data.test_texts, [adapter] * len(data.test_texts),
-                                   plan.train.max_length)
-        accuracy = sum(int(p.argmax()) == y for p, y in zip(probs, data.test_labels)) / len(probs)
-        self.store.log_metrics(run_id, {"test_accuracy": accuracy, "train_seconds": train_seconds,
-                                        "trainable_params": report.trainable_params}, report.steps)
-        fit_rows, held_rows = split_validation(data.train_labels, plan.train.seed)
-        features = bank.features(data.train_texts, plan.train.max_length)
-        stats = task_stats(features[fit_rows], [data.train_labels[i] for i in fit_rows],
-                           data.labels, features[held_rows])
-        split = {"texts": data.test_texts, "labels": data.test_labels}
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / ADAPTER_ARTIFACT
-            bank.save_adapter(adapter, folder)
-            files = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
-            self.store.log_artifacts(run_id, folder, ADAPTER_ARTIFACT)
-            stats.save(Path(tmp) / STATS_ARTIFACT)
-            self.store.log_artifacts(run_id, Path(tmp) / STATS_ARTIFACT, STATS_ARTIFACT)
-        self.store.log_json(run_id, TEST_ARTIFACT, split)
-        # The commit scores every task again; these are the very weights it will find in memory.
-        self.loader.cache[(run_id, "test")] = split
-        self.loader.cache[(run_id, "probs", bank.digest(adapter))] = probs
-        return Candidate(plan, loaded, bank, run_id, adapter, files, accuracy, stats)
-
     # -- predicting ---------------------------------------------------------------------------
 
     def route(self, texts: list[str], top_k: int = 1) -> list:
         """Which task(s) each text belongs to, with weights (Route values); abstains on empty
         or unknown text."""
+        from adapterhub_local.inference import route_texts
+
         texts = check_texts(texts)
         if not texts:
             return []
@@ -147,7 +119,7 @@ class Hub:
         the router decides: "pick" one adapter, or "compose" the top_k. task/label are None
         when it abstains ("reason" says why) or when the adapter it needs failed its checksum
         ("error" names it; other inputs are answered)."""
-        from adapterhub_local.inference import answer
+        from adapterhub_local.inference import answer_routes, route_texts
         from adapterhub_local.router import Route
 
         texts = check_texts(texts)
@@ -168,42 +140,31 @@ class Hub:
             states = None
         else:
             routes, states = route_texts(bank, router, texts, 1 if mode == "pick" else top_k)
-        pairs = [(row, t) for row, r in enumerate(routes) for t in r.tasks if t in adapters]
-        probs = bank.probabilities([texts[row] for row, _ in pairs], [adapters[t] for _, t in pairs],
-                                   states=states and [states[row] for row, _ in pairs])
-        by_row: list[dict] = [{} for _ in texts]
-        for (row, t), p in zip(pairs, probs):
-            by_row[row][t] = p
-        labels = {t: bank.labels[name] for t, name in adapters.items()}
-        results = []
-        for text, route, row_probs in zip(texts, routes, by_row):
-            failed = [broken[t] for t in route.tasks if t in broken]
-            result = answer(route, row_probs, labels) if not failed else {
-                "task": None, "label": None, "score": 0.0}
-            results.append({"text": text, "task": result["task"], "label": result["label"],
-                            "score": result["score"],
-                            "adapters": [{"task": t, "version": versions[t], "weight": w}
-                                         for t, w in zip(route.tasks, route.weights)],
-                            **({"reason": route.reason} if route.reason else {}),
-                            **({"error": failed[0]} if failed else {})})
-        return results
+        return answer_routes(bank, texts, routes, states, adapters, versions, broken)
 
     # -- queries ------------------------------------------------------------------------------
 
     def tasks(self) -> list[dict]:
         """Each task with the version that serves (None while the gate holds back its only
-        versions), its method, aliases and its oracle accuracy at the last step."""
+        versions), its method, aliases and its oracle accuracy at the last step: a constant
+        number of registry calls however many versions the store holds."""
         last = last_step(self.store) or {"tasks": [], "rows": {"oracle": []}}
         last_row = dict(zip(last["tasks"], last["rows"]["oracle"]))
-        serving = self.store.serving()
+        serving = serving_set(self.store)
         result = []
-        for task, versions in self.store.all_versions().items():
-            version = serving.get(task, versions[-1])
+        for task, aliases in self.store.task_aliases().items():
+            version = serving.get(task)
+            if version is None:  # held back by the gate, or every version removed
+                versions = self.store.versions(task)
+                if not versions:
+                    continue
+                version = versions[-1]
             accuracy = last_row.get(task) if task in serving else None
             result.append({"task": task,
                            "version": int(version.version) if task in serving else None,
                            "method": version.tags.get(f"{TAG}method"),
-                           "aliases": list(version.aliases or []),
+                           "aliases": sorted(a for a, v in aliases.items()
+                                             if v == str(version.version)),
                            "accuracy": accuracy if accuracy is not None
                            else float(version.tags.get(f"{TAG}accuracy", "nan"))})
         return result
@@ -213,8 +174,9 @@ class Hub:
         and with confusion=True the router's task confusion at the last step."""
         from adapterhub_local.forgetting import summarize
 
-        self.require_tasks()
         records = read_steps(self.store)
+        if not records:
+            self.require_tasks()
         tasks, matrices = matrices_of(records)
         result = {"tasks": tasks, "modes": {mode: summarize(matrices[mode]) for mode in MODES},
                   "routing_accuracy": matrices["routing"]}
@@ -246,7 +208,7 @@ class Hub:
             repair(self.store, self.loader)
             promoted = self.store.promote(task, version, alias)
             if alias == PRODUCTION:
-                sync_router(self.store, self.loader)
+                sync_router(self.store, self.loader, changed=task)
         return self.store.lineage(promoted)
 
     def remove(self, ref: str) -> dict:
@@ -261,7 +223,7 @@ class Hub:
             repair(self.store, self.loader)
             version = self.store.resolve(ref)
             self.store.remove(version)
-            sync_router(self.store, self.loader)
+            sync_router(self.store, self.loader, changed=task)
         return self.store.lineage(self.store.get_version(task, version.version))
 
     def gate(self, value: float | None = None, off: bool = False) -> float | None:
@@ -310,34 +272,6 @@ class Hub:
         if not self.store.task_names():
             raise AhlError(f"store {self.store.location} has no tasks yet: add one with "
                            "ahl add-task NAME --train FILE")
-
-
-def route_texts(bank, router, texts: list[str], top_k: int):
-    """(routes, states) of texts: empty ones abstain; the states after the base's bottom half
-    are kept so that prediction goes on from them instead of running it again."""
-    from adapterhub_local.router import Route
-
-    filled = [i for i, t in enumerate(texts) if t.strip()]
-    routes = [Route([], [], 0.0, "empty text")] * len(texts)
-    states = [None] * len(texts)
-    if filled:
-        features, kept = bank.encode([texts[i] for i in filled], keep_states=True)
-        for k, (i, route) in enumerate(zip(filled, router.route(features, top_k))):
-            routes[i], states[i] = route, kept[k]
-    return routes, states
-
-
-def step_summary(record: dict) -> dict:
-    """What add-task reports of its step: the rows, each task's value when learned, summaries."""
-    oracle = record["rows"]["oracle"]
-    learned = record["first"]["oracle"]
-    return {"step": record["step"], "tasks": record["tasks"], "row": oracle,
-            "learned": [learned.get(t) for t in record["tasks"]],
-            "routed_row": record["rows"]["routed"], "routing_row": record["rows"]["routing"],
-            **record["summaries"]["oracle"],
-            "routed_average_accuracy": record["summaries"]["routed"]["average_accuracy"],
-            "composed_average_accuracy": record["summaries"]["composed"]["average_accuracy"],
-            "gate": record.get("gate")}
 
 
 def check_texts(texts) -> list[str]:

@@ -290,6 +290,46 @@ class AdapterBank:
         return sum(p == y for p, y in zip(preds, labels)) / max(len(labels), 1)
 
 
+def route_texts(bank, router, texts: list[str], top_k: int):
+    """(routes, states) of texts: empty ones abstain; the states after the base's bottom half
+    are kept so that prediction goes on from them instead of running it again."""
+    from adapterhub_local.router import Route
+
+    filled = [i for i, t in enumerate(texts) if t.strip()]
+    routes = [Route([], [], 0.0, "empty text")] * len(texts)
+    states = [None] * len(texts)
+    if filled:
+        features, kept = bank.encode([texts[i] for i in filled], keep_states=True)
+        for k, (i, route) in enumerate(zip(filled, router.route(features, top_k))):
+            routes[i], states[i] = route, kept[k]
+    return routes, states
+
+
+def answer_routes(bank, texts: list[str], routes: list, states, adapters: dict[str, str],
+                  versions: dict[str, int], broken: dict[str, str]) -> list[dict]:
+    """predict's answers: each routed (text, adapter) pair through the bank in shared batches,
+    then each text's answer; a text routed to a broken adapter gets its "error" instead."""
+    pairs = [(row, t) for row, r in enumerate(routes) for t in r.tasks if t in adapters]
+    probs = bank.probabilities([texts[row] for row, _ in pairs], [adapters[t] for _, t in pairs],
+                               states=states and [states[row] for row, _ in pairs])
+    by_row: list[dict] = [{} for _ in texts]
+    for (row, t), p in zip(pairs, probs):
+        by_row[row][t] = p
+    labels = {t: bank.labels[name] for t, name in adapters.items()}
+    results = []
+    for text, route, row_probs in zip(texts, routes, by_row):
+        failed = [broken[t] for t in route.tasks if t in broken]
+        result = answer(route, row_probs, labels) if not failed else {
+            "task": None, "label": None, "score": 0.0}
+        results.append({"text": text, "task": result["task"], "label": result["label"],
+                        "score": result["score"],
+                        "adapters": [{"task": t, "version": versions[t], "weight": w}
+                                     for t, w in zip(route.tasks, route.weights)],
+                        **({"reason": route.reason} if route.reason else {}),
+                        **({"error": failed[0]} if failed else {})})
+    return results
+
+
 def answer(route, probs: dict[str, torch.Tensor], labels: dict[str, list[str]]) -> dict:
     """One input's answer from its route and the routed adapters' label probabilities.
 

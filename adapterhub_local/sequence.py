@@ -12,7 +12,7 @@ Step lists live in artifacts, never in tags: their size grows with the number of
 """
 
 from adapterhub_local.forgetting import Matrix, summarize
-from adapterhub_local.store import SEQUENCE_RUN, STEPS_TAG, TAG
+from adapterhub_local.store import STEPS_TAG
 STEPS_ARTIFACT = "steps"
 MODES = ("oracle", "routed", "composed")
 MATRICES = (*MODES, "routing")  # routing: share of task j's inputs routed to j after step i
@@ -27,12 +27,7 @@ def step_path(step: int, folder: str = STEPS_ARTIFACT) -> str:
 
 def sequence_run(store, create: bool = False) -> str | None:
     """The store's sequence run (made by the first writer, who holds the lease)."""
-    if not store.exists():
-        return None
-    run_id = store.find_run(f"{TAG}kind", SEQUENCE_RUN)
-    if run_id is None and create:
-        run_id = store.create_finished_run(SEQUENCE_RUN, {f"{TAG}kind": SEQUENCE_RUN})
-    return run_id
+    return store.sequence_run_id(create)
 
 
 def steps_done(store, run_id: str | None = None) -> int:
@@ -72,11 +67,9 @@ def matrices_of(records: list[dict]) -> tuple[list[str], dict[str, Matrix]]:
     """(tasks in order of addition, {mode: matrix}) from step records; a column a step did not
     evaluate (a removed task, or one not added yet) is None."""
     tasks = records[-1]["tasks"] if records else []
-    matrices = {}
-    for mode in MATRICES:
-        matrices[mode] = [[dict(zip(r["tasks"], r["rows"][mode])).get(t) for t in tasks]
-                          for r in records]
-    return tasks, matrices
+    # A step's columns are the first ones of every later step's (tasks keep their column).
+    return tasks, {mode: [r["rows"][mode] + [None] * (len(tasks) - len(r["tasks"]))
+                          for r in records] for mode in MATRICES}
 
 
 def read_matrices(store) -> tuple[list[str], dict[str, Matrix]]:
@@ -123,3 +116,16 @@ def summaries(matrices: dict[str, Matrix]) -> dict[str, dict]:
     """Average accuracy, BWT and forgetting of every mode at the last row."""
     return {mode: {k: v for k, v in summarize(matrices[mode]).items() if k != "matrix"}
             for mode in MODES}
+
+
+def step_summary(record: dict) -> dict:
+    """What add-task reports of its step: the rows, each task's value when learned, summaries."""
+    oracle = record["rows"]["oracle"]
+    learned = record["first"]["oracle"]
+    return {"step": record["step"], "tasks": record["tasks"], "row": oracle,
+            "learned": [learned.get(t) for t in record["tasks"]],
+            "routed_row": record["rows"]["routed"], "routing_row": record["rows"]["routing"],
+            **record["summaries"]["oracle"],
+            "routed_average_accuracy": record["summaries"]["routed"]["average_accuracy"],
+            "composed_average_accuracy": record["summaries"]["composed"]["average_accuracy"],
+            "gate": record.get("gate")}

@@ -10,6 +10,7 @@ promote, rm) calls sync_router under the store's lease.
 import hashlib
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapterhub_local import __version__
@@ -18,11 +19,55 @@ from adapterhub_local.forgetting import drops
 from adapterhub_local.inference import adapter_name, bank_for
 from adapterhub_local.methods import get_method
 from adapterhub_local.router import ROUTER_META, GaussianRouter, TaskStats
-from adapterhub_local.store import PRODUCTION, ROUTER, TAG, sha256_file
+from adapterhub_local.store import (HELD, PENDING, PRODUCTION, ROUTER, TAG, serving_version,
+                                    sha256_file)
 
 ADAPTER_ARTIFACT, STATS_ARTIFACT, ROUTER_ARTIFACT = "adapter", "router_stats", "router"
 TEST_ARTIFACT = "eval/test.json"
 VERSIONS_DIGEST = f"{TAG}versions.sha256"  # router version tag: which serving set it was fit for
+MANIFEST = "serving.json"  # beside a router's files: each version it serves, with its tags
+
+
+@dataclass
+class Served:
+    """A serving version as its router's manifest recorded it: what a model version offers
+    (name, version, run_id, source, tags, aliases), without a registry look-up per task."""
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+    tags: dict
+    aliases: list
+
+
+def serving_set(store) -> dict:
+    """{task: version} that routing and prediction use: the manifest of the router's
+    production version, which every change of the serving set rewrites under the store's lock;
+    one look-up however many tasks. A version committed by a writer killed before it moved the
+    router counts too (its step is recorded). Stores older than manifests: a full listing."""
+    router = serving_router(store) if store.exists() else None
+    if router is None:
+        return {}
+    manifest = store.local_artifact(router.source) / MANIFEST
+    if not manifest.is_file():
+        return store.serving()
+    served = {}
+    for task, e in json.loads(manifest.read_text(encoding="utf-8")).items():
+        served[task] = Served(store.model_name(task), str(e["version"]), e["run_id"],
+                              f"{store.run_artifact_uri(e['run_id'])}/{ADAPTER_ARTIFACT}",
+                              e["tags"], e["aliases"])
+    for version in store.pending_versions():
+        task = version.name.split(".", 1)[1]
+        if task != ROUTER and HELD not in version.tags and store.visible(version):
+            served[task] = version
+    return served
+
+
+def manifest_of(versions: dict) -> dict:
+    return {t: {"version": int(v.version), "run_id": v.run_id, "aliases": list(v.aliases or []),
+                "tags": {k: val for k, val in v.tags.items() if k != PENDING}}
+            for t, v in versions.items()}
 
 
 def versions_digest(versions: dict[str, int]) -> str:
@@ -37,12 +82,15 @@ def digest_of_router(router_version) -> str:
     return versions_digest({t: int(v) for t, v in json.loads(tags.get(f"{TAG}versions", "{}")).items()})
 
 
-def register_router(store, router: GaussianRouter, run_id: str, versions: dict[str, int],
+def register_router(store, router: GaussianRouter, run_id: str, served: dict,
                     extra_tags: dict | None = None):
-    """Save a router as run artifacts and register it as the next `_router` version, with the
-    checksums of its files (checked when it is loaded)."""
+    """Save a router, fit for `served` ({task: model version}), with its manifest as run
+    artifacts and register it as the next `_router` version, with the checksums of its files
+    (checked when it is loaded)."""
+    versions = {t: int(v.version) for t, v in served.items()}
     with tempfile.TemporaryDirectory() as tmp:
         router.save(Path(tmp), versions)
+        (Path(tmp) / MANIFEST).write_text(json.dumps(manifest_of(served)), encoding="utf-8")
         files = {f.name: sha256_file(f) for f in sorted(Path(tmp).iterdir())}
         store.log_artifacts(run_id, Path(tmp), ROUTER_ARTIFACT)
     return store.register(ROUTER, run_id, ROUTER_ARTIFACT, tags={
@@ -57,11 +105,19 @@ def serving_router(store):
     return store.alias_version(ROUTER, PRODUCTION) or store.current_version(ROUTER)
 
 
-def sync_router(store, loader, prefer=None) -> bool:
+def sync_router(store, loader, changed: str | None = None, prefer=None) -> bool:
     """Point the router's production alias at a router fit for exactly the serving versions:
     `prefer` (a commit's own router) if it fits, else the newest such router version, else a
-    new one fit from the stored statistics. Returns whether the alias moved."""
-    serving = store.serving()
+    new one fit from the stored statistics. Returns whether the alias moved. `changed`: the
+    one task whose serving version may have moved (the rest is read from the router's
+    manifest); without it, every task is listed again."""
+    if changed is None:
+        serving = store.serving()
+    else:
+        serving = {t: v for t, v in serving_set(store).items() if t != changed}
+        chosen = serving_version(store.versions(changed))
+        if chosen is not None:
+            serving[changed] = chosen
     wanted = {t: int(v.version) for t, v in serving.items()}
     digest = versions_digest(wanted)
     now = store.alias_version(ROUTER, PRODUCTION)
@@ -82,8 +138,7 @@ def sync_router(store, loader, prefer=None) -> bool:
     router = GaussianRouter().fit({t: loader.task_stats(v) for t, v in serving.items()})
     run_id = store.start_run(ROUTER, params={"tasks": len(wanted)}, tags={f"{TAG}kind": "router"})
     try:
-        store.log_json(run_id, "versions.json", wanted)
-        made = register_router(store, router, run_id, wanted)
+        made = register_router(store, router, run_id, serving)
         store.set_alias(ROUTER, PRODUCTION, made.version)
     except BaseException:
         store.finish_run(run_id, "FAILED")

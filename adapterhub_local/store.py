@@ -61,6 +61,8 @@ class AdapterStore(TrackingWrites):
             self.artifact_root = (self.folder / "artifacts").as_uri()
         self._client = None
         self._experiment_id = None
+        self._artifact_location = None
+        self._sequence_run = None
 
     # -- backend ------------------------------------------------------------------------------
 
@@ -195,13 +197,33 @@ class AdapterStore(TrackingWrites):
 
     def steps_committed(self) -> int:
         """The sequence record's step count (sequence.py): one look-up, when needed."""
-        run_id = self.find_run(f"{TAG}kind", SEQUENCE_RUN) if self.exists() else None
+        run_id = self.sequence_run_id()
         return int(self.run_info(run_id)[1].get(STEPS_TAG, "0")) if run_id else 0
+
+    def sequence_run_id(self, create: bool = False) -> str | None:
+        """The store's one sequence run (made by the first writer, who holds the lease); its id
+        never changes, so it is looked up once per process."""
+        if self._sequence_run is None and self.exists():
+            self._sequence_run = self.find_run(f"{TAG}kind", SEQUENCE_RUN)
+            if self._sequence_run is None and create:
+                self._sequence_run = self.create_finished_run(SEQUENCE_RUN,
+                                                              {f"{TAG}kind": SEQUENCE_RUN})
+        return self._sequence_run
 
     def registered_models(self) -> list:
         """The store's registered models (tasks, the router, the lease), every page."""
         return pages(self.client.search_registered_models,
                      filter_string=f"name LIKE '{self.namespace}.%'")
+
+    def task_aliases(self) -> dict[str, dict[str, str]]:
+        """{task: {alias: version}} for every task with a registered model, in order of
+        creation (one search, a page per 1,000 tasks)."""
+        if not self.exists():
+            return {}
+        prefix = f"{self.namespace}."
+        models = sorted(self.registered_models(), key=lambda m: m.creation_timestamp)
+        return {m.name[len(prefix):]: {a: str(v) for a, v in (m.aliases or {}).items()}
+                for m in models if not m.name[len(prefix):].startswith("_")}
 
     def pending_versions(self) -> list:
         """Versions made by commits that never completed (a killed writer's), every model."""
@@ -311,18 +333,33 @@ class AdapterStore(TrackingWrites):
         return json.loads(version.tags.get(f"{TAG}files", "{}"))
 
     def adapter_folder(self, version) -> Path:
-        """A local folder with the version's adapter files (downloaded if the store is remote)."""
-        import mlflow
-
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
-                                                        tracking_uri=self.uri))
+        """A local folder with the version's files (downloaded if the store is remote)."""
+        return self.local_artifact(version.source)
 
     def artifact_folder(self, run_id: str, path: str) -> Path:
-        """A local copy of a run's artifact (the file itself for a folder store)."""
+        """A run's artifact as a local path (downloaded if the store is remote)."""
+        return self.local_artifact(f"{self.run_artifact_uri(run_id)}/{path}")
+
+    def run_artifact_uri(self, run_id: str) -> str:
+        """Where a run's artifacts live: MLflow puts them at EXPERIMENT_LOCATION/RUN_ID/artifacts,
+        so no per-run look-up is needed (a commit reads every task's statistics)."""
+        if self._artifact_location is None:
+            self._artifact_location = self.client.get_experiment(
+                self.experiment_id()).artifact_location
+        return f"{self._artifact_location}/{run_id}/artifacts"
+
+    def local_artifact(self, uri: str) -> Path:
+        """A local path for an artifact URI: the file itself in a folder store (read in place,
+        never written), a download from a tracking server."""
         import mlflow
 
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
-                                                        tracking_uri=self.uri))
+        if uri.startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            path = Path(unquote(urlparse(uri).path))
+            if path.exists():
+                return path
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.uri))
 
     def read_json_artifact(self, run_id: str, path: str):
         return json.loads(self.artifact_folder(run_id, path).read_text(encoding="utf-8"))
@@ -345,7 +382,9 @@ class AdapterStore(TrackingWrites):
         versions = self.versions(task, include_removed=True) if not task.startswith("_") else []
         if not versions:
             self.resolve(task)  # the one-line error naming the known tasks
-        serving = getattr(self.serving().get(task), "version", None)
+        from adapterhub_local.serving import serving_set
+
+        serving = getattr(serving_set(self).get(task), "version", None)
         nodes = []
         for v in versions:
             info = self.lineage(v, with_run=False)
@@ -353,7 +392,7 @@ class AdapterStore(TrackingWrites):
                                                "aliases", "status")}
                          | {"data_digest": info["data"]["digest"],
                             "accuracy": float(v.tags.get(f"{TAG}accuracy", "nan")),
-                            "serving": v.version == serving,
+                            "serving": str(v.version) == str(serving),
                             "children": [int(c.version) for c in versions
                                          if c.tags.get(f"{TAG}parent") == str(v.version)]})
         return {"task": task, "versions": nodes}

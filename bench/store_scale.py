@@ -28,7 +28,8 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MLFLOW_DISABLE_TE
 import torch  # noqa: E402
 
 from adapterhub_local import Hub, commit  # noqa: E402
-from adapterhub_local.commit import Candidate, Lease, commit_add_task  # noqa: E402
+from adapterhub_local.candidate import Candidate  # noqa: E402
+from adapterhub_local.commit import Lease, commit_add_task  # noqa: E402
 from adapterhub_local.evaluation import TaskEval  # noqa: E402
 from adapterhub_local.router import GaussianRouter, task_stats  # noqa: E402
 from adapterhub_local.sequence import commit_step, sequence_run, write_step  # noqa: E402
@@ -55,17 +56,17 @@ def build(folder: Path, tasks: int, versions: int) -> None:
         fake_stats(i).save(tmp / task)
         store.log_artifacts(run_id, tmp / task, STATS_ARTIFACT)
         for v in range(1, versions + 1):
-            store.register(task, run_id, "adapter", tags={
+            made = store.register(task, run_id, "adapter", tags={
                 f"{TAG}task": task, f"{TAG}method": "lora", f"{TAG}base.name": "bench",
                 f"{TAG}base.sha256": "0" * 64, f"{TAG}data.digest": f"{i:064x}",
                 f"{TAG}data.rows": 100, f"{TAG}parent": v - 1 or "", f"{TAG}accuracy": 0.9,
                 f"{TAG}files": "{}"})
         store.finish_run(run_id)
-        serving[task] = versions
+        serving[task] = made
         row = [0.9] * (i + 1)
         write_step(store, sequence, {
             "step": i + 1, "task": task, "version": versions, "router": 0, "run_id": run_id,
-            "tasks": names[: i + 1], "versions": dict(serving),
+            "tasks": names[: i + 1], "versions": {t: int(v.version) for t, v in serving.items()},
             "rows": {m: row for m in ("oracle", "routed", "composed", "routing")},
             "first": first, "best": best, "summaries": {}, "confusion": {}}, metrics=False)
         commit_step(store, sequence, i + 1)

@@ -3,7 +3,6 @@ MLflow's basic-auth app on, as the README's "Team store" section starts it; a cl
 valid credentials, and a server that is down, are one clean line each."""
 
 import json
-import time
 
 import pytest
 

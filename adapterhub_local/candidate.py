@@ -1,0 +1,56 @@
+"""A candidate: a freshly trained adapter, measured and stored as its run's artifacts, waiting
+for its commit (commit.py). Everything here needs no lock, so writers do it in parallel."""
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterhub_local.serving import ADAPTER_ARTIFACT, STATS_ARTIFACT, TEST_ARTIFACT
+from adapterhub_local.store import sha256_file
+
+
+@dataclass
+class Candidate:
+    """A trained adapter waiting for its commit: its run (artifacts logged), what it was
+    planned and measured as, and the router statistics of its task."""
+
+    plan: object
+    base: object
+    bank: object
+    run_id: str
+    adapter: str
+    files: dict
+    accuracy: float
+    stats: object
+
+
+def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: str, report,
+                      train_seconds: float) -> Candidate:
+    """Test accuracy and router statistics of a freshly trained adapter, and its files as run
+    artifacts (the adapter with their checksums, the statistics, the test split)."""
+    from adapterhub_local.router import task_stats
+    from adapterhub_local.trainer import split_validation
+
+    data = plan.data
+    probs = bank.probabilities(data.test_texts, [adapter] * len(data.test_texts),
+                               plan.train.max_length)
+    accuracy = sum(int(p.argmax()) == y for p, y in zip(probs, data.test_labels)) / len(probs)
+    store.log_metrics(run_id, {"test_accuracy": accuracy, "train_seconds": train_seconds,
+                               "trainable_params": report.trainable_params}, report.steps)
+    fit_rows, held_rows = split_validation(data.train_labels, plan.train.seed)
+    features = bank.features(data.train_texts, plan.train.max_length)
+    stats = task_stats(features[fit_rows], [data.train_labels[i] for i in fit_rows],
+                       data.labels, features[held_rows])
+    split = {"texts": data.test_texts, "labels": data.test_labels}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / ADAPTER_ARTIFACT
+        bank.save_adapter(adapter, folder)
+        files = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
+        store.log_artifacts(run_id, folder, ADAPTER_ARTIFACT)
+        stats.save(Path(tmp) / STATS_ARTIFACT)
+        store.log_artifacts(run_id, Path(tmp) / STATS_ARTIFACT, STATS_ARTIFACT)
+    store.log_json(run_id, TEST_ARTIFACT, split)
+    # The commit scores every task again; these are the very weights it will find in memory.
+    loader.cache[(run_id, "test")] = split
+    loader.cache[(run_id, "probs", bank.digest(adapter))] = probs
+    return Candidate(plan, loaded, bank, run_id, adapter, files, accuracy, stats)
