@@ -186,8 +186,8 @@ def load_base(name: str | None = None) -> Base:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar for loading 100 tensors from a local file is noise
-
     sha = fingerprint(path)
     try:
         if path.suffix == ".gguf":  # GGUF: tensors and tokenizer in one file, dequantized to fp32
@@ -200,6 +200,9 @@ def load_base(name: str | None = None) -> Base:
     except (OSError, ValueError) as e:
         raise AhlError(f"could not load base {canonical!r} from {path}: "
                        f"{str(e).splitlines()[0][:200]}") from None
+    finally:
+        if bars:  # the user's setting, as it was
+            hf_logging.enable_progress_bar()
     model.requires_grad_(False)
     model.eval()
     base = Base(name=canonical, path=path, sha256=sha, model=model, tokenizer=tokenizer)

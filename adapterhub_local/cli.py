@@ -8,7 +8,9 @@ An add-task that the forgetting gate holds back exits 3 (its version is kept as 
 import contextlib
 import functools
 import json
+import logging
 import math
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -20,8 +22,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from adapterhub_local.errors import AhlError
-from adapterhub_local.hub import Hub
+# The `ahl` process's defaults, set before transformers, datasets or mlflow are imported (a
+# user's environment still wins): no telemetry, no progress bars or INFO lines of the libraries
+# on our terminal, and a tracking server that is down fails in seconds, not after MLflow's
+# default of 7 retries with exponential backoff (minutes). The library itself sets none.
+for _name, _value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                      "TOKENIZERS_PARALLELISM": "false",
+                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                      "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+    os.environ.setdefault(_name, _value)
+for _logger in ("mlflow", "alembic"):
+    logging.getLogger(_logger).setLevel(logging.WARNING)
+# bitsandbytes (QLoRA, LoftQ) warns at import that an optional CPU kernel package is missing;
+# it then uses its plain CPU path, which is what we want.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from adapterhub_local.errors import AhlError  # noqa: E402
+from adapterhub_local.hub import Hub  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Teach one frozen transformer new tasks, one adapter per task, "

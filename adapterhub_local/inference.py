@@ -15,9 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-# peft's prefix tuning passes the prefix as `past_key_values`, which transformers 5 still
-# accepts under its new name (`cache`) with a warning at every forward.
-warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 HEAD_FILE = "head.safetensors"
 LABELS_FILE = "labels.json"
@@ -38,6 +35,17 @@ def quiet_peft_wrap():
         warnings.filterwarnings("ignore", message=".*have invalid shape.*")
         # A GGUF base has no config.json beside it; the embeddings are never trained here.
         warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+        yield
+
+
+@contextlib.contextmanager
+def quiet_forward():
+    """peft's prefix tuning passes the prefix as `past_key_values`, which transformers 5 still
+    accepts under its new name (`cache`) with a warning at every forward; silenced around our
+    forward passes only, never process-wide."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated",
+                                category=FutureWarning)
         yield
 
 
@@ -205,7 +213,8 @@ class AdapterBank:
 
     def logits(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Head logits for a padded batch through the named adapter (must be active)."""
-        return self.heads[name](mean_pool(self.model(name)(**batch).last_hidden_state, batch))
+        with quiet_forward():
+            return self.heads[name](mean_pool(self.model(name)(**batch).last_hidden_state, batch))
 
     def resumes(self, name: str) -> bool:
         """Whether the adapter leaves the bottom half bare, so that its rows can go on from the
@@ -270,9 +279,11 @@ class AdapterBank:
                 if resume[names[0]]:
                     hidden = torch.nn.utils.rnn.pad_sequence([states[i] for i in rows], batch_first=True)
                     with self.base.resumed_after(self.base.middle, hidden, model.get_base_model()):
-                        hidden = model(**batch, **mixed).last_hidden_state
+                        with quiet_forward():
+                            hidden = model(**batch, **mixed).last_hidden_state
                 else:
-                    hidden = model(**batch, **mixed).last_hidden_state
+                    with quiet_forward():
+                        hidden = model(**batch, **mixed).last_hidden_state
                 pooled = mean_pool(hidden, batch)
                 for name in dict.fromkeys(names):
                     at = [k for k, n in enumerate(names) if n == name]

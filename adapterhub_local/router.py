@@ -23,6 +23,8 @@ ROUTER_FILE, ROUTER_META = "router.safetensors", "router.json"
 SHRINKAGES = (0.003, 0.01, 0.03, 0.1, 0.3)
 TEMPERATURES = tuple(2.0 ** k for k in range(11))
 CALIBRATION_MAX = 200  # held-out feature rows kept per task to calibrate shrinkage and abstention
+CALIBRATION_TOTAL = 4000  # at most this many in one fit: past 20 tasks, fewer rows per task, so
+# that a fit costs time linear in the number of tasks (rows x classes would grow as its square)
 
 
 @dataclass
@@ -126,16 +128,20 @@ class GaussianRouter:
 
     @staticmethod
     def _calibration_rows(stats: dict[str, TaskStats]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [s.calibration.double() for s in stats.values()]
-        tasks = [torch.full((len(s.calibration),), t) for t, s in enumerate(stats.values())]
+        per_task = max(2, CALIBRATION_TOTAL // len(stats))
+        rows = [s.calibration[:per_task].double() for s in stats.values()]
+        tasks = [torch.full((len(r),), t) for t, r in enumerate(rows)]
         return torch.cat(rows), torch.cat(tasks)
 
     def _task_log_probs(self, x, coef, intercept) -> torch.Tensor:
+        """log P(task | x), [n, T]: a logsumexp over each task's classes, all tasks at once."""
         class_log_probs = (x.to(coef.dtype) @ coef + intercept).log_softmax(1)
-        out = torch.full((len(x), len(self.tasks_)), -torch.inf, dtype=coef.dtype)
-        for t in range(len(self.tasks_)):
-            out[:, t] = class_log_probs[:, self.class_task_ == t].logsumexp(1)
-        return out
+        n, index = len(x), self.class_task_.expand(len(x), -1)
+        top = torch.full((n, len(self.tasks_)), -torch.inf, dtype=coef.dtype).scatter_reduce(
+            1, index, class_log_probs, reduce="amax")
+        shifted = (class_log_probs - top.gather(1, index)).exp()
+        sums = torch.zeros_like(top).index_add_(1, self.class_task_, shifted)
+        return sums.log() + top
 
     def task_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """P(task | features), [n, T]."""

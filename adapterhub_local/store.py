@@ -9,7 +9,6 @@ Artifacts are read back as safetensors and JSON only.
 
 import hashlib
 import json
-import logging
 import os
 import re
 import time
@@ -77,10 +76,6 @@ class AdapterStore(TrackingWrites):
     def client(self):
         if self._client is None:
             from mlflow import MlflowClient
-
-            # mlflow configures its loggers on import; its INFO lines are noise on our terminal.
-            logging.getLogger("mlflow").setLevel(logging.WARNING)
-            logging.getLogger("alembic").setLevel(logging.WARNING)
 
             if self.folder is not None:
                 open_folder_store(self.folder)  # a moved or copied store: its paths, before MLflow

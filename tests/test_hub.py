@@ -189,3 +189,31 @@ def test_queries_on_an_empty_store_name_add_task(tmp_path):
     with pytest.raises(AhlError, match="no task 'x'"):
         hub.show("x@1")
     assert not (tmp_path / "nothing").exists()  # reads create nothing
+
+
+def test_importing_and_using_the_library_leaves_the_process_as_it_was(store_dir, tiny_data,
+                                                                      tiny_base):
+    """A notebook's environment, warning filters and logging are its own: nothing of ours is
+    set on import, nor by an add-task and a prediction."""
+    import subprocess
+    import sys
+
+    script = f"""
+import logging, os, warnings
+# Their own imports add filters of theirs (torch, numpy): the baseline is after them.
+import datasets, mlflow, mlflow.artifacts, numpy, peft, safetensors, sklearn, torch, transformers
+def state():
+    return (dict(os.environ), list(warnings.filters),
+            {{n: logging.getLogger(n).level for n in ("mlflow", "alembic", "bitsandbytes", "")}})
+before = state()
+from adapterhub_local import Hub
+assert state() == before, "import"
+hub = Hub({str(store_dir)!r})
+hub.add_task("colors", {str(tiny_data["colors"]["train"])!r}, base={tiny_base!r}, epochs=1)
+hub.predict(["red crimson"])
+after = state()
+assert after[0] == before[0] and after[1] == before[1], "use"
+print("unchanged")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "unchanged", done.stderr[-2000:]
