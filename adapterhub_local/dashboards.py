@@ -11,18 +11,6 @@ from adapterhub_local.forgetting import Matrix
 from adapterhub_local.sequence import MATRICES
 
 
-DESCRIPTION = """**How each earlier task held up after each new task.**
-
-Step *s* = the number of add-tasks so far. Metric sections:
-- `oracle/…`: accuracy when the task is given (isolated adapters: these never drop).
-- `routed/…`: the router picks the adapter; a wrong pick is a wrong answer.
-- `composed/…`: the router's top 2 adapters answer together.
-- `routing/acc/TASK`: share of the task's test inputs routed to it.
-Each section has `acc/TASK` per task and `average_accuracy`, `bwt` (backward transfer: below 0
-means forgetting) and `forgetting` summaries. Images: the accuracy matrices (rows: tasks,
-columns: steps) and the router's confusion, one per step (use the step slider).
-"""
-
 
 def heatmap(title: str, values: list[list[float | None]], rows: list[str], columns: list[str]):
     """An annotated heatmap of shares in [0, 1] as an RGB array (None cells are left blank)."""

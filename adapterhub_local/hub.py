@@ -236,7 +236,8 @@ class Hub:
         """Finish or roll back what killed writers left (pending versions, runs marked RUNNING
         by dead processes, a dead holder's lock), then check every file: {"repaired",
         "problems"}."""
-        self.require_tasks()
+        if not self.store.exists():
+            raise AhlError(f"no store at {self.store.location}: check --store")
         with Lease(self.store, self.wait):
             repaired = repair(self.store, self.loader)
         return {"repaired": repaired, "problems": self.store.verify()}
@@ -269,7 +270,9 @@ class Hub:
         return self.store.verify()
 
     def require_tasks(self) -> None:
-        if not self.store.task_names():
+        """A one-line error on a store without tasks (cheap: a recorded step says enough)."""
+        if not self.store.exists() or (not self.store.steps_committed()
+                                       and not self.store.task_names()):
             raise AhlError(f"store {self.store.location} has no tasks yet: add one with "
                            "ahl add-task NAME --train FILE")
 

@@ -13,21 +13,33 @@ Step lists live in artifacts, never in tags: their size grows with the number of
 
 from adapterhub_local.forgetting import Matrix, summarize
 from adapterhub_local.store import STEPS_TAG
-STEPS_ARTIFACT = "steps"
+
+STEPS_ARTIFACT, CARRY_ARTIFACT = "steps", "carry"
 MODES = ("oracle", "routed", "composed")
 MATRICES = (*MODES, "routing")  # routing: share of task j's inputs routed to j after step i
-
-
-CARRY_ARTIFACT = "carry"
 
 
 def step_path(step: int, folder: str = STEPS_ARTIFACT) -> str:
     return f"{folder}/step_{step:06d}.json"
 
 
+# The sequence run's description in the MLflow UI: what is where.
+DESCRIPTION = """**How each earlier task held up after each new task.**
+
+Step *s* = the number of add-tasks so far. Metric sections:
+- `oracle/…`: accuracy when the task is given (isolated adapters: these never drop).
+- `routed/…`: the router picks the adapter; a wrong pick is a wrong answer.
+- `composed/…`: the router's top 2 adapters answer together.
+- `routing/acc/TASK`: share of the task's test inputs routed to it.
+Each section has `acc/TASK` per task and `average_accuracy`, `bwt` (backward transfer: below 0
+means forgetting) and `forgetting` summaries. Images: the accuracy matrices (rows: tasks,
+columns: steps) and the router's confusion, one per step (use the step slider).
+"""
+
+
 def sequence_run(store, create: bool = False) -> str | None:
     """The store's sequence run (made by the first writer, who holds the lease)."""
-    return store.sequence_run_id(create)
+    return store.sequence_run_id(create, tags={"mlflow.note.content": DESCRIPTION})
 
 
 def steps_done(store, run_id: str | None = None) -> int:

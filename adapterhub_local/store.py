@@ -7,6 +7,7 @@ adapters. A folder store keeps a SQLite backend and the artifact root inside the
 Artifacts are read back as safetensors and JSON only.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -77,12 +78,22 @@ class AdapterStore(TrackingWrites):
         if self._client is None:
             from mlflow import MlflowClient
 
-            if self.folder is not None:
-                open_folder_store(self.folder)  # a moved or copied store: its paths, before MLflow
-                self.folder.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-            if self.folder is not None:  # MLflow's artifact cache ignores copies and moves
-                guard_artifact_cache(self._client, self.artifact_root)
+            if self.folder is None:
+                self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                return self._client
+            open_folder_store(self.folder)  # a moved or copied store: its paths, before MLflow
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # MLflow creates a new database's tables when its client is made and first used;
+            # two processes doing it at once on one file collide, so a process's first use
+            # waits for the others' (an advisory flock on the database file itself; SQLite's
+            # own locks are separate).
+            with open(self.folder / "mlflow.db", "ab") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+                client.search_experiments(max_results=1)  # the tracking store's tables
+                client.search_registered_models(max_results=1)  # the registry's (its own engine)
+            guard_artifact_cache(client, self.artifact_root)  # it ignores copies and moves
+            self._client = client
         return self._client
 
     def experiment_id(self, create: bool = True) -> str | None:
@@ -195,14 +206,14 @@ class AdapterStore(TrackingWrites):
         run_id = self.sequence_run_id()
         return int(self.run_info(run_id)[1].get(STEPS_TAG, "0")) if run_id else 0
 
-    def sequence_run_id(self, create: bool = False) -> str | None:
+    def sequence_run_id(self, create: bool = False, tags: dict | None = None) -> str | None:
         """The store's one sequence run (made by the first writer, who holds the lease); its id
         never changes, so it is looked up once per process."""
         if self._sequence_run is None and self.exists():
             self._sequence_run = self.find_run(f"{TAG}kind", SEQUENCE_RUN)
             if self._sequence_run is None and create:
-                self._sequence_run = self.create_finished_run(SEQUENCE_RUN,
-                                                              {f"{TAG}kind": SEQUENCE_RUN})
+                self._sequence_run = self.create_finished_run(
+                    SEQUENCE_RUN, {f"{TAG}kind": SEQUENCE_RUN, **(tags or {})})
         return self._sequence_run
 
     def registered_models(self) -> list:
