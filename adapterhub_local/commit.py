@@ -35,6 +35,7 @@ from adapterhub_local.store import (HELD, LEASE, LINEAGE_ARTIFACT, PENDING, PROD
 from adapterhub_local.tracking import owner_is_dead, process_owner
 
 log = logging.getLogger("adapterhub_local")
+RESYNC = f"{TAG}resync"  # store tag: the task whose serving change awaits its router refit
 LEASE_SECONDS = 120.0  # a holder renews every third of this; a dead holder's lease lapses after it
 DEFAULT_WAIT = 300.0  # how long a writer waits for the lease before giving up
 
@@ -68,9 +69,7 @@ class Lease:
             if holder is None:
                 continue  # released between our two calls: try again at once
             if self._lapsed(holder):
-                if store.rename_model(LEASE, f"{LEASE}.expired.{holder.get('token', 'none')}"):
-                    log.warning("took over the store's lock from %s (held since %s, %s)",
-                                holder.get("owner"), holder.get("since"), self._why(holder))
+                self._take_over(holder)
                 continue
             waited = self.wait - (deadline - time.monotonic())
             if time.monotonic() >= deadline:
@@ -85,6 +84,20 @@ class Lease:
         self.waited = self.wait - (deadline - time.monotonic())
         self._renewer = threading.Thread(target=self._renew, daemon=True, name="ahl-lease")
         self._renewer.start()
+
+    def _take_over(self, holder: dict) -> None:
+        """Move a lapsed lease aside (the rename is atomic: of two writers one wins). If the
+        lease we moved is not the one we judged lapsed (it was released and taken anew in
+        between), put it back at once: its holder is alive."""
+        aside = f"{LEASE}.expired.{holder.get('token', 'none')}"
+        if not self.store.rename_model(LEASE, aside):
+            return
+        moved = self.store.model_tags(aside) or {}
+        if moved.get("token") != holder.get("token"):
+            self.store.rename_model(aside, LEASE)
+            return
+        log.warning("took over the store's lock from %s (held since %s, %s)",
+                    holder.get("owner"), holder.get("since"), self._why(holder))
 
     def holds(self) -> bool:
         """Whether the lease is still ours (checked again just before the commit point)."""
@@ -128,28 +141,27 @@ def age(holder: dict) -> str:
 
 
 def finalize(store, loader, record: dict) -> None:
-    """After the commit point of `record`'s step: make its version and router visible and move
-    the aliases. Idempotent: repair runs it again for a writer killed halfway; the version
-    becomes visible last, so until then repair knows there is something to finish."""
+    """After the commit point of `record`'s step: move the aliases, mark the run finished and
+    clear the pending tags, last, so that while one is left repair knows there is something
+    to finish. Idempotent: repair runs it again for a writer killed halfway."""
     task, version, router = record["task"], record["version"], record["router"]
     if (record.get("gate") or {}).get("passed"):
         store.set_alias(task, PRODUCTION, version)
     made = {name: store.get_version(name, number) for name, number in ((ROUTER, router),
                                                                        (task, version))}
-    # The version counts from the commit point on (store.visible), so the router moves first;
-    # the pending tags go last: while one is left, repair knows there is something to finish.
+    # The version counts from the commit point on (store.visible), so the router moves first.
     sync_router(store, loader, changed=task, prefer=made[ROUTER])
+    store.finish_run(record["run_id"])
     for name, made_version in made.items():
         if PENDING in made_version.tags:
             store.delete_version_tag(name, made_version.version, PENDING)
-    store.finish_run(record["run_id"])
 
 
 def repair(store, loader) -> list[str]:
     """Under the lease: finish or roll back what killed writers left; one line per action."""
     done, run_id, actions, finished = steps_done(store), sequence_run(store), [], set()
     for version in store.pending_versions():
-        model = version.name.split(".", 1)[1]
+        model = store.task_of(version.name)
         step = int(version.tags.get(STEP_TAG, "0"))
         record = read_step(store, step, run_id) if 0 < step <= done else None
         committed = record is not None and (
@@ -171,9 +183,25 @@ def repair(store, loader) -> list[str]:
             store.finish_run(run.info.run_id, "KILLED")
             actions.append(f"run {run.info.run_id} ({run.info.run_name}): its process "
                            f"{owner.split(':')[1]} is gone; marked KILLED")
+    changed = store.store_tag(RESYNC)
+    if changed is not None:  # a promote or rm killed before it refit the router
+        sync_router(store, loader, changed=changed)
+        store.set_store_tag(RESYNC, None)
+        actions.append(f"{changed}: the router refit for the serving set an interrupted "
+                       "promote or rm left")
     for line in actions:
         log.warning("repaired: %s", line)
     return actions
+
+
+def change_serving(store, loader, task: str, change) -> None:
+    """Under the lease: apply a change to `task`'s serving version (promote, rm), then refit
+    the router. A marker names the task meanwhile, so that repair finishes the refit for a
+    writer killed in between."""
+    store.set_store_tag(RESYNC, task)
+    change()
+    sync_router(store, loader, changed=task)
+    store.set_store_tag(RESYNC, None)
 
 
 def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease,
@@ -215,19 +243,25 @@ def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease,
                                       previous.get("rows", {}).get("routed", []))),
                                       dict(zip(record["tasks"], record["rows"]["routed"])))
         if record["gate"] and not record["gate"]["passed"]:
-            store.set_version_tag(name, registered.version, HELD, json.dumps(
-                {"gate": gate, "regressions": record["gate"]["regressions"]}))
+            worst = sorted(record["gate"]["regressions"], key=lambda r: -r["drop"])
+            store.set_version_tag(name, registered.version, HELD, json.dumps(  # bounded size
+                {"gate": gate, "regressions": worst[:10], "total": len(worst)}))
         write_step(store, sequence, record)
         if images:
             log_images(store, sequence, step, *matrices_of(read_steps(store) + [record]),
                        record["confusion"])
-        if not lease.holds():
+        # Fencing: a writer that stalled past its lease's expiry must not commit over the
+        # writer that took the lease over.
+        if not lease.holds() or steps_done(store, sequence) != step - 1:
             raise AhlError(f"lost the store's lock while committing {name} (another writer took "
                            "it over after it expired): nothing was committed; run add-task again")
         commit_step(store, sequence, step)  # the commit point
     except BaseException:
-        for model, version in reversed(made):
-            store.unregister(model, version)
+        # The commit point's call may have landed and failed after (a lost reply, Ctrl-C):
+        # then the step counts, and finalize (here or in the next writer's repair) finishes it.
+        if not (made and steps_done(store, sequence) >= step):
+            for model, version in reversed(made):
+                store.unregister(model, version)
         raise
     finalize(store, loader, record)
     return record
@@ -240,7 +274,7 @@ def step_record(step: int, previous: dict, task: str, registered, router_version
     tasks = previous.get("tasks", []) + [t for t in evaluated if t not in previous.get("tasks", [])]
     rows, first, best, summary = {}, {}, {}, {}
     for mode in MATRICES:
-        row = {t: getattr(results[t], mode) if t in results else None for t in tasks}
+        row = {t: round(getattr(results[t], mode), 6) if t in results else None for t in tasks}
         old_first = previous.get("first", {}).get(mode, {})
         old_best = previous.get("best", {}).get(mode, {})
         if mode in MODES:

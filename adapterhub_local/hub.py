@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 from adapterhub_local.candidate import measure_candidate
-from adapterhub_local.commit import DEFAULT_WAIT, Lease, commit_add_task, repair
+from adapterhub_local.commit import (DEFAULT_WAIT, Lease, change_serving, commit_add_task,
+                                     repair)
 from adapterhub_local.errors import AhlError
 from adapterhub_local.evaluation import COMPOSE_TOP_K
 from adapterhub_local.plan import plan_add_task, run_params
 from adapterhub_local.sequence import MODES, last_step, matrices_of, read_steps, step_summary
-from adapterhub_local.serving import Loader, check_gate, serving_set, sync_router
+from adapterhub_local.serving import Loader, check_gate, serving_set
 from adapterhub_local.store import PRODUCTION, TAG, AdapterStore, parse_ref
 
 PREDICT_MODES = ("pick", "compose")
@@ -159,7 +160,8 @@ class Hub:
                 if not versions:
                     continue
                 version = versions[-1]
-            accuracy = last_row.get(task) if task in serving else None
+            evaluated = str(last.get("versions", {}).get(task)) == str(version.version)
+            accuracy = last_row.get(task) if task in serving and evaluated else None
             result.append({"task": task,
                            "version": int(version.version) if task in serving else None,
                            "method": version.tags.get(f"{TAG}method"),
@@ -172,13 +174,15 @@ class Hub:
     def metrics(self, confusion: bool = False) -> dict:
         """Accuracy matrices and forgetting per mode, the routing-accuracy matrix (DESIGN 5),
         and with confusion=True the router's task confusion at the last step."""
-        from adapterhub_local.forgetting import summarize
-
         records = read_steps(self.store)
         if not records:
             self.require_tasks()
         tasks, matrices = matrices_of(records)
-        result = {"tasks": tasks, "modes": {mode: summarize(matrices[mode]) for mode in MODES},
+        # Each step recorded its summaries (carried step to step: no pass over the matrix).
+        summaries = records[-1]["summaries"] if records else {}
+        result = {"tasks": tasks, "modes": {mode: {"matrix": matrices[mode], **summaries.get(
+                      mode, {"average_accuracy": None, "bwt": None, "forgetting": None})}
+                      for mode in MODES},
                   "routing_accuracy": matrices["routing"]}
         if confusion:
             result["confusion"] = records[-1]["confusion"] if records else None
@@ -206,10 +210,12 @@ class Hub:
         self.store.check_promote(task, version, alias)  # bad input: nothing locked or written
         with Lease(self.store, self.wait):
             repair(self.store, self.loader)
-            promoted = self.store.promote(task, version, alias)
             if alias == PRODUCTION:
-                sync_router(self.store, self.loader, changed=task)
-        return self.store.lineage(promoted)
+                change_serving(self.store, self.loader, task,
+                               lambda: self.store.promote(task, version, alias))
+            else:
+                self.store.promote(task, version, alias)
+        return self.store.lineage(self.store.resolve(f"{task}@{alias}"))
 
     def remove(self, ref: str) -> dict:
         """Take NAME@VERSION out of queries and routing; its run and files stay, and
@@ -222,8 +228,7 @@ class Hub:
         with Lease(self.store, self.wait):
             repair(self.store, self.loader)
             version = self.store.resolve(ref)
-            self.store.remove(version)
-            sync_router(self.store, self.loader, changed=task)
+            change_serving(self.store, self.loader, task, lambda: self.store.remove(version))
         return self.store.lineage(self.store.get_version(task, version.version))
 
     def gate(self, value: float | None = None, off: bool = False) -> float | None:

@@ -6,8 +6,9 @@ The store's one `sequence` run holds, for step s (1-based, contiguous):
   (the columns so far, in order of addition), the router's confusion and the gate's verdict;
 - metrics `MODE/acc/TASK` and the summaries at step s, for MLflow's charts (dashboards.py);
 - the tag `ahl.steps`: the number of committed steps. Setting it is the commit point of an
-  add-task (commit.py): a record or metrics beyond it belong to a writer that died, are ignored
-  by readers, and are overwritten by the next writer.
+  add-task (commit.py): a record beyond it belongs to a writer that died, is ignored by
+  readers and overwritten by the next writer (MLflow keeps such a writer's metric points in the
+  charts' history: the step's record is the one that counts).
 Step lists live in artifacts, never in tags: their size grows with the number of tasks.
 """
 

@@ -8,6 +8,7 @@ promote, rm) calls sync_router under the store's lease.
 """
 
 import hashlib
+import itertools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from adapterhub_local.forgetting import drops
 from adapterhub_local.inference import adapter_name, bank_for
 from adapterhub_local.methods import get_method
 from adapterhub_local.router import ROUTER_META, GaussianRouter, TaskStats
-from adapterhub_local.store import (HELD, PENDING, PRODUCTION, ROUTER, TAG, serving_version,
+from adapterhub_local.store import (PENDING, PRODUCTION, ROUTER, TAG, serving_version,
                                     sha256_file)
 
 ADAPTER_ARTIFACT, STATS_ARTIFACT, ROUTER_ARTIFACT = "adapter", "router_stats", "router"
@@ -49,18 +50,22 @@ def serving_set(store) -> dict:
     router = serving_router(store) if store.exists() else None
     if router is None:
         return {}
-    manifest = store.local_artifact(router.source) / MANIFEST
-    if not manifest.is_file():
+    if VERSIONS_DIGEST not in router.tags:  # a router from before manifests
         return store.serving()
+    manifest = store.local_artifact(f"{router.source}/{MANIFEST}")
     served = {}
     for task, e in json.loads(manifest.read_text(encoding="utf-8")).items():
         served[task] = Served(store.model_name(task), str(e["version"]), e["run_id"],
                               f"{store.run_artifact_uri(e['run_id'])}/{ADAPTER_ARTIFACT}",
                               e["tags"], e["aliases"])
-    for version in store.pending_versions():
-        task = version.name.split(".", 1)[1]
-        if task != ROUTER and HELD not in version.tags and store.visible(version):
-            served[task] = version
+    # A commit killed between its commit point and finalize: its task serves what the serving
+    # rule says of its versions, the committed one included (store.visible).
+    for task in {store.task_of(v.name) for v in store.pending_versions() if store.visible(v)}:
+        if task != ROUTER:
+            chosen = serving_version(store.versions(task))
+            served.pop(task, None)
+            if chosen is not None:
+                served[task] = chosen
     return served
 
 
@@ -100,9 +105,15 @@ def register_router(store, router: GaussianRouter, run_id: str, served: dict,
 
 
 def serving_router(store):
-    """The router version prediction uses: `_router`'s production alias (stores made before
-    aliases existed: its newest committed version)."""
-    return store.alias_version(ROUTER, PRODUCTION) or store.current_version(ROUTER)
+    """The router version prediction uses: `_router`'s production alias; without one, nothing
+    serves (every version removed or held back), except in stores made before that alias
+    existed, whose newest router serves."""
+    chosen = store.alias_version(ROUTER, PRODUCTION)
+    if chosen is None:
+        newest = store.current_version(ROUTER)
+        chosen = newest if newest is not None and VERSIONS_DIGEST not in newest.tags and \
+            f"{TAG}versions" in newest.tags else None
+    return chosen
 
 
 def sync_router(store, loader, changed: str | None = None, prefer=None) -> bool:
@@ -123,11 +134,9 @@ def sync_router(store, loader, changed: str | None = None, prefer=None) -> bool:
     now = store.alias_version(ROUTER, PRODUCTION)
     if now is not None and digest_of_router(now) == digest:
         return False
-    for router_version in [prefer] if prefer is not None else []:
-        if digest_of_router(router_version) == digest:
-            store.set_alias(ROUTER, PRODUCTION, router_version.version)
-            return True
-    for router_version in reversed(store.versions(ROUTER)):
+    # A commit's own router usually fits; else an earlier one (a promote back, an rm undone).
+    earlier = (v for v in reversed(store.versions(ROUTER)))
+    for router_version in itertools.chain([prefer] if prefer else [], earlier):
         if digest_of_router(router_version) == digest:
             store.set_alias(ROUTER, PRODUCTION, router_version.version)
             return True
@@ -232,9 +241,9 @@ class Loader:
         that only the inputs routed to it fail."""
         version = serving_router(self.store)
         if version is None:
-            raise AhlError(f"store {self.store.location} has no serving versions (the gate held "
-                           "them all back): promote one with ahl store promote NAME VERSION "
-                           "--alias production")
+            raise AhlError(f"store {self.store.location} has no serving versions (removed, or "
+                           "held back by the gate): add a task, or promote a version with ahl "
+                           "store promote NAME VERSION --alias production")
         if self.opened and self.opened[0] == version.version:
             return self.opened[1]
         folder = self.folder(version)

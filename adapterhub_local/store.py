@@ -22,7 +22,6 @@ from adapterhub_local.tracking import TrackingWrites, error_code
 
 DEFAULT_STORE = "store"
 DEFAULT_NAMESPACE = "ahl"
-SEQUENCE_RUN = "sequence"
 ROUTER = "_router"  # the router's registered model; task names cannot start with "_"
 TAG = "ahl."  # prefix of every tag this package writes
 PRODUCTION = "production"  # the alias that routing serves
@@ -51,6 +50,9 @@ class AdapterStore(TrackingWrites):
 
     def __init__(self, location: str | Path | None = None, namespace: str = DEFAULT_NAMESPACE):
         location = str(location or os.environ.get("AHL_STORE") or DEFAULT_STORE)
+        if not ALIAS.match(namespace):  # model names are NAMESPACE.TASK: no dots in either
+            raise AhlError(f"namespace {namespace!r} is not a plain name: use letters, digits, "
+                           "'_' or '-', starting with a letter")
         self.namespace = namespace
         self.location = location
         if "://" in location:
@@ -160,6 +162,13 @@ class AdapterStore(TrackingWrites):
     def model_name(self, task: str) -> str:
         return f"{self.namespace}.{task}"
 
+    def task_of(self, model_name: str) -> str | None:
+        """The task (or `_router`, `_lease`) a registered model name stands for in this store;
+        None for another store's (MLflow's LIKE is a pattern, `_` matches any character)."""
+        prefix = f"{self.namespace}."
+        rest = model_name[len(prefix):]
+        return rest if model_name.startswith(prefix) and "." not in rest else None
+
     def all_versions(self, include_removed: bool = False) -> dict[str, list]:
         """{task: its versions, oldest first}, tasks in order of their first version: one query,
         so that listing a store costs the same with 5 tasks or 500 versions."""
@@ -170,9 +179,8 @@ class AdapterStore(TrackingWrites):
         with_aliases(found, self.registered_models())
         by_task: dict[str, list] = {}
         for v in sorted(found, key=lambda v: (v.creation_timestamp, int(v.version))):
-            task = v.name[len(prefix):]
-            if v.name.startswith(prefix) and not task.startswith("_") and self.visible(
-                    v, include_removed):
+            task = self.task_of(v.name)
+            if task and not task.startswith("_") and self.visible(v, include_removed):
                 by_task.setdefault(task, []).append(v)
         return {t: sorted(vs, key=lambda v: int(v.version)) for t, vs in by_task.items()}
 
@@ -218,23 +226,25 @@ class AdapterStore(TrackingWrites):
 
     def registered_models(self) -> list:
         """The store's registered models (tasks, the router, the lease), every page."""
-        return pages(self.client.search_registered_models,
-                     filter_string=f"name LIKE '{self.namespace}.%'")
+        return [m for m in pages(self.client.search_registered_models,
+                                 filter_string=f"name LIKE '{self.namespace}.%'")
+                if self.task_of(m.name)]
 
     def task_aliases(self) -> dict[str, dict[str, str]]:
         """{task: {alias: version}} for every task with a registered model, in order of
         creation (one search, a page per 1,000 tasks)."""
         if not self.exists():
             return {}
-        prefix = f"{self.namespace}."
         models = sorted(self.registered_models(), key=lambda m: m.creation_timestamp)
-        return {m.name[len(prefix):]: {a: str(v) for a, v in (m.aliases or {}).items()}
-                for m in models if not m.name[len(prefix):].startswith("_")}
+        return {self.task_of(m.name): {a: str(v) for a, v in (m.aliases or {}).items()}
+                for m in models if not self.task_of(m.name).startswith("_")}
 
     def pending_versions(self) -> list:
         """Versions made by commits that never completed (a killed writer's), every model."""
-        return pages(self.client.search_model_versions,
-                     filter_string=f"name LIKE '{self.namespace}.%' AND tags.`{PENDING}` = '1'")
+        return [v for v in pages(self.client.search_model_versions,
+                                 filter_string=f"name LIKE '{self.namespace}.%' AND "
+                                               f"tags.`{PENDING}` = '1'")
+                if self.task_of(v.name)]
 
     def current_version(self, task: str):
         """The task's newest live version (the parent of its next one)."""
@@ -305,12 +315,19 @@ class AdapterStore(TrackingWrites):
         value = self.client.get_experiment(self.experiment_id()).tags.get(GATE)
         return float(value) if value else None
 
+    def store_tag(self, key: str) -> str | None:
+        """A tag of the store's experiment (the store's own settings and markers)."""
+        return self.client.get_experiment(self.experiment_id()).tags.get(key)
+
+    def set_store_tag(self, key: str, value) -> None:
+        """Set, or with None delete, a tag of the store's experiment."""
+        if value is not None:
+            self.client.set_experiment_tag(self.experiment_id(), key, str(value))
+        elif self.store_tag(key) is not None:
+            self.client.delete_experiment_tag(self.experiment_id(), key)
+
     def set_gate(self, value: float | None) -> None:
-        if value is None:
-            if self.gate() is not None:
-                self.client.delete_experiment_tag(self.experiment_id(), GATE)
-        else:
-            self.client.set_experiment_tag(self.experiment_id(), GATE, str(value))
+        self.set_store_tag(GATE, value)
 
     def verify(self) -> list[str]:
         """Re-hash the files of every version, and of every router version, against the

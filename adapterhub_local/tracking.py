@@ -133,11 +133,15 @@ class TrackingWrites:
         self.client.delete_model_version_tag(self.model_name(task), str(version), key)
 
     def alias_version(self, task: str, alias: str):
-        """The version an alias of a task points at, or None."""
+        """The version an alias of a task points at, or None (a server that fails says so)."""
         try:
             return self.client.get_model_version_by_alias(self.model_name(task), alias)
-        except Exception:
-            return None
+        except Exception as e:
+            # MLflow's basic-auth app answers 403, not 404, for a model that does not exist yet.
+            if error_code(e) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
+                                 "NOT_FOUND", "PERMISSION_DENIED"):
+                return None
+            raise
 
     def set_alias(self, task: str, alias: str, version) -> None:
         self.client.set_registered_model_alias(self.model_name(task), alias, str(version))
@@ -164,7 +168,7 @@ class TrackingWrites:
         try:
             return dict(self.client.get_registered_model(self.model_name(name)).tags)
         except Exception as e:
-            if error_code(e) == "RESOURCE_DOES_NOT_EXIST":
+            if error_code(e) in ("RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"):  # 403: as above
                 return None
             raise
 

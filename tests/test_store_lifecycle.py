@@ -133,3 +133,37 @@ def test_a_failure_after_the_commit_point_is_finished_by_the_next_writer(store_d
     assert hub.show("colors@production")["version"] == 2 and not hub.store.pending_versions()
     answers = hub.predict([t for t, _ in tiny_rows("colors", 3, seed=7)])
     assert {a["version"] for answer in answers for a in answer["adapters"]} == {2}
+
+
+def test_removing_the_last_serving_version_serves_nothing_until_a_new_one(store_dir, tiny_data,
+                                                                           tiny_base):
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    hub.remove("colors@1")
+    hub = Hub(store_dir)
+    assert hub.tasks() == []
+    result = ahl("predict", "red crimson", "--store", store_dir, ok=False)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    added = add(hub, "animals", tiny_data, tiny_base)  # the removed version stays removed
+    assert added["tasks"] == ["colors", "animals"] and added["row"][0] is None
+    assert [t["task"] for t in Hub(store_dir).tasks()] == ["animals"]
+    assert routed_tasks(Hub(store_dir), "colors") <= {"animals", None}
+
+
+def test_a_promote_killed_before_its_router_refit_is_finished_by_the_next_writer(
+        store_dir, tiny_data, tiny_base, monkeypatch):
+    import adapterhub_local.commit as commit_module
+
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    add(hub, "colors", tiny_data, tiny_base)
+    monkeypatch.setattr(commit_module, "sync_router", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        hub.promote("colors", 1, "production")
+    monkeypatch.undo()
+    hub = Hub(store_dir)
+    assert hub.doctor()["repaired"][-1].startswith("colors: the router refit")
+    answers = hub.predict([t for t, _ in tiny_rows("colors", 3, seed=7)])
+    assert {a["version"] for answer in answers for a in answer["adapters"]} == {1}
+    assert hub.doctor()["repaired"] == []
