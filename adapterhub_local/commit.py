@@ -246,7 +246,7 @@ def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease,
             worst = sorted(record["gate"]["regressions"], key=lambda r: -r["drop"])
             store.set_version_tag(name, registered.version, HELD, json.dumps(  # bounded size
                 {"gate": gate, "regressions": worst[:10], "total": len(worst)}))
-        write_step(store, sequence, record)
+        write_step(store, sequence, record, previous)
         if images:
             log_images(store, sequence, step, *matrices_of(read_steps(store) + [record]),
                        record["confusion"])

@@ -12,7 +12,7 @@ The store's one `sequence` run holds, for step s (1-based, contiguous):
 Step lists live in artifacts, never in tags: their size grows with the number of tasks.
 """
 
-from adapterhub_local.forgetting import Matrix, summarize
+from adapterhub_local.forgetting import Matrix
 from adapterhub_local.store import STEPS_TAG
 
 STEPS_ARTIFACT, CARRY_ARTIFACT = "steps", "carry"
@@ -89,7 +89,8 @@ def read_matrices(store) -> tuple[list[str], dict[str, Matrix]]:
     return matrices_of(read_steps(store))
 
 
-def write_step(store, run_id: str, record: dict, metrics: bool = True) -> None:
+def write_step(store, run_id: str, record: dict, previous: dict | None = None,
+               metrics: bool = True) -> None:
     """Write step `record["step"]`'s record and metrics; it counts once commit_step ran. What
     only the next step needs (each column's first and best values so far) goes to its own
     artifact, so that reading the matrices reads the rows alone."""
@@ -98,7 +99,7 @@ def write_step(store, run_id: str, record: dict, metrics: bool = True) -> None:
     store.log_json(run_id, step_path(record["step"]),
                    {k: v for k, v in record.items() if k not in carried})
     if metrics:
-        store.log_metrics(run_id, step_metrics(record), record["step"])
+        store.log_metrics(run_id, step_metrics(record, previous or {}), record["step"])
 
 
 def read_carry(store, step: int, run_id: str) -> dict:
@@ -113,22 +114,19 @@ def commit_step(store, run_id: str, step: int) -> None:
     store.set_run_tag(run_id, STEPS_TAG, step)
 
 
-def step_metrics(record: dict) -> dict[str, float]:
-    """The step's row of every mode as metrics, with each mode's summaries (the summaries need
-    the whole matrix: the caller puts it in record["summaries"])."""
+def step_metrics(record: dict, previous: dict) -> dict[str, float]:
+    """The step's row of every mode as metric points, with each mode's summaries. A task's
+    point is logged when its value moved since the previous step's record (an isolated adapter's
+    oracle score never does), so a step writes what changed, not a point per task: MLflow's
+    charts draw each task's line through the steps where it moved."""
     metrics = {}
     for mode in MATRICES:
+        before = dict(zip(previous.get("tasks", []), previous.get("rows", {}).get(mode, [])))
         metrics.update({f"{mode}/acc/{t}": v for t, v in zip(record["tasks"], record["rows"][mode])
-                        if v is not None})
+                        if v is not None and before.get(t) != v})
     for mode, summary in record.get("summaries", {}).items():
         metrics.update({f"{mode}/{k}": v for k, v in summary.items() if v is not None})
     return metrics
-
-
-def summaries(matrices: dict[str, Matrix]) -> dict[str, dict]:
-    """Average accuracy, BWT and forgetting of every mode at the last row."""
-    return {mode: {k: v for k, v in summarize(matrices[mode]).items() if k != "matrix"}
-            for mode in MODES}
 
 
 def step_summary(record: dict) -> dict:

@@ -20,7 +20,7 @@ from adapterhub_local.forgetting import drops
 from adapterhub_local.inference import adapter_name, bank_for
 from adapterhub_local.methods import get_method
 from adapterhub_local.router import ROUTER_META, GaussianRouter, TaskStats
-from adapterhub_local.store import (PENDING, PRODUCTION, ROUTER, TAG, serving_version,
+from adapterhub_local.store import (PRODUCTION, ROUTER, TAG, serving_version,
                                     sha256_file)
 
 ADAPTER_ARTIFACT, STATS_ARTIFACT, ROUTER_ARTIFACT = "adapter", "router_stats", "router"
@@ -69,9 +69,13 @@ def serving_set(store) -> dict:
     return served
 
 
+# What readers of a serving version use of its tags (the rest stays in the registry).
+MANIFEST_TAGS = [f"{TAG}{k}" for k in ("task", "method", "train", "files", "accuracy")]
+
+
 def manifest_of(versions: dict) -> dict:
     return {t: {"version": int(v.version), "run_id": v.run_id, "aliases": list(v.aliases or []),
-                "tags": {k: val for k, val in v.tags.items() if k != PENDING}}
+                "tags": {k: v.tags[k] for k in MANIFEST_TAGS if k in v.tags}}
             for t, v in versions.items()}
 
 

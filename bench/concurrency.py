@@ -118,7 +118,7 @@ def one_by_one(data: dict, base: str, store: str) -> float:
 
 
 def killed(data: dict, base: str, store: str, kills: int, rng: random.Random) -> dict:
-    landed = 0
+    landed = repairs = 0
     for wave in range(0, kills, 4):
         writers = [(add_task_process(rng.choice(TASKS), data, base, store), rng.uniform(1, 25))
                    for _ in range(min(4, kills - wave))]
@@ -127,11 +127,13 @@ def killed(data: dict, base: str, store: str, kills: int, rng: random.Random) ->
             time.sleep(max(0.0, delay - (time.perf_counter() - started)))
             if w.poll() is None:
                 w.send_signal(signal.SIGKILL)
-            w.communicate()
+            _, err = w.communicate()
             landed += w.returncode == 0
+            repairs += err.count("repaired: ")  # what the next writers finished or rolled back
     repaired = json.loads(ahl("store", "doctor", "--json", store=store).stdout)["repaired"]
     figures = check_store(store, set(TASKS))
-    return {"landed": landed, "killed": kills - landed, "repairs": len(repaired), **figures}
+    return {"landed": landed, "killed": kills - landed, "repairs": repairs,
+            "doctor": len(repaired), **figures}
 
 
 def main() -> None:
@@ -171,7 +173,8 @@ def report(label: str, data: dict, base: str, store_for, kills: int, seed: int) 
     print(f"  lock waits (s): {together['waits']}; commits (s): {together['commits']}; "
           f"training (s): {together['train']}")
     print(f"{kills} writers killed at random moments: {after['killed']} killed, {after['landed']} "
-          f"landed first; doctor made {after['repairs']} repair(s); then {after['steps']} "
+          f"landed first; writers repaired {after['repairs']} leftover(s) of killed ones, the "
+          f"doctor {after['doctor']} more; then {after['steps']} "
           f"contiguous steps, tasks listed == last row == {sorted(after['versions'])}, verify ok, "
           f"versions {after['versions']}")
 

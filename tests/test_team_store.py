@@ -62,8 +62,9 @@ def test_every_command_works_against_a_postgresql_backed_server(team_store, tiny
     log_in(monkeypatch, *MEMBER)
     store = ["--store", team_store]
     for task in ("colors", "animals", "colors"):
-        ahl("add-task", task, "--train", tiny_data[task]["train"], "--test",
-            tiny_data[task]["test"], "--base", tiny_base, *FAST_ARGS, *store)
+        added = ahl("add-task", task, "--train", tiny_data[task]["train"], "--test",
+                    tiny_data[task]["test"], "--base", tiny_base, *FAST_ARGS, "--json", *store)
+        assert json.loads(added.stdout)["task"] == task  # one JSON document, nothing else
     tasks = json.loads(ahl("tasks", "--json", *store).stdout)
     assert [(t["task"], t["version"]) for t in tasks] == [("colors", 2), ("animals", 1)]
     metrics = json.loads(ahl("metrics", "--json", *store).stdout)
