@@ -281,7 +281,9 @@ def step_record(step: int, previous: dict, task: str, registered, router_version
             summary[mode] = summarize_step(old_first, old_best, row)
         rows[mode] = [row[t] for t in tasks]
         first[mode], best[mode] = carry(old_first, old_best, row)
+    parent = registered.tags.get(f"{TAG}parent")
     return {"step": step, "task": task, "version": int(registered.version),
+            "parent": int(parent) if parent else None,
             "router": int(router_version.version), "run_id": run_id,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tasks": tasks,
             "versions": {t: int(v.version) for t, v in evaluated.items()}, "rows": rows,

@@ -20,6 +20,7 @@ from adapterhub_local.candidate import measure_candidate
 from adapterhub_local.commit import (DEFAULT_WAIT, Lease, change_serving, commit_add_task,
                                      repair)
 from adapterhub_local.errors import AhlError
+from adapterhub_local.lineage import lineage_tree, version_lineage
 from adapterhub_local.evaluation import COMPOSE_TOP_K
 from adapterhub_local.plan import plan_add_task, run_params
 from adapterhub_local.sequence import MODES, last_step, matrices_of, read_steps, step_summary
@@ -93,8 +94,7 @@ class Hub:
                 "train_seconds": round(train_seconds, 2), "steps": report.steps,
                 "train_rows": report.train_rows, "test_rows": len(plan.data.test_texts),
                 "dropped_rows": plan.data.dropped, "trainable_params": report.trainable_params,
-                "parent": self.store.lineage(self.store.get_version(
-                    record["task"], record["version"]), with_run=False)["parent"],
+                "parent": record["parent"],
                 "run_id": run_id, "router_version": record["router"],
                 "lock_wait_seconds": round(lease.waited, 2), "commit_seconds": round(commit_seconds, 2),
                 "serving": serving is not None and int(serving.version) == record["version"],
@@ -190,17 +190,17 @@ class Hub:
 
     def show(self, ref: str) -> dict:
         """A version's lineage, files and metrics: 'NAME', 'NAME@VERSION' or 'NAME@ALIAS'."""
-        return self.store.lineage(self.store.resolve(ref))
+        return version_lineage(self.store, self.store.resolve(ref))
 
     def versions(self, task: str) -> list[dict]:
         """Every version of a task, oldest first, as `show` gives each."""
         self.store.resolve(task)  # an unknown task is a one-line error naming the known ones
-        return [self.store.lineage(v) for v in self.store.versions(task)]
+        return [version_lineage(self.store, v) for v in self.store.versions(task)]
 
     def lineage(self, task: str) -> dict:
         """Every version of a task, removed ones included, as a tree: each version's parent,
         the tasks it was trained after, base, data digest, method, accuracy and status."""
-        return self.store.lineage_tree(task)
+        return lineage_tree(self.store, task)
 
     # -- changing what serves (each under the store's lock) -----------------------------------
 
@@ -215,7 +215,7 @@ class Hub:
                                lambda: self.store.promote(task, version, alias))
             else:
                 self.store.promote(task, version, alias)
-        return self.store.lineage(self.store.resolve(f"{task}@{alias}"))
+        return version_lineage(self.store, self.store.resolve(f"{task}@{alias}"))
 
     def remove(self, ref: str) -> dict:
         """Take NAME@VERSION out of queries and routing; its run and files stay, and
@@ -229,7 +229,7 @@ class Hub:
             repair(self.store, self.loader)
             version = self.store.resolve(ref)
             change_serving(self.store, self.loader, task, lambda: self.store.remove(version))
-        return self.store.lineage(self.store.get_version(task, version.version))
+        return version_lineage(self.store, self.store.get_version(task, version.version))
 
     def gate(self, value: float | None = None, off: bool = False) -> float | None:
         """The store's default forgetting gate: read it, set it (value) or clear it (off)."""

@@ -387,67 +387,6 @@ class AdapterStore(TrackingWrites):
     def read_json_artifact(self, run_id: str, path: str):
         return json.loads(self.artifact_folder(run_id, path).read_text(encoding="utf-8"))
 
-    def after(self, version) -> list[dict]:
-        """The tasks (and versions) that served when a version was committed: an artifact of its
-        run, since the list grows with the store (older stores kept it in a tag)."""
-        if f"{TAG}after" in version.tags:
-            after = json.loads(version.tags[f"{TAG}after"])
-        else:
-            try:
-                after = self.read_json_artifact(version.run_id, LINEAGE_ARTIFACT)["after"]
-            except Exception:
-                return []
-        return [{"task": a["task"], "version": int(a["version"])} for a in after]
-
-    def lineage_tree(self, task: str) -> dict:
-        """Every version of a task, removed ones included, as a tree: each version's parent,
-        the tasks it was trained after, base, data digest, method, accuracy and status."""
-        versions = self.versions(task, include_removed=True) if not task.startswith("_") else []
-        if not versions:
-            self.resolve(task)  # the one-line error naming the known tasks
-        from adapterhub_local.serving import serving_set
-
-        serving = getattr(serving_set(self).get(task), "version", None)
-        nodes = []
-        for v in versions:
-            info = self.lineage(v, with_run=False)
-            nodes.append({k: info[k] for k in ("version", "parent", "after", "base", "method",
-                                               "aliases", "status")}
-                         | {"data_digest": info["data"]["digest"],
-                            "accuracy": float(v.tags.get(f"{TAG}accuracy", "nan")),
-                            "serving": str(v.version) == str(serving),
-                            "children": [int(c.version) for c in versions
-                                         if c.tags.get(f"{TAG}parent") == str(v.version)]})
-        return {"task": task, "versions": nodes}
-
-    def lineage(self, version, with_run: bool = True) -> dict:
-        """A version's lineage, files and metrics, from its tags and run (DESIGN section 5);
-        status: "removed" (ahl store rm), "held" (by the forgetting gate) or "live"."""
-        tags = version.tags
-        run = self.client.get_run(version.run_id) if with_run else None
-        read = lambda key, default: json.loads(tags.get(f"{TAG}{key}", default))  # noqa: E731
-        return {
-            "task": tags.get(f"{TAG}task"), "version": int(version.version),
-            "method": tags.get(f"{TAG}method"), "method_config": read("method.config", "{}"),
-            "train": read("train", "{}"),
-            "base": {"name": tags.get(f"{TAG}base.name"), "sha256": tags.get(f"{TAG}base.sha256")},
-            "data": {"digest": tags.get(f"{TAG}data.digest"),
-                     "rows": int(tags.get(f"{TAG}data.rows", 0)),
-                     "test_rows": int(tags.get(f"{TAG}data.test_rows", 0)),
-                     "source": tags.get(f"{TAG}data.source"), "split": read("data.split", "{}"),
-                     "dropped": int(tags.get(f"{TAG}data.dropped", 0))},
-            "labels": read("labels", "[]"),
-            "parent": int(tags[f"{TAG}parent"]) if tags.get(f"{TAG}parent") else None,
-            "after": self.after(version),
-            "router_version": int(tags[f"{TAG}router.version"]) if tags.get(f"{TAG}router.version") else None,
-            "aliases": list(version.aliases or []),
-            "run_id": version.run_id, "source": version.source,
-            "files": read("files", "{}"), "metrics": dict(run.data.metrics) if run else {},
-            "status": "removed" if REMOVED in tags else "held" if HELD in tags else "live",
-            "held": read("gate.held", "null"),
-            "package_version": tags.get(f"{TAG}package_version"),
-        }
-
 def with_aliases(versions: list, models: list) -> None:
     """Fill in each version's aliases: MLflow's version search leaves them empty, while its
     registered models carry {alias: version}."""
