@@ -27,7 +27,7 @@ from adapterhub_local.forgetting import carry, summarize_step
 from adapterhub_local.plan import lineage_tags
 from adapterhub_local.router import GaussianRouter
 from adapterhub_local.sequence import (MATRICES, MODES, commit_step, matrices_of, read_carry,
-                                       read_step, read_steps, sequence_run, steps_done, write_step)
+                                       read_step, read_steps, sequence_run, write_step)
 from adapterhub_local.serving import (ADAPTER_ARTIFACT, gate_verdict, register_router,
                                       serving_set, sync_router)
 from adapterhub_local.store import (HELD, LEASE, LINEAGE_ARTIFACT, PENDING, PRODUCTION, ROUTER,
@@ -62,7 +62,7 @@ class Lease:
         self.release()
 
     def acquire(self) -> None:
-        store, deadline, said = self.store, time.monotonic() + self.wait, 0.0
+        store, started, next_notice = self.store, time.monotonic(), 0.0
         store.experiment_id()  # a store that cannot be reached says so before any waiting
         while not store.create_model(LEASE, self._tags()):
             holder = store.model_tags(LEASE)
@@ -71,17 +71,17 @@ class Lease:
             if self._lapsed(holder):
                 self._take_over(holder)
                 continue
-            waited = self.wait - (deadline - time.monotonic())
-            if time.monotonic() >= deadline:
+            waited = time.monotonic() - started
+            if waited >= self.wait:
                 raise AhlError(f"store {store.location} is locked by {holder.get('owner')} "
                                f"(held {age(holder)}): try again later, or wait longer with "
                                f"--wait SECONDS (waited {waited:.0f} s)")
-            if waited >= said:
+            if waited >= next_notice:
                 log.warning("waiting for the store's lock, held by %s for %s",
                             holder.get("owner"), age(holder))
-                said = waited + 30
+                next_notice = waited + 30
             time.sleep(0.5)
-        self.waited = self.wait - (deadline - time.monotonic())
+        self.waited = time.monotonic() - started
         self._renewer = threading.Thread(target=self._renew, daemon=True, name="ahl-lease")
         self._renewer.start()
 
@@ -159,11 +159,11 @@ def finalize(store, loader, record: dict) -> None:
 
 def repair(store, loader) -> list[str]:
     """Under the lease: finish or roll back what killed writers left; one line per action."""
-    done, run_id, actions, finished = steps_done(store), sequence_run(store), [], set()
+    done, actions, finished = store.steps_committed(), [], set()
     for version in store.pending_versions():
         model = store.task_of(version.name)
         step = int(version.tags.get(STEP_TAG, "0"))
-        record = read_step(store, step, run_id) if 0 < step <= done else None
+        record = read_step(store, step) if 0 < step <= done else None
         committed = record is not None and (
             (model, int(version.version)) in ((record["task"], record["version"]),
                                               (ROUTER, record["router"])))
@@ -216,9 +216,8 @@ def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease,
     current = serving_set(store)
     parent = store.current_version(name)
     sequence = sequence_run(store, create=True)
-    step = steps_done(store, sequence) + 1
-    previous = {**(read_step(store, step - 1, sequence) or {}),
-                **read_carry(store, step - 1, sequence)}
+    step = store.steps_committed() + 1
+    previous = {**(read_step(store, step - 1) or {}), **read_carry(store, step - 1)}
     store.log_json(c.run_id, LINEAGE_ARTIFACT, {"after": [
         {"task": t, "version": int(v.version)} for t, v in current.items() if t != name]})
     pending = {PENDING: "1", STEP_TAG: step}
@@ -239,9 +238,7 @@ def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease,
         results = evaluate_step(c.bank, router, loader, evaluated, adapters)
         record = step_record(step, previous, name, registered, router_version, c.run_id,
                              evaluated, results, router)
-        record["gate"] = gate_verdict(gate, name, dict(zip(previous.get("tasks", []),
-                                      previous.get("rows", {}).get("routed", []))),
-                                      dict(zip(record["tasks"], record["rows"]["routed"])))
+        record["gate"] = gate_verdict(gate, name, routed_row(previous), routed_row(record))
         if record["gate"] and not record["gate"]["passed"]:
             worst = sorted(record["gate"]["regressions"], key=lambda r: -r["drop"])
             store.set_version_tag(name, registered.version, HELD, json.dumps(  # bounded size
@@ -252,19 +249,24 @@ def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease,
                        record["confusion"])
         # Fencing: a writer that stalled past its lease's expiry must not commit over the
         # writer that took the lease over.
-        if not lease.holds() or steps_done(store, sequence) != step - 1:
+        if not lease.holds() or store.steps_committed() != step - 1:
             raise AhlError(f"lost the store's lock while committing {name} (another writer took "
                            "it over after it expired): nothing was committed; run add-task again")
         commit_step(store, sequence, step)  # the commit point
     except BaseException:
         # The commit point's call may have landed and failed after (a lost reply, Ctrl-C):
         # then the step counts, and finalize (here or in the next writer's repair) finishes it.
-        if not (made and steps_done(store, sequence) >= step):
+        if not (made and store.steps_committed() >= step):
             for model, version in reversed(made):
                 store.unregister(model, version)
         raise
     finalize(store, loader, record)
     return record
+
+
+def routed_row(record: dict) -> dict:
+    """{task: routed accuracy} of a step's record ({} for none): what the gate compares."""
+    return dict(zip(record.get("tasks", []), record.get("rows", {}).get("routed", [])))
 
 
 def step_record(step: int, previous: dict, task: str, registered, router_version, run_id: str,

@@ -36,6 +36,9 @@ class Hub:
 
     def __init__(self, store: str | Path | None = None, namespace: str = "ahl",
                  wait: float = DEFAULT_WAIT):
+        if wait < 0:
+            raise AhlError(f"--wait {wait} is negative: give the seconds to wait for the "
+                           "store's lock, e.g. --wait 300")
         self.store = AdapterStore(store, namespace)
         self.loader = Loader(self.store)
         self.wait = wait

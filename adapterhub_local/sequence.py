@@ -13,6 +13,9 @@ Step lists live in artifacts, never in tags: their size grows with the number of
 """
 
 from adapterhub_local.forgetting import Matrix
+import json
+from pathlib import Path
+
 from adapterhub_local.store import STEPS_TAG
 
 STEPS_ARTIFACT, CARRY_ARTIFACT = "steps", "carry"
@@ -43,36 +46,25 @@ def sequence_run(store, create: bool = False) -> str | None:
     return store.sequence_run_id(create, tags={"mlflow.note.content": DESCRIPTION})
 
 
-def steps_done(store, run_id: str | None = None) -> int:
-    """How many steps are committed."""
-    if run_id is None:
-        return store.steps_committed()
-    return int(store.run_info(run_id)[1].get(STEPS_TAG, "0"))
-
-
-def read_step(store, step: int, run_id: str | None = None) -> dict | None:
-    """One committed step's record (None beyond the last)."""
-    run_id = run_id or sequence_run(store)
-    if not run_id or not 1 <= step <= steps_done(store, run_id):
+def read_step(store, step: int) -> dict | None:
+    """One committed step's record (None beyond the last); store.steps_committed() is the one
+    place that says how many steps count."""
+    if not 1 <= step <= store.steps_committed():
         return None
-    return store.read_json_artifact(run_id, step_path(step))
+    return store.read_json_artifact(store.sequence_run_id(), step_path(step))
 
 
 def last_step(store) -> dict | None:
-    run_id = sequence_run(store)
-    return read_step(store, steps_done(store, run_id), run_id) if run_id else None
+    return read_step(store, store.steps_committed()) if store.exists() else None
 
 
 def read_steps(store) -> list[dict]:
     """Every committed step's record, oldest first: one download of the steps folder."""
-    import json
-
-    run_id = sequence_run(store)
-    steps = steps_done(store, run_id) if run_id else 0
+    steps = store.steps_committed() if store.exists() else 0
     if not steps:
         return []
-    folder = store.artifact_folder(run_id, STEPS_ARTIFACT)
-    return [json.loads((folder / step_path(s).split("/")[1]).read_text(encoding="utf-8"))
+    folder = store.artifact_folder(store.sequence_run_id(), STEPS_ARTIFACT)
+    return [json.loads((folder / Path(step_path(s)).name).read_text(encoding="utf-8"))
             for s in range(1, steps + 1)]
 
 
@@ -102,11 +94,11 @@ def write_step(store, run_id: str, record: dict, previous: dict | None = None,
         store.log_metrics(run_id, step_metrics(record, previous or {}), record["step"])
 
 
-def read_carry(store, step: int, run_id: str) -> dict:
+def read_carry(store, step: int) -> dict:
     """{"first", "best"} as step `step` left them ({} before the first step)."""
     if step < 1:
         return {}
-    return store.read_json_artifact(run_id, step_path(step, CARRY_ARTIFACT))
+    return store.read_json_artifact(store.sequence_run_id(), step_path(step, CARRY_ARTIFACT))
 
 
 def commit_step(store, run_id: str, step: int) -> None:
