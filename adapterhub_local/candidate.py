@@ -5,7 +5,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterhub_local.serving import ADAPTER_ARTIFACT, STATS_ARTIFACT, TEST_ARTIFACT
+from adapterhub_local.serving import (ADAPTER_ARTIFACT, SCORES_ARTIFACT, STATS_ARTIFACT,
+                                      TEST_ARTIFACT, compute_scores)
 from adapterhub_local.store import sha256_file
 
 
@@ -31,17 +32,21 @@ def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: s
     from adapterhub_local.router import task_stats
     from adapterhub_local.trainer import split_validation
 
+    import torch
+    from safetensors.torch import save_file
+
     data = plan.data
-    probs = bank.probabilities(data.test_texts, [adapter] * len(data.test_texts),
-                               plan.train.max_length)
+    test_features, probs = compute_scores(bank, adapter, data.test_texts, plan.train.max_length)
     accuracy = sum(int(p.argmax()) == y for p, y in zip(probs, data.test_labels)) / len(probs)
     store.log_metrics(run_id, {"test_accuracy": accuracy, "train_seconds": train_seconds,
                                "trainable_params": report.trainable_params}, report.steps)
     fit_rows, held_rows = split_validation(data.train_labels, plan.train.seed)
-    features = bank.features(data.train_texts, plan.train.max_length)
+    features = report.features  # training ran the bottom half already, where it could
+    if features is None:
+        features = bank.features(data.train_texts, plan.train.max_length)
     stats = task_stats(features[fit_rows], [data.train_labels[i] for i in fit_rows],
                        data.labels, features[held_rows])
-    split = {"texts": data.test_texts, "labels": data.test_labels}
+    digest = bank.digest(adapter)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / ADAPTER_ARTIFACT
         bank.save_adapter(adapter, folder)
@@ -49,8 +54,15 @@ def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: s
         store.log_artifacts(run_id, folder, ADAPTER_ARTIFACT)
         stats.save(Path(tmp) / STATS_ARTIFACT)
         store.log_artifacts(run_id, Path(tmp) / STATS_ARTIFACT, STATS_ARTIFACT)
+        # Later steps reuse these scores while the weights they load have this digest.
+        scores = Path(tmp) / SCORES_ARTIFACT
+        scores.parent.mkdir()
+        save_file({"features": test_features.contiguous(), "probs": torch.stack(probs)}, scores)
+        store.log_artifacts(run_id, scores.parent, scores.parent.name)
+        split = {"texts": data.test_texts, "labels": data.test_labels,
+                 "scores": {"sha256": sha256_file(scores), "adapter_digest": digest}}
     store.log_json(run_id, TEST_ARTIFACT, split)
     # The commit scores every task again; these are the very weights it will find in memory.
     loader.cache[(run_id, "test")] = split
-    loader.cache[(run_id, "probs", bank.digest(adapter))] = probs
+    loader.cache[(run_id, "scores", digest)] = (test_features, probs)
     return Candidate(plan, loaded, bank, run_id, adapter, files, accuracy, stats)

@@ -171,6 +171,7 @@ def add_task(
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per step [default: 32].")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per text [default: 128].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the init and the batch order [default: 0].")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Training arithmetic: bf16, fp32, or auto: bf16 where the CPU has it natively [default: auto].")] = None,
     base: Annotated[Optional[str], typer.Option(help="Base model: a known name, a local folder or a cached id [default: the store's base, else all-MiniLM-L6-v2].")] = None,
     gate: Annotated[Optional[float], typer.Option(help="Forgetting gate: promote to production only if no earlier task's routed accuracy drops by more than this (e.g. 0.02) [default: the store's, see ahl store gate].")] = None,
     store: StoreOption = None,
@@ -189,7 +190,7 @@ def add_task(
                               label_column=label_column, method=method,
                               method_args=parse_method_args(method_arg or []), base=base,
                               gate=gate, progress=advance, epochs=epochs, lr=lr, batch_size=batch_size,
-                              max_length=max_length, seed=seed)
+                              max_length=max_length, seed=seed, precision=precision)
     if as_json:
         print_json(result)
     else:

@@ -20,14 +20,10 @@ import threading
 import time
 import uuid
 
-from adapterhub_local.dashboards import log_images
 from adapterhub_local.errors import AhlError
-from adapterhub_local.evaluation import evaluate_step
 from adapterhub_local.forgetting import carry, summarize_step
-from adapterhub_local.plan import lineage_tags
-from adapterhub_local.router import GaussianRouter
-from adapterhub_local.sequence import (MATRICES, MODES, commit_step, matrices_of, read_carry,
-                                       read_step, read_steps, sequence_run, write_step)
+from adapterhub_local.sequence import (MATRICES, MODES, commit_step, read_carry, read_step,
+                                       sequence_run, write_step)
 from adapterhub_local.serving import (ADAPTER_ARTIFACT, gate_verdict, register_router,
                                       serving_set, sync_router)
 from adapterhub_local.store import (HELD, LEASE, LINEAGE_ARTIFACT, PENDING, PRODUCTION, ROUTER,
@@ -204,11 +200,14 @@ def change_serving(store, loader, task: str, change) -> None:
     store.set_store_tag(RESYNC, None)
 
 
-def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease,
-                    images: bool = True) -> dict:
+def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease) -> dict:
     """Under the lease: make the candidate the task's next version, refit the router over the
     serving set as it is now, evaluate every task in every mode and record the step. Returns
     the step's record; on any error before the commit point nothing of it is visible."""
+    from adapterhub_local.evaluation import evaluate_step
+    from adapterhub_local.plan import lineage_tags
+    from adapterhub_local.router import GaussianRouter
+
     repair(store, loader)
     c, name = candidate, candidate.plan.data.name
     store.check_base(c.base.name, c.base.sha256)  # another writer may have bound the store
@@ -235,18 +234,17 @@ def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease,
                               router_version.version)
         adapters = {t: (c.adapter if t == name else loader.load_version(c.bank, t, v))
                     for t, v in evaluated.items()}
+        loader.load_cross(sequence, step - 1, previous.get("cross"))  # a fresh process's
         results = evaluate_step(c.bank, router, loader, evaluated, adapters)
         record = step_record(step, previous, name, registered, router_version, c.run_id,
                              evaluated, results, router)
+        record["cross"] = loader.save_cross(sequence, step)  # for the next step to reuse
         record["gate"] = gate_verdict(gate, name, routed_row(previous), routed_row(record))
         if record["gate"] and not record["gate"]["passed"]:
             worst = sorted(record["gate"]["regressions"], key=lambda r: -r["drop"])
             store.set_version_tag(name, registered.version, HELD, json.dumps(  # bounded size
                 {"gate": gate, "regressions": worst[:10], "total": len(worst)}))
         write_step(store, sequence, record, previous)
-        if images:
-            log_images(store, sequence, step, *matrices_of(read_steps(store) + [record]),
-                       record["confusion"])
         # Fencing: a writer that stalled past its lease's expiry must not commit over the
         # writer that took the lease over.
         if not lease.holds() or store.steps_committed() != step - 1:

@@ -4,16 +4,28 @@ The store's sequence run holds, at step s (the number of add-tasks so far), one 
 and mode, `MODE/acc/TASK`, and the summaries `MODE/average_accuracy`, `MODE/bwt`,
 `MODE/forgetting` (sequence.py writes them with the step's record). MLflow's UI groups metrics by
 their prefix, so each mode is a section whose charts show how every earlier task held up after
-each step; the heatmaps here are the matrices as images, one per step.
+each step; the heatmaps here are the matrices as images, one per step, drawn after the step is
+committed, on a thread (draw_in_background): add-task returns meanwhile, and a drawing that
+fails or dies with its process costs only pictures, which the next drawing makes up for.
 """
 
+import logging
+import threading
+
 from adapterhub_local.forgetting import Matrix
-from adapterhub_local.sequence import MATRICES
+from adapterhub_local.sequence import MATRICES, matrices_of, read_steps, sequence_run
+
+log = logging.getLogger("adapterhub_local")
+_DRAWING = threading.Lock()  # pyplot is not thread-safe: one drawing at a time per process
+LAST_KEY = "router_confusion"  # the image a step's drawing makes last
+CATCH_UP = 10  # how many of the latest steps a drawing checks for missing pictures
+ANNOTATED = 20  # heatmaps with more columns than this have no numbers in their cells
 
 
 
 def heatmap(title: str, values: list[list[float | None]], rows: list[str], columns: list[str]):
-    """An annotated heatmap of shares in [0, 1] as an RGB array (None cells are left blank)."""
+    """A heatmap of shares in [0, 1] as an RGB array, its cells annotated up to ANNOTATED
+    columns (None cells are left blank)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,14 +33,20 @@ def heatmap(title: str, values: list[list[float | None]], rows: list[str], colum
     import numpy as np
 
     data = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(columns), 1.2 + 0.45 * len(rows)), dpi=100)
+    # Past ANNOTATED columns a cell is too small for its number, and the image would grow
+    # without bound: the figure keeps a readable size and its ticks thin out.
+    fig, ax = plt.subplots(figsize=(min(2.5 + 0.9 * len(columns), 16),
+                                    min(1.2 + 0.45 * len(rows), 12)), dpi=100)
     ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    for (i, j), v in np.ndenumerate(data):
-        if not np.isnan(v):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center",
-                    color="white" if v < 0.6 else "black", fontsize=8)
-    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    if len(columns) <= ANNOTATED:
+        for (i, j), v in np.ndenumerate(data):
+            if not np.isnan(v):
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center",
+                        color="white" if v < 0.6 else "black", fontsize=8)
+    every_column, every_row = -(-len(columns) // 40), -(-len(rows) // 40)
+    ax.set_xticks(range(0, len(columns), every_column), columns[::every_column], rotation=30,
+                  ha="right", fontsize=8)
+    ax.set_yticks(range(0, len(rows), every_row), rows[::every_row], fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.canvas.draw()
@@ -48,6 +66,34 @@ def log_images(store, run_id: str, step: int, tasks: list[str], matrices: dict[s
     store.log_image(run_id, heatmap("router confusion % (rows: true task)", shares,
                                     confusion["true_tasks"], confusion["tasks"] + ["abstain"]),
                     key="router_confusion", step=step)
+
+
+def draw_steps(store) -> list[int]:
+    """Draw the heatmaps of each of the latest CATCH_UP committed steps that has none yet (the
+    step just committed, and any whose drawing died with its process); returns those steps."""
+    with _DRAWING:
+        run = sequence_run(store)
+        records = read_steps(store)
+        drawn = {int(name.split("+step+")[1].split("+")[0])
+                 for name in store.artifact_names(run, "images") if f"/{LAST_KEY}+step+" in name}
+        missing = [r["step"] for r in records[-CATCH_UP:] if r["step"] not in drawn]
+        for step in missing:
+            log_images(store, run, step, *matrices_of(records[:step]), records[step - 1]["confusion"])
+        return missing
+
+
+def draw_in_background(store) -> threading.Thread:
+    """draw_steps on a thread that the process waits for before it exits."""
+    def draw():
+        try:
+            draw_steps(store)
+        except Exception as e:  # pictures only: the step itself is committed
+            log.warning("could not draw the forgetting heatmaps (%s); the next add-task "
+                        "draws them", str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    thread = threading.Thread(target=draw, name="ahl-dashboards")
+    thread.start()
+    return thread
 
 
 def serve_ui(store, port: int):

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from adapterhub_local import query_cache
 from adapterhub_local.candidate import measure_candidate
 from adapterhub_local.commit import (DEFAULT_WAIT, Lease, change_serving, commit_add_task,
                                      repair)
+from adapterhub_local.dashboards import draw_in_background
 from adapterhub_local.errors import AhlError
 from adapterhub_local.lineage import lineage_tree, version_lineage
-from adapterhub_local.evaluation import COMPOSE_TOP_K
-from adapterhub_local.plan import plan_add_task, run_params
 from adapterhub_local.sequence import MODES, last_step, matrices_of, read_steps, step_summary
 from adapterhub_local.serving import Loader, check_gate, serving_set
 from adapterhub_local.store import PRODUCTION, TAG, AdapterStore, parse_ref
@@ -42,6 +42,8 @@ class Hub:
         self.store = AdapterStore(store, namespace)
         self.loader = Loader(self.store)
         self.wait = wait
+        self.drawing = None
+        """The thread drawing the last add-task's heatmaps (join it to wait for them)."""
 
     # -- adding a task ------------------------------------------------------------------------
 
@@ -64,6 +66,7 @@ class Hub:
         from adapterhub_local.base import load_base
         from adapterhub_local.inference import adapter_name, bank_for
         from adapterhub_local.methods import get_method
+        from adapterhub_local.plan import plan_add_task, run_params
         from adapterhub_local.trainer import train_adapter
 
         plan = plan_add_task(self.store, name, train, test, spec, text_column, label_column,
@@ -87,6 +90,7 @@ class Hub:
                 committing = time.time()
                 record = commit_add_task(self.store, self.loader, candidate, gate, lease)
                 commit_seconds = time.time() - committing
+            self.drawing = draw_in_background(self.store)  # the step's heatmaps
         except BaseException as e:
             bank.remove_adapter(adapter)
             self.store.finish_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -117,23 +121,27 @@ class Hub:
         bank, router, *_ = self.loader.open_router(self.store.base_binding()[0])
         return route_texts(bank, router, texts, top_k)[0]
 
-    def predict(self, texts: list[str], mode: str = "pick", top_k: int = COMPOSE_TOP_K,
+    def predict(self, texts: list[str], mode: str = "pick", top_k: int | None = None,
                 task: str | None = None) -> list[dict]:
         """One answer per text: {"text", "task", "label", "score", "adapters"}. Without `task`
-        the router decides: "pick" one adapter, or "compose" the top_k. task/label are None
+        the router decides: "pick" one adapter, or "compose" the top_k (default: the k the
+        composed matrix is measured with, evaluation.COMPOSE_TOP_K). task/label are None
         when it abstains ("reason" says why) or when the adapter it needs failed its checksum
         ("error" names it; other inputs are answered)."""
-        from adapterhub_local.inference import answer_routes, route_texts
-        from adapterhub_local.router import Route
-
         texts = check_texts(texts)
         if mode not in PREDICT_MODES:
             raise AhlError(f"unknown mode {mode!r}: use pick or compose")
-        if top_k < 1:
+        if top_k is not None and top_k < 1:
             raise AhlError(f"top_k must be at least 1, got {top_k}: try --top-k 2")
         if not texts:
             return []
         self.require_tasks()
+        # Imported after the checks: a mistake is answered without loading torch.
+        from adapterhub_local.evaluation import COMPOSE_TOP_K
+        from adapterhub_local.inference import answer_routes, route_texts
+        from adapterhub_local.router import Route
+
+        top_k = COMPOSE_TOP_K if top_k is None else top_k
         bank, router, adapters, versions, broken = self.loader.open_router(self.store.base_binding()[0])
         if task is not None:
             if task not in versions:
@@ -151,7 +159,18 @@ class Hub:
     def tasks(self) -> list[dict]:
         """Each task with the version that serves (None while the gate holds back its only
         versions), its method, aliases and its oracle accuracy at the last step: a constant
-        number of registry calls however many versions the store holds."""
+        number of registry calls however many versions the store holds. A folder store answers
+        from its query cache while the registry is unchanged (query_cache.py)."""
+        key = query_cache.fingerprint(self.store)
+        kept = query_cache.read(self.store, key)
+        if kept is not None:
+            return kept
+        result = self.task_table()
+        query_cache.keep(self.store, key, result)
+        return result
+
+    def task_table(self) -> list[dict]:
+        """tasks(), computed through MLflow."""
         last = last_step(self.store) or {"tasks": [], "rows": {"oracle": []}}
         last_row = dict(zip(last["tasks"], last["rows"]["oracle"]))
         serving = serving_set(self.store)

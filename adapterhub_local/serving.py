@@ -10,21 +10,27 @@ promote, rm) calls sync_router under the store's lease.
 import hashlib
 import itertools
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapterhub_local import __version__
 from adapterhub_local.errors import AhlError
 from adapterhub_local.forgetting import drops
-from adapterhub_local.inference import adapter_name, bank_for
 from adapterhub_local.methods import get_method
-from adapterhub_local.router import ROUTER_META, GaussianRouter, TaskStats
 from adapterhub_local.store import (PRODUCTION, ROUTER, TAG, serving_version,
                                     sha256_file)
 
+if TYPE_CHECKING:
+    from adapterhub_local.router import GaussianRouter, TaskStats
+
+log = logging.getLogger("adapterhub_local")
 ADAPTER_ARTIFACT, STATS_ARTIFACT, ROUTER_ARTIFACT = "adapter", "router_stats", "router"
 TEST_ARTIFACT = "eval/test.json"
+SCORES_ARTIFACT = "eval/scores.safetensors"  # the test split's features and oracle probabilities
+CROSS_ARTIFACT = "cross"  # sequence run: each step's cross scores (composed mode), one file a step
 VERSIONS_DIGEST = f"{TAG}versions.sha256"  # router version tag: which serving set it was fit for
 MANIFEST = "serving.json"  # beside a router's files: each version it serves, with its tags
 
@@ -91,7 +97,7 @@ def digest_of_router(router_version) -> str:
     return versions_digest({t: int(v) for t, v in json.loads(tags.get(f"{TAG}versions", "{}")).items()})
 
 
-def register_router(store, router: GaussianRouter, run_id: str, served: dict,
+def register_router(store, router: "GaussianRouter", run_id: str, served: dict,
                     extra_tags: dict | None = None):
     """Save a router, fit for `served` ({task: model version}), with its manifest as run
     artifacts and register it as the next `_router` version, with the checksums of its files
@@ -148,6 +154,8 @@ def sync_router(store, loader, changed: str | None = None, prefer=None) -> bool:
         if now is not None:
             store.delete_alias(ROUTER, PRODUCTION)
         return now is not None
+    from adapterhub_local.router import GaussianRouter
+
     router = GaussianRouter().fit({t: loader.task_stats(v) for t, v in serving.items()})
     run_id = store.start_run(ROUTER, params={"tasks": len(wanted)}, tags={f"{TAG}kind": "router"})
     try:
@@ -185,6 +193,8 @@ class Loader:
         self.store = store
         self.checked: dict[str, Path] = {}  # model version source -> its verified local folder
         self.cache: dict[tuple, object] = {}
+        self.cross: dict[tuple, object] = {}  # (run id, adapter digest, row) -> probabilities
+        self.cross_used: set[tuple] = set()  # the keys this step asked for (save_cross)
         self.opened = None  # (router version, (bank, router, adapters, versions, broken))
 
     def folder(self, version) -> Path:
@@ -211,6 +221,8 @@ class Loader:
         return self.cache[key]
 
     def load_version(self, bank, task: str, version) -> str:
+        from adapterhub_local.inference import adapter_name
+
         name = adapter_name(task, version.run_id)
         method = get_method(version.tags.get(f"{TAG}method", "lora"))
         bank.load_adapter(name, self.folder(version), method)
@@ -221,21 +233,94 @@ class Loader:
         return self.cached((version.run_id, "test"), lambda: self.store.read_json_artifact(
             version.run_id, TEST_ARTIFACT))
 
-    def oracle_probs(self, bank, adapter: str, version) -> list:
-        """The adapter's outputs on its own test split. Reused only for the very weights that
-        produced them: the key holds the digest of the weights in memory now, so an adapter
-        changed in memory is scored again (forgetting is measured, never assumed)."""
-        split, max_length = self.test_split(version), max_length_of(version)
-        return self.cached((version.run_id, "probs", bank.digest(adapter)), lambda: bank.probabilities(
-            split["texts"], [adapter] * len(split["texts"]), max_length))
+    def scores(self, bank, adapter: str, version) -> tuple:
+        """(features, probs) of the version's test split: the bare base's features (what the
+        router reads) and the adapter's label probabilities (its oracle answers). A score is
+        reused only for the very weights that produced it: in memory under the digest of the
+        weights loaded now, and from the store's scores file (eval/scores.safetensors, written
+        with the version) when its recorded digest equals that one and its checksum holds. An
+        adapter changed in memory is scored again: forgetting is measured, never assumed.
+        Computing them runs each text's bottom half once for both."""
+        digest = bank.digest(adapter)
+        return self.cached((version.run_id, "scores", digest),
+                           lambda: self.stored_scores(version, digest)
+                           or compute_scores(bank, adapter, self.test_split(version)["texts"],
+                                             max_length_of(version)))
 
-    def features(self, bank, version):
-        """The bare base's features of the version's test split (the base never changes)."""
-        split = self.test_split(version)
-        return self.cached((version.run_id, "features"), lambda: bank.features(
-            split["texts"], max_length_of(version)))
+    def stored_scores(self, version, digest: str) -> tuple | None:
+        recorded = self.test_split(version).get("scores") or {}
+        if recorded.get("adapter_digest") != digest:
+            return None
+        try:
+            file = self.store.artifact_folder(version.run_id, SCORES_ARTIFACT)
+        except Exception:
+            return None
+        if sha256_file(file) != recorded.get("sha256"):
+            log.warning("%s: its stored test scores fail their checksum; scoring again", file)
+            return None
+        from safetensors.torch import load_file
 
-    def task_stats(self, version) -> TaskStats:
+        tensors = load_file(file)
+        return tensors["features"], list(tensors["probs"])
+
+    def other_probs(self, bank, version, pairs: list[tuple[int, str]]) -> list:
+        """Probabilities of adapter a on row r of another version's test split, for each (r, a)
+        (composed mode). Reused under the digest of a's weights loaded now: from memory, or
+        from the last step's cross scores (load_cross); the rest are computed."""
+        digest = {a: bank.digest(a) for a in {a for _, a in pairs}}
+        keys = [(version.run_id, digest[a], row) for row, a in pairs]
+        missing = [(row, a) for (row, a), key in zip(pairs, keys) if key not in self.cross]
+        texts = self.test_split(version)["texts"]
+        computed = bank.probabilities([texts[row] for row, _ in missing], [a for _, a in missing],
+                                      max_length_of(version))
+        for (row, a), p in zip(missing, computed):
+            self.cross[(version.run_id, digest[a], row)] = p
+        self.cross_used.update(keys)
+        return [self.cross[key] for key in keys]
+
+    def save_cross(self, run_id: str, step: int) -> str:
+        """Write the cross scores this step used as the sequence run's cross/step_N file;
+        returns its sha256, which the step's record keeps."""
+        import torch
+        from safetensors.torch import save_file
+
+        groups: dict[str, list[tuple[int, object]]] = {}
+        for run, digest, row in sorted(self.cross_used):
+            groups.setdefault(f"{run}.{digest}", []).append((row, self.cross[(run, digest, row)]))
+        tensors = {}
+        for key, rows in groups.items():
+            tensors[f"{key}.rows"] = torch.tensor([row for row, _ in rows])
+            tensors[f"{key}.probs"] = torch.stack([p for _, p in rows])
+        self.cross_used = set()
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / f"step_{step:06d}.safetensors"
+            save_file(tensors, file)
+            self.store.log_artifacts(run_id, Path(tmp), CROSS_ARTIFACT)
+            return sha256_file(file)
+
+    def load_cross(self, run_id: str, step: int, sha: str | None) -> None:
+        """Take in step `step`'s cross scores, if its record names them and they hold their
+        checksum (a bad or missing file only means computing them again)."""
+        if not sha:
+            return
+        try:
+            file = self.store.artifact_folder(run_id, f"{CROSS_ARTIFACT}/step_{step:06d}.safetensors")
+        except Exception:
+            return
+        if sha256_file(file) != sha:
+            log.warning("%s: cross scores fail their checksum; scoring again", file)
+            return
+        from safetensors.torch import load_file
+
+        tensors = load_file(file)
+        for key in (k[: -len(".rows")] for k in tensors if k.endswith(".rows")):
+            run, digest = key.split(".")
+            for row, p in zip(tensors[f"{key}.rows"].tolist(), tensors[f"{key}.probs"]):
+                self.cross.setdefault((run, digest, row), p)
+
+    def task_stats(self, version) -> "TaskStats":
+        from adapterhub_local.router import TaskStats
+
         return self.cached((version.run_id, "stats"), lambda: TaskStats.load(
             self.store.artifact_folder(version.run_id, STATS_ARTIFACT)))
 
@@ -243,6 +328,8 @@ class Loader:
         """(bank, router, {task: adapter}, {task: version}, {task: error}) for the serving router:
         its adapters loaded, each checked; a broken one is left out and named in `broken`, so
         that only the inputs routed to it fail."""
+        from adapterhub_local.router import ROUTER_META, GaussianRouter
+
         version = serving_router(self.store)
         if version is None:
             raise AhlError(f"store {self.store.location} has no serving versions (removed, or "
@@ -267,8 +354,16 @@ class Loader:
 
 def bank_for_base(base_name: str):
     from adapterhub_local.base import load_base
+    from adapterhub_local.inference import bank_for
 
     return bank_for(load_base(base_name))
+
+
+def compute_scores(bank, adapter: str, texts: list[str], max_length: int) -> tuple:
+    """(features, probs) of texts through the bare base and the adapter, the bottom half run
+    once for both (the adapter goes on from its states where it leaves that half bare)."""
+    features, states = bank.encode(texts, max_length)
+    return features, bank.probabilities(texts, [adapter] * len(texts), max_length, states=states)
 
 
 def max_length_of(version) -> int:

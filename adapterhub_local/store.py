@@ -384,6 +384,10 @@ class AdapterStore(TrackingWrites):
                 return path
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=self.uri))
 
+    def artifact_names(self, run_id: str, path: str) -> list[str]:
+        """The paths of a run's artifacts directly under `path` (none if it does not exist)."""
+        return [f.path for f in self.client.list_artifacts(run_id, path)]
+
     def read_json_artifact(self, run_id: str, path: str):
         return json.loads(self.artifact_folder(run_id, path).read_text(encoding="utf-8"))
 

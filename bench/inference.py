@@ -1,72 +1,162 @@
-"""Inference throughput: routed Hub.predict vs a bare base forward and a naive per-input loop.
+"""Inference throughput as adapters pile up: routed prediction vs a bare forward and peft's own
+ways of serving many adapters, with 1, 6, 30 and 100 LoRA adapters loaded.
 
-Over mixed test texts of every task in a store (run `make demo` first), in one process:
-  floor   the bare base, batched by length: no routing, no adapter (the most one can hope for)
-  naive   for each input, switch to its task's adapter and run it alone (the task is even given)
-  routed  Hub.predict(texts): route every input, then one mixed-adapter pass
+On the real MiniLM base, in one process: N LoRA adapters of ahl's default config (random,
+non-zero weights, so every adapter does real work) with their heads in one bank, and a router
+fit from each adapter's task statistics (adapter i stands for bundled task i mod 6). The texts
+are the bundled tasks' test texts, mixed; adapter i mod N is each text's "given" task.
+  floor     the bare base, full passes batched by length: no routing, no adapter
+  mixed     peft's mixed-batch forward (`adapter_names`) over full passes, the task given
+  grouped   per-adapter batches, the task given: set_adapter, then the adapter's texts
+  routed    what Hub.predict computes once its store is open (inference.route_texts and
+            answer_routes): route every text, then mixed-adapter passes that go on from the
+            router's states
+Each row is the mean of two rounds, the order reversed in the second. The peers are told the
+task; ahl works it out. Memory per extra adapter: its tensors' bytes, and the process's RSS
+growth per adapter from the first to the last count.
 
-    .venv/bin/python bench/inference.py [--store store] [--per-task 100]
+    .venv/bin/python bench/inference.py [--counts 1,6,30,100] [--per-task 100]
 """
 
 import argparse
 import os
+import platform
 import random
+import resource
 import time
+from datetime import date
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
-from adapterhub_local import Hub  # noqa: E402
-from adapterhub_local.hub import TEST_ARTIFACT  # noqa: E402
-from routing import last_layer_features  # noqa: E402  (bench/ is on the path when run)
+from adapterhub_local.base import load_base  # noqa: E402
+from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
+from adapterhub_local.inference import (answer_routes, bank_for, length_batches, mean_pool,  # noqa: E402
+                                        route_texts)
+from adapterhub_local.methods import get_method, method_options  # noqa: E402
+from adapterhub_local.router import GaussianRouter, task_stats  # noqa: E402
+
+TASKS = Path(__file__).resolve().parent.parent / "tasks"
+BUNDLED = ["wordnet_things", "fortune_topic", "chat_language", "wordnet_actions",
+           "fortune_language", "wordnet_concepts"]
+BATCH = 64
 
 
-def mixed_inputs(hub: Hub, per_task: int) -> tuple[list[str], list[str]]:
-    texts, tasks = [], []
-    for task in hub.store.task_names():
-        version = hub.store.current_version(task)
-        split = hub.store.read_json_artifact(version.run_id, TEST_ARTIFACT)
-        texts += split["texts"][:per_task]
-        tasks += [task] * len(split["texts"][:per_task])
-    order = list(range(len(texts)))
-    random.Random(0).shuffle(order)
-    return [texts[i] for i in order], [tasks[i] for i in order]
+def add_adapters(bank, data: list, start: int, stop: int) -> dict:
+    """Adapters start..stop-1 with random LoRA weights and heads; {name: its task's stats}."""
+    lora = get_method("lora")
+    stats = {}
+    for i in range(start, stop):
+        task = data[i % len(data)]
+        name = f"ahl-bench{i}"
+        torch.manual_seed(i)
+        bank.add_adapter(name, lora.build(method_options("lora"), bank.base), task.labels, lora)
+        for key, p in bank.model(name).named_parameters():
+            if f".{name}." in f"{key}." and "lora_B" in key:
+                p.data.normal_(0, 0.02)  # peft starts B at zero: an identity adapter
+        bank.model(name).requires_grad_(False)
+        rows = random.Random(i).sample(range(len(task.train_texts)), 200)
+        features = bank.features([task.train_texts[r] for r in rows])
+        stats[name] = task_stats(features[:160], [task.train_labels[r] for r in rows[:160]],
+                                 task.labels, features[160:])
+    return stats
 
 
-def naive_loop(bank, adapters: dict[str, str], texts: list[str], tasks: list[str]) -> None:
-    for text, task in zip(texts, tasks):
-        bank.predict(adapters[task], [text])
+def adapter_bytes(bank, name: str) -> int:
+    tensors = [p for k, p in bank.model(name).named_parameters() if f".{name}." in f"{k}."]
+    return sum(t.numel() * t.element_size() for t in tensors + list(bank.heads[name].parameters()))
 
 
-def timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+@torch.inference_mode()
+def floor(bank, texts: list[str]) -> None:
+    ids = bank.base.tokenize(texts, 128)
+    with bank.bare():
+        for rows in length_batches(ids, range(len(ids)), BATCH):
+            bank.base.model(**bank.base.pad([ids[i] for i in rows]))
+
+
+@torch.inference_mode()
+def mixed(bank, texts: list[str], given: list[str]) -> None:
+    ids = bank.base.tokenize(texts, 128)
+    model = bank.model(given[0])
+    for rows in length_batches(ids, range(len(ids)), BATCH):
+        batch = bank.base.pad([ids[i] for i in rows])
+        names = [given[i] for i in rows]
+        pooled = mean_pool(model(**batch, adapter_names=names).last_hidden_state, batch)
+        for k, name in enumerate(names):
+            bank.heads[name](pooled[k]).softmax(-1)
+
+
+@torch.inference_mode()
+def grouped(bank, texts: list[str], given: list[str]) -> None:
+    ids = bank.base.tokenize(texts, 128)
+    for name in dict.fromkeys(given):
+        bank.activate(name)
+        mine = [i for i, g in enumerate(given) if g == name]
+        for rows in length_batches(ids, mine, BATCH):
+            batch = bank.base.pad([ids[i] for i in rows])
+            hidden = bank.model(name)(**batch).last_hidden_state
+            bank.heads[name](mean_pool(hidden, batch)).softmax(-1)
+
+
+def routed(bank, router, texts: list[str], adapters: dict) -> None:
+    routes, states = route_texts(bank, router, texts, top_k=1)
+    answer_routes(bank, texts, routes, states, adapters, dict.fromkeys(adapters, 1), {})
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default="store")
+    parser.add_argument("--counts", default="1,6,30,100")
     parser.add_argument("--per-task", type=int, default=100)
     args = parser.parse_args()
-    hub = Hub(args.store)
-    texts, tasks = mixed_inputs(hub, args.per_task)
-    bank, _, adapters, _ = hub._open_router()
-    hub.predict(texts[:8])  # warm up: adapters loaded, kernels initialised
+    data = [load_task_data(s.name, s.train, s.test)
+            for s in (load_spec(TASKS / f"{t}.toml") for t in BUNDLED)]
+    texts = [t for task in data for t in task.test_texts[: args.per_task]]
+    random.Random(0).shuffle(texts)
+    bank = bank_for(load_base())
+    stats, rows, memory = {}, [], []
+    for count in [int(c) for c in args.counts.split(",")]:
+        stats.update(add_adapters(bank, data, len(stats), count))
+        memory.append((count, rss_mib()))
+        router = GaussianRouter().fit(stats)
+        adapters = {name: name for name in stats}  # the router's tasks are the adapters' names
+        names = list(stats)
+        given = [names[i % len(names)] for i in range(len(texts))]
+        runs = {"floor": lambda: floor(bank, texts),
+                "mixed": lambda: mixed(bank, texts, given),
+                "grouped": lambda: grouped(bank, texts, given),
+                "routed": lambda: routed(bank, router, texts, adapters)}
+        floor(bank, texts[:BATCH])  # warm up: one-time costs of each kind of pass
+        mixed(bank, texts[:BATCH], given[:BATCH])
+        routed(bank, router, texts[:BATCH], adapters)
+        seconds = dict.fromkeys(runs, 0.0)
+        for order in (list(runs), list(runs)[::-1]):
+            for name in order:
+                started = time.perf_counter()
+                runs[name]()
+                seconds[name] += (time.perf_counter() - started) / 2
+        rows.append((count, {name: len(texts) / s for name, s in seconds.items()}))
+        print(f"  {count:4d} adapters: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rows[-1][1].items()),
+              flush=True)
 
-    floor = timed(lambda: last_layer_features(bank, texts))
-    naive = timed(lambda: naive_loop(bank, adapters, texts, tasks))
-    routed = timed(lambda: hub.predict(texts))
-    n = len(texts)
-    print(f"{n} mixed texts from {len(adapters)} tasks, torch threads {torch.get_num_threads()}")
-    print(f"{'':34}{'texts/s':>9}{'vs floor':>10}")
-    for name, seconds in (("bare base forward (floor)", floor),
-                          ("naive: switch adapter per input", naive),
-                          ("ahl routed Hub.predict", routed)):
-        print(f"{name:34}{n / seconds:>9.1f}{floor / seconds:>9.2f}x")
-    print(f"routed / naive: {naive / routed:.1f}x faster")
+    print(f"\n{date.today()}, {platform.machine()}, {torch.get_num_threads()} torch threads; "
+          f"{len(texts)} mixed texts; texts/s, and routed / floor")
+    print("| adapters | bare forward (floor) | peft mixed batch, task given | per-adapter batches, "
+          "task given | ahl routed | routed / floor |\n|---:|---:|---:|---:|---:|---:|")
+    for count, tput in rows:
+        print(f"| {count} | {tput['floor']:.0f} | {tput['mixed']:.0f} | {tput['grouped']:.0f} | "
+              f"{tput['routed']:.0f} | {tput['routed'] / tput['floor']:.2f}x |")
+    first, last = memory[0], memory[-1]
+    per_rss = (last[1] - first[1]) / max(1, last[0] - first[0])
+    print(f"memory per extra LoRA adapter: {adapter_bytes(bank, names[0]) / 1024:.0f} KiB of "
+          f"tensors; peak RSS grew {per_rss:.2f} MiB per adapter from {first[0]} to {last[0]}")
 
 
 if __name__ == "__main__":

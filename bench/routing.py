@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from adapterhub_local import Hub  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
-from adapterhub_local.hub import TEST_ARTIFACT  # noqa: E402
+from adapterhub_local.serving import TEST_ARTIFACT  # noqa: E402
 from adapterhub_local.inference import length_batches, mean_pool  # noqa: E402
 from adapterhub_local.router import GaussianRouter, task_stats  # noqa: E402
 from adapterhub_local.trainer import split_validation  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
             f"{a:>8.1f}" if k < 2 else f"{a:>10.1f}" for k, a in enumerate(averages)))
 
     # The reference and the ablation, refit on the same tasks' training texts.
-    bank, _, adapters, _ = hub._open_router()
+    bank, _, adapters, *_ = hub.loader.open_router(hub.store.base_binding()[0])
     train, test, stats_last, oracle_right = {}, {}, {}, {}
     for j, task in enumerate(tasks):
         spec = load_spec(TASKS / f"{task}.toml")

@@ -27,7 +27,7 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MLFLOW_DISABLE_TE
 
 import torch  # noqa: E402
 
-from adapterhub_local import Hub, commit  # noqa: E402
+from adapterhub_local import Hub, evaluation  # noqa: E402
 from adapterhub_local.candidate import Candidate  # noqa: E402
 from adapterhub_local.commit import Lease, commit_add_task  # noqa: E402
 from adapterhub_local.evaluation import TaskEval  # noqa: E402
@@ -127,16 +127,16 @@ def commit_overhead(store_folder: Path) -> tuple[float, float]:
 
     base = type("B", (), {"name": "bench", "sha256": "0" * 64})()
     candidate = Candidate(Plan(), base, FakeBank(), run_id, "bench", {}, 0.9, stats)
-    commit.evaluate_step, real_evaluate = fixed_scores, commit.evaluate_step
+    evaluation.evaluate_step, real_evaluate = fixed_scores, evaluation.evaluate_step
     GaussianRouter.fit = timed_fit
     loader.load_version = lambda bank, task, version: task
     try:
         started = time.perf_counter()
         with Lease(store) as lease:
-            commit_add_task(store, loader, candidate, None, lease, images=False)
+            commit_add_task(store, loader, candidate, None, lease)
         total = time.perf_counter() - started
     finally:
-        commit.evaluate_step, GaussianRouter.fit = real_evaluate, real_fit
+        evaluation.evaluate_step, GaussianRouter.fit = real_evaluate, real_fit
     return total - sum(fit_seconds), sum(fit_seconds)
 
 

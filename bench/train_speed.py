@@ -1,17 +1,27 @@
-"""Training speed: ahl's trainer vs a plain Hugging Face Trainer + peft LoRA script.
+"""Training speed: ahl's trainer vs a careful Hugging Face Trainer + peft script, lever by lever.
 
-Both train the same LoRA (ahl's default config: rank, alpha, target modules and blocks; same
-learning rate, epochs, batch size, seed) on the same rows of one bundled task with the real MiniLM base, in this one process, and
-are scored on the same test split. The baseline pads every text to 64 tokens, as the usual
-script does; ahl pads each length-grouped batch to its own longest text.
+The peer is what a careful user writes: AutoModel + peft with the very same LoRA config (ahl's
+default: rank, alpha, target modules, top-half blocks), a mean-pool head like ahl's,
+`DataCollatorWithPadding` and length-grouped sampling, with the same rows, epochs, learning rate,
+warm-up share, batch size, weight decay, gradient clipping and seed. Both are scored on the same
+test split. ahl runs with all its levers, without any, and with each one alone, so every lever is
+measured on its own; per task, ahl and the peer alternate which goes first. All in one process on
+the real MiniLM base.
 
-    .venv/bin/python bench/train_speed.py [--task wordnet_things] [--epochs 3]
+What the peer lacks, on purpose: ahl's levers themselves (reusing the frozen bottom half's states,
+bf16 autocast, dropout masks from random bytes). `--peer-bf16` adds a row for the peer with TrainingArguments(bf16=True), the one
+flag of ahl's levers a user could set.
+
+    .venv/bin/python bench/train_speed.py [--tasks wordnet_things,chat_language] [--epochs 3]
 """
 
 import argparse
+import dataclasses
 import os
+import platform
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,11 +31,19 @@ import torch  # noqa: E402
 
 from adapterhub_local.base import load_base  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
-from adapterhub_local.inference import AdapterBank  # noqa: E402
+from adapterhub_local.inference import AdapterBank, mean_pool  # noqa: E402
 from adapterhub_local.methods import get_method, method_options  # noqa: E402
-from adapterhub_local.trainer import TrainOptions, split_validation, train_adapter  # noqa: E402
+from adapterhub_local.trainer import TrainOptions, native_bf16, split_validation, train_adapter  # noqa: E402
 
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
+DEFAULT_TASKS = "wordnet_things,fortune_topic,chat_language,wordnet_actions"
+# ahl's rows: (label, options changed from the defaults). The defaults have every lever on.
+NONE = {"reuse_states": False, "precision": "fp32", "byte_dropout": False}
+AHL_ROWS = [("ahl, all levers", {}),
+            ("ahl, no levers", NONE),
+            ("ahl, reuse states only", {**NONE, "reuse_states": True}),
+            ("ahl, bf16 only", {**NONE, "precision": "bf16"}),
+            ("ahl, byte dropout only", {**NONE, "byte_dropout": True})]
 
 
 def run_ahl(data, options: TrainOptions) -> tuple[float, float]:
@@ -40,23 +58,37 @@ def run_ahl(data, options: TrainOptions) -> tuple[float, float]:
     return seconds, accuracy
 
 
-def run_hf_trainer(data, options: TrainOptions, rows: list[int]) -> tuple[float, float]:
-    """The script most people write: AutoModelForSequenceClassification + peft + Trainer."""
+class MeanPoolClassifier(torch.nn.Module):
+    """The careful script's model: the peft-wrapped encoder, the mean of the text's own token
+    states, a linear head."""
+
+    def __init__(self, encoder, hidden_size: int, num_labels: int):
+        super().__init__()
+        self.encoder, self.head = encoder, torch.nn.Linear(hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        logits = self.head(mean_pool(self.encoder(**batch).last_hidden_state, batch))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits.float(), labels)
+        return {"loss": loss, "logits": logits}
+
+
+def run_peer(data, options: TrainOptions, rows: list[int], bf16: bool = False) -> tuple[float, float]:
+    """The careful user's script: Trainer + peft, dynamic padding, length-grouped batches."""
     from datasets import Dataset
-    from peft import TaskType, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Trainer,
-                              TrainingArguments)
+    from peft import get_peft_model
+    from transformers import (AutoModel, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments, set_seed)
 
     path = load_base().path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(options.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(data.labels))
+    set_seed(options.seed)
     config = get_method("lora").build(method_options("lora"), load_base())  # the very same LoRA
-    config.task_type = TaskType.SEQ_CLS  # ...plus a trainable classifier, as the usual script has
-    model = get_peft_model(model, config)
+    encoder = get_peft_model(AutoModel.from_pretrained(path), config)
+    model = MeanPoolClassifier(encoder, encoder.config.hidden_size, len(data.labels))
 
     def encode(texts, labels):
-        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=64)
+        enc = tokenizer(texts, truncation=True, max_length=options.max_length)
         return Dataset.from_dict({**enc, "labels": labels})
 
     train = encode([data.train_texts[i] for i in rows], [data.train_labels[i] for i in rows])
@@ -65,37 +97,65 @@ def run_hf_trainer(data, options: TrainOptions, rows: list[int]) -> tuple[float,
         args = TrainingArguments(out, num_train_epochs=options.epochs, learning_rate=options.lr,
                                  per_device_train_batch_size=options.batch_size,
                                  per_device_eval_batch_size=64, warmup_steps=options.warmup,
-                                 weight_decay=options.weight_decay, seed=options.seed,
-                                 save_strategy="no", report_to=[], logging_strategy="no",
-                                 disable_tqdm=True, use_cpu=True)
-        trainer = Trainer(model=model, args=args, train_dataset=train)
+                                 weight_decay=options.weight_decay, max_grad_norm=1.0,
+                                 seed=options.seed, train_sampling_strategy="group_by_length",
+                                 bf16=bf16, save_strategy="no", report_to=[],
+                                 logging_strategy="no", disable_tqdm=True, use_cpu=True,
+                                 label_names=["labels"])
+        trainer = Trainer(model=model, args=args, train_dataset=train,
+                          data_collator=DataCollatorWithPadding(tokenizer))
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-        logits = trainer.predict(test).predictions
-    accuracy = float((logits.argmax(-1) == torch.tensor(data.test_labels).numpy()).mean())
+        # Compared with the label ids predict returns: its sampler may reorder the rows.
+        predicted = trainer.predict(test)
+    accuracy = float((predicted.predictions.argmax(-1) == predicted.label_ids).mean())
     return seconds, accuracy
+
+
+def warm_up(options: TrainOptions) -> None:
+    """One short untimed run of each kind first: loading the base and the first passes of each
+    arithmetic would otherwise be charged to whichever run comes first."""
+    spec = load_spec(TASKS / "chat_language.toml")
+    data = load_task_data(spec.name, spec.train, spec.test)
+    data.train_texts, data.train_labels = data.train_texts[:64], data.train_labels[:64]
+    short = dataclasses.replace(options, epochs=1)
+    for _, changes in AHL_ROWS:
+        run_ahl(data, dataclasses.replace(short, **changes))
+    run_peer(data, short, list(range(64)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="wordnet_things")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS)
     parser.add_argument("--epochs", type=int, default=TrainOptions.epochs)
+    parser.add_argument("--peer-bf16", action="store_true")
     args = parser.parse_args()
-    spec = load_spec(TASKS / f"{args.task}.toml")
-    data = load_task_data(spec.name, spec.train, spec.test)
     options = TrainOptions(epochs=args.epochs)
-    train_rows, _ = split_validation(data.train_labels, options.seed)  # the rows ahl trains on
+    peers = [("careful HF Trainer", False)] + ([("careful HF Trainer, bf16", True)] if args.peer_bf16 else [])
+    results: dict[str, list[tuple[float, float]]] = {}
+    warm_up(options)
+    for n, task in enumerate(args.tasks.split(",")):
+        spec = load_spec(TASKS / f"{task}.toml")
+        data = load_task_data(spec.name, spec.train, spec.test)
+        train_rows, _ = split_validation(data.train_labels, options.seed)  # the rows ahl trains on
+        runs = [(label, lambda c=changes: run_ahl(data, dataclasses.replace(options, **c)))
+                for label, changes in AHL_ROWS]
+        runs += [(label, lambda b=bf16: run_peer(data, options, train_rows, b)) for label, bf16 in peers]
+        for label, run in (runs if n % 2 == 0 else runs[::-1]):  # alternate who goes first
+            results.setdefault(label, []).append(run())
+            print(f"  {task:18}{label:28}{results[label][-1][0]:7.1f} s "
+                  f"{100 * results[label][-1][1]:6.1f} %", flush=True)
 
-    ahl_seconds, ahl_accuracy = run_ahl(data, options)
-    hf_seconds, hf_accuracy = run_hf_trainer(data, options, train_rows)
-    print(f"task {args.task}: {len(train_rows)} training rows, {len(data.test_texts)} test rows, "
-          f"{args.epochs} epochs, torch threads {torch.get_num_threads()}")
-    print(f"{'':24}{'seconds':>10}{'test acc %':>12}")
-    print(f"{'HF Trainer, pad to 64':24}{hf_seconds:>10.1f}{100 * hf_accuracy:>12.1f}")
-    print(f"{'ahl trainer':24}{ahl_seconds:>10.1f}{100 * ahl_accuracy:>12.1f}")
-    print(f"time ratio ahl / baseline: {ahl_seconds / hf_seconds:.2f}x; "
-          f"accuracy difference: {100 * (ahl_accuracy - hf_accuracy):+.1f} points")
+    peer = results["careful HF Trainer"]
+    print(f"\n{date.today()}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads, native bf16: {native_bf16()}; "
+          f"tasks {args.tasks}; {args.epochs} epochs")
+    print("| run | seconds (sum) | time / careful peer | mean test acc % |\n|---|---:|---:|---:|")
+    for label, rows in results.items():
+        seconds = sum(s for s, _ in rows)
+        ratio = sum(s / p for (s, _), (p, _) in zip(rows, peer)) / len(rows)
+        print(f"| {label} | {seconds:.1f} | {ratio:.2f}x | {100 * sum(a for _, a in rows) / len(rows):.1f} |")
 
 
 if __name__ == "__main__":

@@ -107,8 +107,39 @@ def store_dir(store_template, tmp_path) -> Path:
 FAST = {"epochs": 6, "lr": 5e-3, "batch_size": 16}
 
 
+def colors_store(folder: Path, store_template: Path, tiny_data, tiny_base) -> Path:
+    """A store at `folder` holding one trained task, colors: what module-scoped fixtures build
+    once and their tests read or copy."""
+    from adapterhub_local import Hub
+
+    shutil.copytree(store_template, folder)
+    hub = Hub(folder)
+    hub.add_task("colors", tiny_data["colors"]["train"], tiny_data["colors"]["test"],
+                 base=tiny_base, **FAST)
+    hub.drawing.join()  # its heatmaps are in the store before anyone copies it
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def heatmaps_drawn():
+    """No test's heatmap drawing (a thread add-task starts) runs on into the next test."""
+    yield
+    drawings_done()
+
+
+def drawings_done() -> None:
+    """Wait for the heatmap drawings that this process's add-tasks left running (threads)."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "ahl-dashboards":
+            thread.join()
+
+
 def file_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under a folder: a store left exactly as it was has equal digests."""
+    """sha256 of every file under a folder: a store left exactly as it was has equal digests.
+    The process's heatmap drawings finish first: they write into stores after add-task."""
+    drawings_done()
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from adapterhub_local import Hub
-from conftest import FAST
+from conftest import FAST, colors_store
 from test_cli import FAST_ARGS
 
 # Runs `ahl ARGS...` after replacing one function of the add-task with a SIGKILL of the
@@ -48,7 +48,7 @@ elif stage == "pause":
 elif stage == "registered":
     commit.register_router = die
 elif stage == "router_registered":
-    commit.evaluate_step = die
+    evaluation.evaluate_step = die  # commit_add_task imports it when it runs
 elif stage == "evaluating":
     evaluation.evaluate_task = die
 elif stage == "step_logging":
@@ -84,13 +84,8 @@ def check_invariants(store) -> dict:
 @pytest.fixture(scope="module")
 def crashed_store(tmp_path_factory, store_template, tiny_data, tiny_base):
     """One store that outlives a kill at every stage; each test checks one stage."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("crash") / "store"
-    shutil.copytree(store_template, folder)
-    Hub(folder).add_task("colors", tiny_data["colors"]["train"], tiny_data["colors"]["test"],
-                         base=tiny_base, **FAST)
-    return folder
+    return colors_store(tmp_path_factory.mktemp("crash") / "store", store_template, tiny_data,
+                        tiny_base)
 
 
 @pytest.mark.parametrize("stage", ["training", "registered", "router_registered", "evaluating",

@@ -110,3 +110,34 @@ def test_going_on_from_the_routers_states_equals_a_full_pass(bank):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert len(list(bank.base.layers)) == 2 and all(  # the blocks are back after resuming
         type(block).__name__ == "BertLayer" for block in bank.base.layers)
+
+
+def test_a_settled_composed_answer_is_the_one_any_other_adapter_would_give():
+    """evaluation.settled skips the other routed adapters only where their outputs cannot
+    change whether the composed answer is right: checked against answer() with random others."""
+    from adapterhub_local.evaluation import settled
+
+    labels = {"chat": ["en", "es"], "fortune": ["en", "es"], "topic": ["a", "b", "c"],
+              "mood": ["up", "down"]}
+    gen = torch.Generator().manual_seed(0)
+    seen = {True: 0, False: 0, "with a label-set partner": 0}
+    for _ in range(1000):
+        tasks = [list(labels)[int(i)] for i in torch.randperm(4, generator=gen)[:2]]
+        weights = torch.rand(2, generator=gen).tolist()
+        weights = [w / sum(weights) for w in weights]
+        route = Route(tasks, weights, max(weights))
+        task = list(labels)[int(torch.randint(4, (1,), generator=gen))]
+        own = (3 * torch.randn(len(labels[task]), generator=gen)).softmax(-1)  # often sure
+        truth = int(torch.randint(len(labels[task]), (1,), generator=gen))
+        if not settled(route, task, own, labels):
+            seen[False] += 1
+            continue
+        seen[True] += 1
+        seen["with a label-set partner"] += task in tasks and len({tuple(labels[t]) for t in tasks}) == 1
+        expected = task in tasks and int(own.argmax()) == truth
+        for _ in range(5):  # whatever the other adapters say
+            probs = {t: torch.rand(len(labels[t]), generator=gen).softmax(-1) for t in tasks}
+            probs[task] = own
+            result = answer(route, probs, labels)
+            assert (result["label"] == labels[task][truth] and task in result["tasks"]) == expected
+    assert min(seen.values()) > 20, seen  # every branch was exercised

@@ -159,3 +159,72 @@ def test_weights_changed_in_memory_show_as_forgetting(store_dir, tiny_data, tiny
         assert matrix[-1][0] == colors_before and bwt == 0
     else:
         assert matrix[-1][0] < colors_before and bwt < 0
+
+
+def test_a_new_process_reuses_stored_scores_only_while_they_hold(store_dir, tiny_data,
+                                                                 tiny_base, monkeypatch, caplog):
+    """A later add-task in a fresh process (a new Hub: nothing cached) reads an earlier task's
+    test scores from the store, under the digest of the weights it loaded; a scores file that
+    fails its checksum is scored again, with a warning."""
+    from adapterhub_local import serving
+
+    add_tasks(Hub(store_dir), tiny_data, tiny_base, "colors")
+    computed = []
+    original = serving.compute_scores
+    monkeypatch.setattr(serving, "compute_scores",
+                        lambda bank, adapter, *args: computed.append(adapter) or original(
+                            bank, adapter, *args))
+    hub = Hub(store_dir)
+    add_tasks(hub, tiny_data, tiny_base, "animals")
+    assert computed == []  # colors' scores came from the store, animals' from its candidate
+    matrix, _ = oracle(hub)
+    assert matrix[-1][0] == matrix[0][0]
+
+    version = hub.store.resolve("colors@1")
+    scores = hub.store.artifact_folder(version.run_id, serving.SCORES_ARTIFACT)
+    scores.write_bytes(scores.read_bytes()[:-4] + b"\0\0\0\0")
+    add_tasks(Hub(store_dir), tiny_data, tiny_base, "moods")
+    assert computed == [colors_adapter(bank_for_tiny(tiny_base), hub)]  # colors scored again
+    assert "fail their checksum" in caplog.text
+    assert oracle(hub)[0][-1][0] == matrix[0][0]
+
+
+def bank_for_tiny(tiny_base) -> AdapterBank:
+    from adapterhub_local.base import load_base
+
+    return bank_for(load_base(tiny_base))
+
+
+def test_cross_scores_are_reused_by_a_new_process_only_under_their_checksum(
+        store_dir, tiny_data, tiny_base, monkeypatch):
+    """Composed mode's other-adapter scores of one step are kept with it (cross/step_N) and
+    taken in by the next step's process, keyed by the weights' digest; a file that fails its
+    checksum is ignored."""
+    from adapterhub_local.serving import Loader
+    from adapterhub_local.sequence import sequence_run
+
+    hub = Hub(store_dir)
+    add_tasks(hub, tiny_data, tiny_base, "colors", "animals")
+    bank = bank_for_tiny(tiny_base)
+    colors = hub.store.resolve("colors@1")
+    animals = adapter_name("animals", hub.store.resolve("animals@1").run_id)
+    pairs = [(0, animals), (3, animals)]
+    loader = Loader(hub.store)
+    computed = loader.other_probs(bank, colors, pairs)
+    run = sequence_run(hub.store)
+    sha = loader.save_cross(run, 99)
+
+    calls = []
+    real = bank.probabilities
+    monkeypatch.setattr(bank, "probabilities", lambda texts, *a, **k: calls.append(len(texts))
+                        or real(texts, *a, **k))
+    fresh = Loader(hub.store)
+    fresh.load_cross(run, 99, sha)
+    assert [p.tolist() for p in fresh.other_probs(bank, colors, pairs)] == [
+        p.tolist() for p in computed]
+    assert calls == [0]  # nothing left to compute
+
+    stale = Loader(hub.store)
+    stale.load_cross(run, 99, "0" * 64)  # not the file's checksum
+    stale.other_probs(bank, colors, pairs)
+    assert calls == [0, 2]

@@ -15,6 +15,7 @@ def two_task_store(store_dir, tiny_data, tiny_base):
     hub = Hub(store_dir)
     for task in ("colors", "animals"):
         hub.add_task(task, tiny_data[task]["train"], tiny_data[task]["test"], base=tiny_base, **FAST)
+    hub.drawing.join()
     return store_dir
 
 
@@ -119,5 +120,29 @@ def test_dashboards_in_the_mlflow_store(two_task_store):
     keys = {row[0] for row in db.execute("SELECT DISTINCT key FROM metrics")}
     assert {"oracle/bwt", "routed/average_accuracy", "routing/acc/animals"} <= keys
     pngs = list((two_task_store / "artifacts").rglob("*.png"))
-    assert any("oracle_matrix" in str(p) for p in pngs) and any("router_confusion" in str(p) for p in pngs)
+    for step in (1, 2):  # each step's heatmaps
+        assert {key for key in ("oracle_matrix", "router_confusion")
+                if any(f"{key}+step+{step}+" in p.name for p in pngs)} == {"oracle_matrix", "router_confusion"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_a_drawing_that_failed_is_made_up_by_the_next(store_dir, tiny_data, tiny_base, monkeypatch,
+                                                      caplog):
+    """Heatmaps are drawn after the commit, on a thread: a failed drawing costs no step (the
+    metrics are there), and the next add-task draws the pictures the last one lacks."""
+    from adapterhub_local import dashboards
+
+    hub = Hub(store_dir)
+    draw = dashboards.log_images
+    monkeypatch.setattr(dashboards, "log_images", lambda *args: 1 / 0)
+    hub.add_task("colors", tiny_data["colors"]["train"], tiny_data["colors"]["test"],
+                 base=tiny_base, **FAST)
+    hub.drawing.join()
+    assert "could not draw the forgetting heatmaps" in caplog.text
+    assert hub.metrics()["modes"]["oracle"]["matrix"][0][0] is not None
+    assert not list((store_dir / "artifacts").rglob("*.png"))
+    monkeypatch.setattr(dashboards, "log_images", draw)
+    hub.add_task("moods", tiny_data["moods"]["train"], tiny_data["moods"]["test"],
+                 base=tiny_base, **FAST)
+    hub.drawing.join()
+    assert dashboards.draw_steps(hub.store) == []  # steps 1 and 2 are drawn

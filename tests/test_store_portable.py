@@ -13,7 +13,7 @@ import pytest
 from adapterhub_local import Hub
 from adapterhub_local.errors import AhlError
 from adapterhub_local.relocate import RELOCATED, STORE_TAG, relocate_if_moved
-from conftest import FAST, file_digest
+from conftest import colors_store, file_digest
 from test_cli import add, ahl
 
 TEXTS = ["red crimson", "navy azure"]
@@ -22,11 +22,8 @@ TEXTS = ["red crimson", "navy azure"]
 @pytest.fixture(scope="module")
 def built_store(store_template, tiny_data, tiny_base, tmp_path_factory) -> Path:
     """A store with one task (colors), built once; each test copies it before it changes it."""
-    folder = tmp_path_factory.mktemp("portable") / "store"
-    shutil.copytree(store_template, folder)
-    Hub(folder).add_task("colors", tiny_data["colors"]["train"], tiny_data["colors"]["test"],
-                         base=tiny_base, **FAST)
-    return folder
+    return colors_store(tmp_path_factory.mktemp("portable") / "store", store_template, tiny_data,
+                        tiny_base)
 
 
 @pytest.fixture
@@ -64,8 +61,8 @@ def test_a_moved_store_answers_and_writes_into_its_new_folder(store, tiny_data, 
     shutil.move(store, moved)
 
     assert [t["task"] for t in tasks(moved)] == ["colors"]
-    assert recorded_roots(moved) == {(moved / "artifacts").as_uri()}
     assert predict(moved) == answers
+    assert recorded_roots(moved) == {(moved / "artifacts").as_uri()}
     assert json.loads(ahl("store", "verify", "--json", "--store", moved).stdout)["ok"]
     ahl("store", "export", "colors", tmp_path / "peft", "--store", moved)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {

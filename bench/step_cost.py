@@ -1,0 +1,152 @@
+"""What one add-task costs as the store grows: wall time split into load, training, evaluation,
+store and dashboards, on stores of 1, 10, 30 and 100 tasks.
+
+The stores are built in this process from synthetic tasks: task i takes a seeded sample of one
+bundled task's rows (120 training, 200 test), trained for one epoch (filling a store is not what
+is measured). At each size a copy of the store gets one more task, the bundled chat_language
+with its full data and ahl's defaults, in a fresh process, as `ahl add-task` would run: nothing
+of the earlier tasks is in memory there. "answer" is when add-task returns, "exit" when the
+process could exit; "all but training" counts to the exit. Buckets:
+  - load: the process's imports, reading and checking the inputs, loading the base;
+  - training: train_adapter;
+  - evaluation: scoring the new adapter's test split, then every task in every mode;
+  - store: the rest (runs, artifacts, registration, the router fit, the step's record);
+  - dashboards: the heatmaps, drawn on a thread after the commit (add-task has answered by
+    then; the process waits for the thread before it exits).
+
+    .venv/bin/python bench/step_cost.py [--sizes 1,10,30,100]
+"""
+
+import time
+
+STARTED = time.perf_counter()  # the probe's process start, for its load bucket
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from datetime import date  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
+
+TASKS = Path(__file__).resolve().parent.parent / "tasks"
+BUNDLED = ["wordnet_things", "fortune_topic", "chat_language", "wordnet_actions",
+           "fortune_language", "wordnet_concepts"]
+PROBE = "chat_language"
+BUCKETS = ["load", "training", "evaluation", "store", "dashboards"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows({"text": r["text"], "label": r["label"]} for r in rows)
+    return path
+
+
+def synthetic_task(i: int, folder: Path) -> tuple[Path, Path]:
+    source = TASKS / "data" / BUNDLED[i % len(BUNDLED)]
+    rng = random.Random(i)
+    train, test = read_rows(source / "train.csv"), read_rows(source / "test.csv")
+    return (write_rows(folder / f"s{i}_train.csv", rng.sample(train, 120)),
+            write_rows(folder / f"s{i}_test.csv", rng.sample(test, min(200, len(test)))))
+
+
+def fill(hub, start: int, stop: int, folder: Path) -> None:
+    """Synthetic tasks start..stop-1, one epoch each, heatmaps drawn as usual."""
+    for i in range(start, stop):
+        train, test = synthetic_task(i, folder)
+        hub.add_task(f"s{i:03d}", train, test, epochs=1)
+        hub.drawing.join()
+
+
+def probe(store: Path) -> dict:
+    """In this fresh process: add the probe task to `store`, timing each bucket."""
+    from adapterhub_local import Hub, candidate, dashboards, evaluation, plan, trainer
+
+    seconds = dict.fromkeys(BUCKETS, 0.0)
+
+    def timed(module, name: str, bucket: str) -> None:
+        inner = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                seconds[bucket] += time.perf_counter() - started
+
+        setattr(module, name, wrapper)
+
+    timed(plan, "plan_add_task", "load")
+    timed(trainer, "train_adapter", "training")
+    timed(candidate, "compute_scores", "evaluation")
+    timed(evaluation, "evaluate_step", "evaluation")
+    timed(dashboards, "draw_steps", "dashboards")
+    hub = Hub(store)
+    before = time.perf_counter() - STARTED  # imports and opening the store
+    started = time.perf_counter()
+    hub.add_task(PROBE, TASKS / "data" / PROBE / "train.csv", TASKS / "data" / PROBE / "test.csv")
+    inside = time.perf_counter() - started  # add-task's answer is printed here
+    hub.drawing.join()  # the heatmaps, drawn on a thread after the commit
+    seconds["store"] = inside - seconds["load"] - seconds["training"] - seconds["evaluation"]
+    seconds["load"] += before
+    seconds["answer"] = before + inside
+    seconds["total"] = time.perf_counter() - STARTED
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,10,30,100")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run the probe on a store
+    args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(probe(Path(args.probe))))
+        return
+    from adapterhub_local import Hub
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="ahl-step-cost-"))
+    store, hub, have, rows = work / "store", None, 0, []
+    try:
+        hub = Hub(store)
+        for size in sizes:
+            fill(hub, have, size - 1, work)  # the probe is the size-th task
+            have = size - 1
+            copy = work / f"probe{size}"
+            if store.exists():  # a store of 1 task is the probe alone, on an empty store
+                shutil.copytree(store, copy)
+            out = subprocess.run([sys.executable, __file__, "--probe", str(copy)], check=True,
+                                 capture_output=True, text=True).stdout
+            rows.append((size, json.loads(out.strip().splitlines()[-1])))
+            shutil.rmtree(copy, ignore_errors=True)
+            cost = rows[-1][1]
+            print(f"  {size:4d} tasks: " + ", ".join(f"{b} {cost[b]:.1f} s" for b in BUCKETS),
+                  flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{date.today()}, {platform.machine()}, {os.cpu_count()} cores; probe: {PROBE} "
+          "(full data, defaults) added as the last task, in a fresh process")
+    print("| tasks | " + " | ".join(BUCKETS) + " | answer | exit | all but training / training |")
+    print("|---:|" + "---:|" * (len(BUCKETS) + 3))
+    for size, cost in rows:
+        other = cost["total"] - cost["training"]
+        print(f"| {size} | " + " | ".join(f"{cost[b]:.1f}" for b in BUCKETS)
+              + f" | {cost['answer']:.1f} | {cost['total']:.1f} | {other / cost['training']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

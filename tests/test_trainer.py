@@ -1,0 +1,97 @@
+"""The trainer's levers: the bottom half run once per text, bf16 arithmetic, checked options."""
+
+import math
+
+import pytest
+import torch
+
+from adapterhub_local.errors import AhlError
+from adapterhub_local.inference import bank_for
+from adapterhub_local.methods import get_method, method_options
+from adapterhub_local.trainer import TrainOptions, train_adapter
+
+FAST = TrainOptions(epochs=6, lr=5e-3, batch_size=16)
+
+
+@pytest.fixture
+def colors(tiny_data):
+    from adapterhub_local.data import load_task_data
+
+    return load_task_data("colors", tiny_data["colors"]["train"], tiny_data["colors"]["test"])
+
+
+@pytest.fixture
+def train(tiny_base):
+    """train(data, **changes) -> (bank, report, how often the bottom block ran) for a default
+    LoRA trained on data; the adapter leaves the process's bank afterwards."""
+    from dataclasses import replace
+
+    from adapterhub_local.base import load_base
+
+    base = load_base(tiny_base)
+    bank = bank_for(base)
+
+    def run(data, **changes):
+        bank.remove_adapter("ahl-colors")
+        runs = []
+        hook = base.layers[0].register_forward_hook(lambda *args: runs.append(1))
+        try:
+            config = get_method("lora").build(method_options("lora"), base)
+            report = train_adapter(bank, "ahl-colors", config, data, replace(FAST, **changes),
+                                   get_method("lora"))
+        finally:
+            hook.remove()
+        return bank, report, len(runs)
+
+    yield run
+    bank.remove_adapter("ahl-colors")
+
+
+def test_the_bottom_half_runs_once_per_text_not_once_per_step(train, colors):
+    bank, report, runs = train(colors)
+    encode_batches = math.ceil(len(colors.train_texts) / 64)  # inference.EVAL_BATCH_SIZE
+    assert runs <= encode_batches < report.steps
+    torch.testing.assert_close(report.features, bank.features(colors.train_texts))
+    assert bank.accuracy("ahl-colors", colors.test_texts, colors.test_labels) >= 0.9
+
+    _, plain, plain_runs = train(colors, reuse_states=False)
+    assert plain_runs >= plain.steps and plain.features is None
+
+
+def test_bf16_arithmetic_keeps_fp32_weights_and_learns(train, colors):
+    bank, report, _ = train(colors, precision="bf16")
+    weights = bank.trainable_parameters("ahl-colors")
+    assert weights and all(p.dtype == torch.float32 for p in weights)
+    assert math.isfinite(report.final_loss)
+    assert bank.accuracy("ahl-colors", colors.test_texts, colors.test_labels) >= 0.9
+
+
+def test_an_unknown_precision_names_the_choices():
+    with pytest.raises(AhlError, match="--precision must be one of auto, bf16, fp32"):
+        TrainOptions(precision="fp8")
+
+
+def test_byte_dropout_drops_at_rate_p_and_keeps_the_mean():
+    from adapterhub_local.trainer import ByteDropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    for p in (0.05, 0.1, 0.5):
+        y = ByteDropout(p).train()(x)
+        assert abs((y == 0).float().mean().item() - p) < 0.005
+        assert abs(y.mean().item() - 1) < 0.02
+        assert y.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    assert torch.equal(ByteDropout(0.1).eval()(x), x)
+
+
+def test_byte_dropout_swaps_every_dropout_and_puts_them_back(tiny_base):
+    from transformers import AutoModel
+
+    from adapterhub_local.trainer import ByteDropout, byte_dropout
+
+    model = AutoModel.from_pretrained(tiny_base)
+    before = [type(m) for m in model.modules()]
+    with byte_dropout(model):
+        inside = [type(m) for m in model.modules()]
+        assert torch.nn.Dropout not in inside and ByteDropout in inside
+    assert [type(m) for m in model.modules()] == before
