@@ -31,3 +31,5 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/store_scale.py
 	$(BIN)/python bench/methods.py
 	$(BIN)/python bench/forgetting_baselines.py
+	$(BIN)/python bench/step_cost.py
+	$(BIN)/python bench/inference.py

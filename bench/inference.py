@@ -58,6 +58,7 @@ def add_adapters(bank, data: list, start: int, stop: int) -> dict:
             if f".{name}." in f"{key}." and "lora_B" in key:
                 p.data.normal_(0, 0.02)  # peft starts B at zero: an identity adapter
         bank.model(name).requires_grad_(False)
+        bank.model(name).eval()  # as a stored adapter is loaded: peft mixes batches in eval mode only
         rows = random.Random(i).sample(range(len(task.train_texts)), 200)
         features = bank.features([task.train_texts[r] for r in rows])
         stats[name] = task_stats(features[:160], [task.train_labels[r] for r in rows[:160]],
