@@ -42,6 +42,8 @@ for _logger in ("mlflow", "alembic"):
 # it then uses its plain CPU path, which is what we want.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
+from adapterhub_local import query_cache  # noqa: E402
+from adapterhub_local.dashboards import wait_for_drawings  # noqa: E402
 from adapterhub_local.errors import AhlError  # noqa: E402
 from adapterhub_local.hub import Hub  # noqa: E402
 
@@ -69,13 +71,17 @@ def command(group: typer.Typer, name: str):
         @functools.wraps(fn)
         def run(*args, **kwargs):
             previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+            done = "nothing was registered, the store is unchanged"
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                done = "every step is committed; the next add-task draws the heatmaps"
+                wait_for_drawings()  # the heatmaps, drawn on a thread after each commit
+                return result
             except AhlError as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(1) from None
             except KeyboardInterrupt as e:
-                typer.echo("interrupted: nothing was registered, the store is unchanged", err=True)
+                typer.echo(f"interrupted: {done}", err=True)
                 raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
             finally:
                 signal.signal(signal.SIGTERM, previous)
@@ -560,10 +566,13 @@ def clear_store(hub: Hub) -> None:
     folder = hub.store.folder
     if folder is None:
         raise AhlError("--fresh only clears a folder store: pass --store DIR")
-    if folder.exists() and set(p.name for p in folder.iterdir()) - {"mlflow.db", "artifacts", ".gitkeep"}:
+    kept = {"mlflow.db", "artifacts", ".gitkeep", query_cache.CACHE_FILE}
+    if folder.exists() and {p.name for p in folder.iterdir() if not p.name.startswith(
+            query_cache.TEMPORARY)} - kept:
         raise AhlError(f"{folder} holds files that are not a store's: clear it yourself or "
                        "pass another --store")
     (folder / "mlflow.db").unlink(missing_ok=True)
+    (folder / query_cache.CACHE_FILE).unlink(missing_ok=True)
     shutil.rmtree(folder / "artifacts", ignore_errors=True)
 
 

@@ -16,7 +16,8 @@ from adapterhub_local.forgetting import Matrix
 from adapterhub_local.sequence import MATRICES, matrices_of, read_steps, sequence_run
 
 log = logging.getLogger("adapterhub_local")
-_DRAWING = threading.Lock()  # pyplot is not thread-safe: one drawing at a time per process
+_DRAWING = threading.Lock()  # one drawing at a time per process
+THREAD = "ahl-dashboards"
 LAST_KEY = "router_confusion"  # the image a step's drawing makes last
 CATCH_UP = 10  # how many of the latest steps a drawing checks for missing pictures
 ANNOTATED = 20  # heatmaps with more columns than this have no numbers in their cells
@@ -26,17 +27,19 @@ ANNOTATED = 20  # heatmaps with more columns than this have no numbers in their 
 def heatmap(title: str, values: list[list[float | None]], rows: list[str], columns: list[str]):
     """A heatmap of shares in [0, 1] as an RGB array, its cells annotated up to ANNOTATED
     columns (None cells are left blank)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A figure of its own on the Agg canvas, never pyplot: this runs on a drawing thread, and
+    # pyplot's global state (and backend) belong to the user's process.
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     data = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
     # Past ANNOTATED columns a cell is too small for its number, and the image would grow
     # without bound: the figure keeps a readable size and its ticks thin out.
-    fig, ax = plt.subplots(figsize=(min(2.5 + 0.9 * len(columns), 16),
-                                    min(1.2 + 0.45 * len(rows), 12)), dpi=100)
+    fig = Figure(figsize=(min(2.5 + 0.9 * len(columns), 16), min(1.2 + 0.45 * len(rows), 12)),
+                 dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     if len(columns) <= ANNOTATED:
         for (i, j), v in np.ndenumerate(data):
@@ -49,10 +52,8 @@ def heatmap(title: str, values: list[list[float | None]], rows: list[str], colum
     ax.set_yticks(range(0, len(rows), every_row), rows[::every_row], fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def log_images(store, run_id: str, step: int, tasks: list[str], matrices: dict[str, Matrix],
@@ -83,7 +84,8 @@ def draw_steps(store) -> list[int]:
 
 
 def draw_in_background(store) -> threading.Thread:
-    """draw_steps on a thread that the process waits for before it exits."""
+    """draw_steps on a daemon thread: `ahl` waits for it (wait_for_drawings); a process that
+    ends first loses the drawing, which the next add-task's makes up."""
     def draw():
         try:
             draw_steps(store)
@@ -91,9 +93,16 @@ def draw_in_background(store) -> threading.Thread:
             log.warning("could not draw the forgetting heatmaps (%s); the next add-task "
                         "draws them", str(e).splitlines()[0] if str(e) else type(e).__name__)
 
-    thread = threading.Thread(target=draw, name="ahl-dashboards")
+    thread = threading.Thread(target=draw, name=THREAD, daemon=True)
     thread.start()
     return thread
+
+
+def wait_for_drawings() -> None:
+    """Wait for every heatmap drawing this process started."""
+    for thread in threading.enumerate():
+        if thread.name == THREAD:
+            thread.join()
 
 
 def serve_ui(store, port: int):

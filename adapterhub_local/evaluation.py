@@ -14,6 +14,7 @@ import torch
 from adapterhub_local.inference import answer
 
 COMPOSE_TOP_K = 2
+ROUNDING = 1e-5  # settled() leaves closer calls than this to answer() itself
 
 
 @dataclass
@@ -82,8 +83,9 @@ def settled(route, task: str, own: torch.Tensor, label_sets: dict[str, list[str]
             same += w
         elif t != task:
             others[tuple(label_sets[t])] = others.get(tuple(label_sets[t]), 0.0) + w
-    return (weight[task] * (best[0] - best[1]) > same
-            and all(w < weight[task] * best[0] for w in others.values()))
+    # answer() mixes in float32: a margin keeps a near tie on the side of computing it.
+    return (weight[task] * (best[0] - best[1]) > same + ROUNDING
+            and all(w < weight[task] * best[0] - ROUNDING for w in others.values()))
 
 
 def evaluate_step(bank, router, loader, versions: dict, adapters: dict[str, str]) -> dict[str, TaskEval]:

@@ -84,21 +84,23 @@ class Hub:
                                    get_method(plan.method), progress=progress,
                                    log=lambda m, step: self.store.log_metrics(run_id, m, step))
             train_seconds = time.time() - started
+            self.store.set_run_tag(run_id, f"{TAG}precision", report.precision)
             candidate = measure_candidate(self.store, self.loader, plan, loaded, bank, run_id,
                                           adapter, report, train_seconds)
             with Lease(self.store, self.wait) as lease:
                 committing = time.time()
                 record = commit_add_task(self.store, self.loader, candidate, gate, lease)
                 commit_seconds = time.time() - committing
-            self.drawing = draw_in_background(self.store)  # the step's heatmaps
         except BaseException as e:
             bank.remove_adapter(adapter)
             self.store.finish_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
+        self.drawing = draw_in_background(self.store)  # the step's heatmaps, after its commit
         serving = serving_set(self.store).get(plan.data.name)
         return {"task": record["task"], "version": record["version"], "method": plan.method,
                 "accuracy": candidate.accuracy, "val_accuracy": report.val_accuracy,
                 "train_seconds": round(train_seconds, 2), "steps": report.steps,
+                "precision": report.precision,
                 "train_rows": report.train_rows, "test_rows": len(plan.data.test_texts),
                 "dropped_rows": plan.data.dropped, "trainable_params": report.trainable_params,
                 "parent": record["parent"],

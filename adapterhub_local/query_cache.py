@@ -18,7 +18,8 @@ from pathlib import Path
 
 from adapterhub_local.store import STEPS_TAG
 
-CACHE_FILE = "tasks.json"
+CACHE_FILE = "tasks.json"  # {namespace: {"fingerprint", "tasks"}}
+TEMPORARY = ".tasks."  # the prefix of a cache file being written
 # Each query lists rows that a task table depends on; :prefix starts the namespace's model names.
 OURS = "substr(name, 1, length(:prefix)) = :prefix"
 FINGERPRINTED = [
@@ -27,7 +28,10 @@ FINGERPRINTED = [
     f"SELECT name, version, key, value FROM model_version_tags WHERE {OURS} "
     "ORDER BY name, version, key",
     f"SELECT name, alias, version FROM registered_model_aliases WHERE {OURS} ORDER BY name, alias",
-    f"SELECT run_uuid, value FROM tags WHERE key = '{STEPS_TAG}' ORDER BY run_uuid",
+    f"SELECT name, last_updated_time FROM registered_models WHERE {OURS} ORDER BY name",
+    "SELECT t.run_uuid, t.value, r.lifecycle_stage FROM tags t JOIN runs r ON r.run_uuid = "
+    f"t.run_uuid WHERE t.key = '{STEPS_TAG}' ORDER BY t.run_uuid",
+    "SELECT name, lifecycle_stage FROM experiments ORDER BY name",
 ]
 
 
@@ -52,29 +56,34 @@ def fingerprint(store) -> str | None:
         db.close()
 
 
+def kept(store) -> dict:
+    try:
+        return json.loads((store.folder / CACHE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 def read(store, key: str | None) -> list[dict] | None:
     """The kept answer, if it was computed from the registry as it is now (key: fingerprint)."""
     if key is None:
         return None
-    try:
-        kept = json.loads((store.folder / CACHE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return kept.get("tasks") if kept.get("fingerprint") == key else None
+    mine = kept(store).get(store.namespace) or {}
+    return mine.get("tasks") if mine.get("fingerprint") == key else None
 
 
-def keep(store, key: str | None, tasks: list[dict]) -> None:
-    """Keep an answer computed from the registry as it was when `key` was taken (taken before
-    computing: a change meanwhile makes the key stale, never the answer). Written whole or not
-    at all; a store this process may not write to keeps nothing."""
-    if key is None:
+def keep(store, before: str | None, tasks: list[dict]) -> None:
+    """Keep an answer computed between two fingerprints: only if the registry did not change
+    meanwhile (`before` was taken first; a change could be undone by the time it is kept).
+    Written whole or not at all, as private as the database; a store this process may not
+    write to keeps nothing."""
+    if before is None or fingerprint(store) != before:
         return
     temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(dir=store.folder, prefix=".tasks.", suffix=".tmp")
+        handle, temporary = tempfile.mkstemp(dir=store.folder, prefix=TEMPORARY, suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump({"fingerprint": key, "tasks": tasks}, f)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; the store is not
+            json.dump({**kept(store), store.namespace: {"fingerprint": before, "tasks": tasks}}, f)
+        os.chmod(temporary, (store.folder / "mlflow.db").stat().st_mode & 0o666)
         os.replace(temporary, store.folder / CACHE_FILE)
     except OSError:
         if temporary:

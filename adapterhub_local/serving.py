@@ -291,6 +291,8 @@ class Loader:
         for key, rows in groups.items():
             tensors[f"{key}.rows"] = torch.tensor([row for row, _ in rows])
             tensors[f"{key}.probs"] = torch.stack([p for _, p in rows])
+        # Memory keeps what this step used: the next step needs mostly the same.
+        self.cross = {key: self.cross[key] for key in self.cross_used}
         self.cross_used = set()
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / f"step_{step:06d}.safetensors"

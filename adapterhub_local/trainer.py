@@ -79,6 +79,8 @@ class TrainReport:
     trainable_params: int
     train_rows: int
     val_rows: int
+    precision: str = "fp32"
+    """The arithmetic the training passes ran in (what --precision auto chose)."""
     features: torch.Tensor | None = None
     """The bare base's features of every training row (in data order), when training ran the
     bottom half once for them: the router's statistics reuse them."""
@@ -198,9 +200,11 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     if options.reuse_states and bank.resumes(name):
         # One bottom-half pass per text serves every epoch, the validation and the router.
         features, every = bank.encode(data.train_texts, options.max_length)
-        # encode computes in inference mode; a clone is an ordinary tensor autograd can use.
+        # encode computes in inference mode; a clone is an ordinary tensor autograd can use,
+        # and frees the padded batch it viewed once all are cloned.
         states = [every[i].clone() for i in train_idx]
-        val_states = [every[i] for i in val_idx]
+        val_states = [every[i].clone() for i in val_idx]
+        del every
     bf16 = uses_bf16(options.precision)
 
     def batch_logits(rows: list[int]) -> torch.Tensor:
@@ -248,4 +252,5 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     model.peft_config[name].inference_mode = True  # AdaLoRA allows one trainable adapter
     return TrainReport(steps=step, final_loss=loss.item(), val_accuracy=val_accuracy,
                        trainable_params=sum(p.numel() for p in params),
-                       train_rows=len(train_idx), val_rows=len(val_idx), features=features)
+                       train_rows=len(train_idx), val_rows=len(val_idx),
+                       precision="bf16" if bf16 else "fp32", features=features)

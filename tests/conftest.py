@@ -129,11 +129,9 @@ def heatmaps_drawn():
 
 def drawings_done() -> None:
     """Wait for the heatmap drawings that this process's add-tasks left running (threads)."""
-    import threading
+    from adapterhub_local.dashboards import wait_for_drawings
 
-    for thread in threading.enumerate():
-        if thread.name == "ahl-dashboards":
-            thread.join()
+    wait_for_drawings()
 
 
 def file_digest(folder: Path) -> dict[str, str]:

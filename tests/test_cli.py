@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from adapterhub_local import AhlError, Hub
 from adapterhub_local.cli import app
 from conftest import FAST, file_digest
 
@@ -115,3 +116,15 @@ def test_an_empty_name_and_the_internal_router_model_are_one_line_errors(store_d
     result = ahl("store", "export", "colors@1", tmp_path / "a_file", "--force", "--store",
                  store_dir, ok=False)
     assert result.exit_code == 1 and "is a file" in result.stderr
+
+
+def test_fresh_clears_a_store_with_its_query_cache_but_not_foreign_files(store_dir):
+    from adapterhub_local.cli import clear_store
+
+    (store_dir / "tasks.json").write_text("{}")
+    (store_dir / ".tasks.abc.tmp").write_text("")  # a cache write that died
+    clear_store(Hub(store_dir))
+    assert not (store_dir / "mlflow.db").exists() and not (store_dir / "tasks.json").exists()
+    (store_dir / "notes.txt").write_text("mine")
+    with pytest.raises(AhlError, match="holds files that are not a store's"):
+        clear_store(Hub(store_dir))

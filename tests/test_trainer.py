@@ -54,12 +54,13 @@ def test_the_bottom_half_runs_once_per_text_not_once_per_step(train, colors):
     torch.testing.assert_close(report.features, bank.features(colors.train_texts))
     assert bank.accuracy("ahl-colors", colors.test_texts, colors.test_labels) >= 0.9
 
-    _, plain, plain_runs = train(colors, reuse_states=False)
-    assert plain_runs >= plain.steps and plain.features is None
+    _, plain, plain_runs = train(colors, reuse_states=False, precision="fp32")
+    assert plain_runs >= plain.steps and plain.features is None and plain.precision == "fp32"
 
 
 def test_bf16_arithmetic_keeps_fp32_weights_and_learns(train, colors):
     bank, report, _ = train(colors, precision="bf16")
+    assert report.precision == "bf16"
     weights = bank.trainable_parameters("ahl-colors")
     assert weights and all(p.dtype == torch.float32 for p in weights)
     assert math.isfinite(report.final_loss)
