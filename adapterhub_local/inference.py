@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapterhub_local import lora_batch
+
 
 HEAD_FILE = "head.safetensors"
 LABELS_FILE = "labels.json"
@@ -126,6 +128,7 @@ class AdapterBank:
         else:
             model.add_adapter(name, peft_config)
         self.group_of[name] = key
+        lora_batch.install(self.groups[key])
         if method.initialise is not None:
             method.initialise(self.model(name), name, self.base.model)
         self.heads[name] = torch.nn.Linear(self.base.hidden_size, len(labels))
@@ -150,6 +153,7 @@ class AdapterBank:
             else:
                 model.load_adapter(folder, adapter_name=name)
         self.group_of[name] = key
+        lora_batch.install(self.groups[key])
         weights = load_file(Path(folder) / HEAD_FILE)
         labels = json.loads((Path(folder) / LABELS_FILE).read_text(encoding="utf-8"))
         head = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])

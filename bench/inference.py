@@ -6,11 +6,12 @@ non-zero weights, so every adapter does real work) with their heads in one bank,
 fit from each adapter's task statistics (adapter i stands for bundled task i mod 6). The texts
 are the bundled tasks' test texts, mixed; adapter i mod N is each text's "given" task.
   floor     the bare base, full passes batched by length: no routing, no adapter
-  mixed     peft's mixed-batch forward (`adapter_names`) over full passes, the task given
+  mixed     peft's own mixed-batch forward (`adapter_names`: a loop over the batch's adapters in
+            every layer) over full passes, the task given
   grouped   per-adapter batches, the task given: set_adapter, then the adapter's texts
   routed    what Hub.predict computes once its store is open (inference.route_texts and
             answer_routes): route every text, then mixed-adapter passes that go on from the
-            router's states
+            router's states, each layer's LoRA updates in two gathered products (lora_batch)
 Each row is the mean of two rounds, the order reversed in the second. The peers are told the
 task; ahl works it out. Memory per extra adapter: its tensors' bytes, and the process's RSS
 growth per adapter from the first to the last count.
@@ -32,6 +33,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
+from adapterhub_local import lora_batch  # noqa: E402
 from adapterhub_local.base import load_base  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
 from adapterhub_local.inference import (answer_routes, bank_for, length_batches, mean_pool,  # noqa: E402
@@ -81,14 +83,21 @@ def floor(bank, texts: list[str]) -> None:
 
 @torch.inference_mode()
 def mixed(bank, texts: list[str], given: list[str]) -> None:
+    """peft's own mixed batch: ahl's gathered forward (lora_batch) is taken off for it."""
     ids = bank.base.tokenize(texts, 128)
     model = bank.model(given[0])
-    for rows in length_batches(ids, range(len(ids)), BATCH):
-        batch = bank.base.pad([ids[i] for i in rows])
-        names = [given[i] for i in rows]
-        pooled = mean_pool(model(**batch, adapter_names=names).last_hidden_state, batch)
-        for k, name in enumerate(names):
-            bank.heads[name](pooled[k]).softmax(-1)
+    swapped = [m for m in model.modules() if "_mixed_batch_forward" in vars(m)]
+    for m in swapped:
+        del m._mixed_batch_forward
+    try:
+        for rows in length_batches(ids, range(len(ids)), BATCH):
+            batch = bank.base.pad([ids[i] for i in rows])
+            names = [given[i] for i in rows]
+            pooled = mean_pool(model(**batch, adapter_names=names).last_hidden_state, batch)
+            for k, name in enumerate(names):
+                bank.heads[name](pooled[k]).softmax(-1)
+    finally:
+        lora_batch.install(model)
 
 
 @torch.inference_mode()

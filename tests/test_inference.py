@@ -141,3 +141,33 @@ def test_a_settled_composed_answer_is_the_one_any_other_adapter_would_give():
             result = answer(route, probs, labels)
             assert (result["label"] == labels[task][truth] and task in result["tasks"]) == expected
     assert min(seen.values()) > 20, seen  # every branch was exercised
+
+
+def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
+    """lora_batch's two batched products per layer give what peft's per-adapter loop gives,
+    "__base__" rows (no adapter) included."""
+    from peft.tuners.lora.layer import Linear
+
+    model = bank.model("ahl_a")
+    model.eval()
+    batch = bank.base.pad(bank.base.tokenize(TEXTS, 32))
+    names = ["ahl_a", "ahl_b", "__base__", "ahl_b", "ahl_a", "ahl_a"]
+    layers = [m for m in model.modules() if type(m) is Linear]
+    assert layers and all("_mixed_batch_forward" in vars(m) for m in layers)  # installed
+    fallbacks = []
+    peft_loop = Linear._mixed_batch_forward
+    with torch.inference_mode():
+        with monkeypatch.context() as patch:  # counts the layers that fall back to peft's loop
+            patch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
+                          or peft_loop(*a, **k))
+            gathered = model(**batch, adapter_names=names).last_hidden_state
+        assert fallbacks == []
+        for m in layers:  # peft's own loop
+            del m._mixed_batch_forward
+        try:
+            looped = model(**batch, adapter_names=names).last_hidden_state
+        finally:
+            from adapterhub_local import lora_batch
+
+            lora_batch.install(model)
+    torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-5)
