@@ -195,6 +195,7 @@ class Loader:
         self.cache: dict[tuple, object] = {}
         self.cross: dict[tuple, object] = {}  # (run id, adapter digest, row) -> probabilities
         self.cross_used: set[tuple] = set()  # the keys this step asked for (save_cross)
+        self.cross_saved: tuple | None = None  # (run id, step) of the cross scores in memory
         self.opened = None  # (router version, (bank, router, adapters, versions, broken))
 
     def folder(self, version) -> Path:
@@ -294,6 +295,7 @@ class Loader:
         # Memory keeps what this step used: the next step needs mostly the same.
         self.cross = {key: self.cross[key] for key in self.cross_used}
         self.cross_used = set()
+        self.cross_saved = (run_id, step)
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / f"step_{step:06d}.safetensors"
             save_file(tensors, file)
@@ -303,7 +305,7 @@ class Loader:
     def load_cross(self, run_id: str, step: int, sha: str | None) -> None:
         """Take in step `step`'s cross scores, if its record names them and they hold their
         checksum (a bad or missing file only means computing them again)."""
-        if not sha:
+        if not sha or self.cross_saved == (run_id, step):  # this process wrote them: in memory
             return
         try:
             file = self.store.artifact_folder(run_id, f"{CROSS_ARTIFACT}/step_{step:06d}.safetensors")

@@ -12,6 +12,8 @@ for _name, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from adapterhub_local.dashboards import wait_for_drawings  # noqa: E402
+
 # Each tiny task is told apart by its own words; the filler words are shared noise.
 TINY_TASKS = {
     "colors": {"red": ["red", "crimson", "scarlet"], "blue": ["blue", "navy", "azure"]},
@@ -124,20 +126,13 @@ def colors_store(folder: Path, store_template: Path, tiny_data, tiny_base) -> Pa
 def heatmaps_drawn():
     """No test's heatmap drawing (a thread add-task starts) runs on into the next test."""
     yield
-    drawings_done()
-
-
-def drawings_done() -> None:
-    """Wait for the heatmap drawings that this process's add-tasks left running (threads)."""
-    from adapterhub_local.dashboards import wait_for_drawings
-
     wait_for_drawings()
 
 
 def file_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under a folder: a store left exactly as it was has equal digests.
     The process's heatmap drawings finish first: they write into stores after add-task."""
-    drawings_done()
+    wait_for_drawings()
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
