@@ -74,6 +74,6 @@ def chromium_page(url: str, screenshot: Path, wait_ms: int = 20000) -> str:
         flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1000",
                  f"--virtual-time-budget={wait_ms}"]
         subprocess.run([binary, *flags, f"--screenshot={screenshot}", url], check=True,
-                       capture_output=True, timeout=120)
+                       capture_output=True, timeout=120 + wait_ms // 1000)
         return subprocess.run([binary, *flags, "--dump-dom", url], check=True,
-                              capture_output=True, text=True, timeout=120).stdout
+                              capture_output=True, text=True, timeout=120 + wait_ms // 1000).stdout

@@ -44,11 +44,14 @@ def test_the_sequence_run_shows_the_forgetting_metrics_in_chromium(store_dir, ti
         assert (ARTIFACTS / shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def page_showing(url: str, screenshot, text: str, attempts: int = 3) -> str:
+def page_showing(url: str, screenshot, text: str, attempts: int = 4) -> str:
     """The page's DOM once it shows `text`: on a busy machine the UI's requests can outlast the
-    browser's virtual time budget, so a page that came back unfinished is loaded again."""
+    browser's virtual time budget, so a page that came back unfinished is loaded again with
+    twice the budget (20 s, 40 s, 80 s, 160 s of virtual time)."""
+    wait_ms = 20000
     for _ in range(attempts):
-        dom = chromium_page(url, screenshot)
+        dom = chromium_page(url, screenshot, wait_ms)
         if text in dom:
             break
+        wait_ms *= 2
     return dom
