@@ -232,10 +232,8 @@ def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease) 
         made.append((store.model_name(ROUTER), router_version.version))
         store.set_version_tag(name, registered.version, f"{TAG}router.version",
                               router_version.version)
-        adapters = {t: (c.adapter if t == name else loader.load_version(c.bank, t, v))
-                    for t, v in evaluated.items()}
         loader.load_cross(sequence, step - 1, previous.get("cross"))  # a fresh process's
-        results = evaluate_step(c.bank, router, loader, evaluated, adapters)
+        results = evaluate_step(c.bank, router, loader, evaluated)
         record = step_record(step, previous, name, registered, router_version, c.run_id,
                              evaluated, results, router)
         record["cross"] = loader.save_cross(sequence, step)  # for the next step to reuse

@@ -1,4 +1,4 @@
-"""Evaluate one task's test split in every mode, for one row of each accuracy matrix.
+"""Evaluate every task's test split in every mode: one row of each accuracy matrix.
 
 - oracle:   the task is given; its own adapter answers.
 - routed:   the router picks one task; a wrong pick is a wrong answer.
@@ -7,7 +7,6 @@
 """
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -27,39 +26,37 @@ class TaskEval:
     """How many inputs were routed to each task of the router, then how many abstained."""
 
 
-def evaluate_task(bank, router, task: str, adapters: dict[str, str], labels: list[int],
-                  oracle_probs: list[torch.Tensor], features: torch.Tensor,
-                  other_probs: Callable[[list[tuple[int, str]]], list[torch.Tensor]]) -> TaskEval:
-    """All modes for one task. oracle_probs are its own adapter's outputs on its test split,
-    features the bare base's, other_probs([(row, adapter)]) other adapters' outputs on its rows
-    (serving.Loader gives all three, reusing what it can)."""
+def route_task(router, task: str, oracle_probs: list[torch.Tensor], features: torch.Tensor,
+               label_sets: dict[str, list[str]]) -> tuple[list, list[int]]:
+    """(routes, open rows) of one task's test split: each input's top routes, and the inputs
+    whose composed answer needs the other routed tasks' adapters, those that the own adapter's
+    answer does not settle (most inputs: the router is rarely unsure)."""
+    routes = router.route(features, top_k=COMPOSE_TOP_K)
+    return routes, [row for row, r in enumerate(routes)
+                    if not settled(r, task, oracle_probs[row], label_sets)]
+
+
+def score_task(router_tasks: list[str], task: str, labels: list[int], routes: list,
+               oracle_probs: list[torch.Tensor], label_sets: dict[str, list[str]],
+               other: dict[tuple[int, str], torch.Tensor]) -> TaskEval:
+    """All modes for one task: oracle_probs are its own adapter's outputs on its test split,
+    other the other routed adapters' on its open rows ({(row, task): probabilities})."""
     n = len(labels)
     oracle_right = [int(p.argmax()) == y for p, y in zip(oracle_probs, labels)]
-    routes = router.route(features, top_k=COMPOSE_TOP_K)
     first = [r.tasks[0] if r.tasks else None for r in routes]
-    label_sets = {t: bank.labels[name] for t, name in adapters.items()}
-    # Composing needs the other routed tasks' adapters on these inputs, except where the own
-    # adapter's answer settles it (most inputs: the router is rarely unsure).
-    open_rows = [row for row, r in enumerate(routes)
-                 if not settled(r, task, oracle_probs[row], label_sets)]
-    pairs = [(row, t) for row in open_rows for t in routes[row].tasks if t != task]
-    other = other_probs([(row, adapters[t]) for row, t in pairs])
-    probs = [{task: oracle_probs[row]} for row in range(n)]
-    for (row, t), p in zip(pairs, other):
-        probs[row][t] = p
     # A settled input is right when its task was routed and its own adapter is right.
     composed_right = [task in r.tasks and ok for r, ok in zip(routes, oracle_right)]
-    for row in open_rows:
-        result = answer(routes[row], probs[row], label_sets)
+    for row in {row for row, _ in other}:
+        probs = {t: other[(row, t)] for t in routes[row].tasks if t != task}
+        result = answer(routes[row], {task: oracle_probs[row], **probs}, label_sets)
         composed_right[row] = (result["label"] == label_sets[task][labels[row]]
                                and task in result["tasks"])
-    confusion = [sum(f == t for f in first) for t in router.tasks_] + [first.count(None)]
     return TaskEval(
         oracle=sum(oracle_right) / n,
         routed=sum(f == task and ok for f, ok in zip(first, oracle_right)) / n,
         composed=sum(composed_right) / n,
         routing=first.count(task) / n,
-        confusion=confusion,
+        confusion=[first.count(t) for t in router_tasks] + [first.count(None)],
     )
 
 
@@ -88,14 +85,21 @@ def settled(route, task: str, own: torch.Tensor, label_sets: dict[str, list[str]
             and all(w < weight[task] * best[0] - ROUNDING for w in others.values()))
 
 
-def evaluate_step(bank, router, loader, versions: dict, adapters: dict[str, str]) -> dict[str, TaskEval]:
-    """Every task's given version ({task: model version}, adapters loaded as {task: name}) in
-    every mode, each scored from the weights in memory (loader.scores, loader.other_probs)."""
-    results = {}
+def evaluate_step(bank, router, loader, versions: dict) -> dict[str, TaskEval]:
+    """Every task's given version ({task: model version}) in every mode, each scored from its
+    adapter's weights as they are now (serving.Loader reuses a score only for the very weights
+    that produced it). Every task is routed first, so that the other adapters' outputs that
+    composed mode needs, across all tasks, run in shared batches."""
+    label_sets = {t: loader.labels(bank, t, v) for t, v in versions.items()}
+    routed, wanted = {}, []
     for task, version in versions.items():
-        split = loader.test_split(version)
-        features, probs = loader.scores(bank, adapters[task], version)
-        results[task] = evaluate_task(
-            bank, router, task, adapters, split["labels"], probs, features,
-            lambda pairs, v=version: loader.other_probs(bank, v, pairs))
-    return results
+        features, probs = loader.scores(bank, task, version)
+        routes, open_rows = route_task(router, task, probs, features, label_sets)
+        routed[task] = routes, probs
+        wanted += [(task, row, t) for row in open_rows for t in routes[row].tasks if t != task]
+    other: dict[str, dict] = {task: {} for task in versions}
+    for (task, row, t), p in zip(wanted, loader.other_probs(bank, versions, wanted)):
+        other[task][(row, t)] = p
+    return {task: score_task(router.tasks_, task, loader.test_split(versions[task])["labels"],
+                             routes, probs, label_sets, other[task])
+            for task, (routes, probs) in routed.items()}

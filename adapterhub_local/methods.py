@@ -49,6 +49,10 @@ class Method:
     peft_module: str = ""
     """A module that registers the method with peft: imported before its adapters are built or
     loaded (a fresh process loading a stored bottleneck adapter has not built one)."""
+    reloads_exactly: bool = True
+    """Whether its saved files load back to the very weights saved (AdaLoRA's do not: saving
+    prunes each layer to the ranks its budget kept). Then a version's stored test scores hold
+    for its files without loading them (serving.Loader.digest)."""
 
     def register_with_peft(self) -> None:
         if self.peft_module:
@@ -439,7 +443,7 @@ register(Method("lora", "lora", LoraOptions, build_lora, mixed_batch=True,
 register(Method("qlora", "lora", LoraOptions, build_lora, mixed_batch=True, quantized=True,
                 description="LoRA over a 4-bit NF4 base (Dettmers et al., 2023)."))
 register(Method("adalora", "lora", AdaloraOptions, build_adalora, mixed_batch=False,
-                schedule=schedule_adalora, initialise=adalora_initialise,
+                schedule=schedule_adalora, initialise=adalora_initialise, reloads_exactly=False,
                 description="LoRA whose rank budget moves to where it matters (Zhang et al., 2023)."))
 register(Method("loftq", "lora", LoftqOptions, build_loftq, mixed_batch=True, quantized=True,
                 initialise=loftq_initialise,

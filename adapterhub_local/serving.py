@@ -194,7 +194,7 @@ class Loader:
         self.checked: dict[str, Path] = {}  # model version source -> its verified local folder
         self.cache: dict[tuple, object] = {}
         self.cross: dict[tuple, object] = {}  # (run id, adapter digest, row) -> probabilities
-        self.cross_used: set[tuple] = set()  # the keys this step asked for (save_cross)
+        self.cross_live: tuple[set, set] = (set(), set())  # (run ids, digests): see save_cross
         self.cross_saved: tuple | None = None  # (run id, step) of the cross scores in memory
         self.opened = None  # (router version, (bank, router, adapters, versions, broken))
 
@@ -234,19 +234,46 @@ class Loader:
         return self.cached((version.run_id, "test"), lambda: self.store.read_json_artifact(
             version.run_id, TEST_ARTIFACT))
 
-    def scores(self, bank, adapter: str, version) -> tuple:
+    def labels(self, bank, task: str, version) -> list[str]:
+        """The labels of the version's head, without loading its adapter."""
+        from adapterhub_local.inference import LABELS_FILE, adapter_name
+
+        name = adapter_name(task, version.run_id)
+        if name in bank:
+            return bank.labels[name]
+        return self.cached((version.run_id, "labels"), lambda: json.loads(
+            (self.folder(version) / LABELS_FILE).read_text(encoding="utf-8")))
+
+    def digest(self, bank, task: str, version) -> str:
+        """AdapterBank.digest of the version's adapter weights: of those in memory where the
+        bank holds them; else of its files as they load, which its stored test scores recorded
+        when they were written from the very weights saved in those files (the files checked
+        here against their registered checksums; tests/test_methods.py checks that every
+        method that says it reloads exactly does). Otherwise the adapter is loaded."""
+        from adapterhub_local.inference import adapter_name
+
+        name = adapter_name(task, version.run_id)
+        if name not in bank:
+            self.folder(version)
+            recorded = (self.test_split(version).get("scores") or {}).get("adapter_digest")
+            if recorded and get_method(version.tags.get(f"{TAG}method", "lora")).reloads_exactly:
+                return recorded
+            self.load_version(bank, task, version)
+        return bank.digest(name)
+
+    def scores(self, bank, task: str, version) -> tuple:
         """(features, probs) of the version's test split: the bare base's features (what the
         router reads) and the adapter's label probabilities (its oracle answers). A score is
-        reused only for the very weights that produced it: in memory under the digest of the
-        weights loaded now, and from the store's scores file (eval/scores.safetensors, written
-        with the version) when its recorded digest equals that one and its checksum holds. An
-        adapter changed in memory is scored again: forgetting is measured, never assumed.
-        Computing them runs each text's bottom half once for both."""
-        digest = bank.digest(adapter)
+        reused only for the very weights that produced it (self.digest): from memory, or from
+        the store's scores file (eval/scores.safetensors, written with the version) when its
+        recorded digest is theirs and its checksum holds. An adapter changed in memory is
+        scored again: forgetting is measured, never assumed. Computing them runs each text's
+        bottom half once for both."""
+        digest = self.digest(bank, task, version)
         return self.cached((version.run_id, "scores", digest),
-                           lambda: self.stored_scores(version, digest)
-                           or compute_scores(bank, adapter, self.test_split(version)["texts"],
-                                             max_length_of(version)))
+                           lambda: self.stored_scores(version, digest) or compute_scores(
+                               bank, self.load_version(bank, task, version),
+                               self.test_split(version)["texts"], max_length_of(version)))
 
     def stored_scores(self, version, digest: str) -> tuple | None:
         recorded = self.test_split(version).get("scores") or {}
@@ -264,37 +291,43 @@ class Loader:
         tensors = load_file(file)
         return tensors["features"], list(tensors["probs"])
 
-    def other_probs(self, bank, version, pairs: list[tuple[int, str]]) -> list:
-        """Probabilities of adapter a on row r of another version's test split, for each (r, a)
-        (composed mode). Reused under the digest of a's weights loaded now: from memory, or
-        from the last step's cross scores (load_cross); the rest are computed."""
-        digest = {a: bank.digest(a) for a in {a for _, a in pairs}}
-        keys = [(version.run_id, digest[a], row) for row, a in pairs]
-        missing = [(row, a) for (row, a), key in zip(pairs, keys) if key not in self.cross]
-        texts = self.test_split(version)["texts"]
-        computed = bank.probabilities([texts[row] for row, _ in missing], [a for _, a in missing],
-                                      max_length_of(version))
-        for (row, a), p in zip(missing, computed):
-            self.cross[(version.run_id, digest[a], row)] = p
-        self.cross_used.update(keys)
+    def other_probs(self, bank, versions: dict, wanted: list[tuple[str, int, str]]) -> list:
+        """Probabilities of task t's adapter on row r of task s's test split, for each (s, r, t)
+        of `wanted` (composed mode; versions: {task: model version}). Reused under the digest
+        of t's weights (self.digest): from memory, or from the cross scores of earlier steps
+        (load_cross); the rest are computed in shared batches, loading the adapters they need."""
+        digest = {t: self.digest(bank, t, v) for t, v in versions.items()}
+        keys = [(versions[s].run_id, digest[t], row) for s, row, t in wanted]
+        missing: dict[int, dict] = {}  # max_length -> {(s, r, t): its key in self.cross}
+        for pair, key in zip(wanted, keys):
+            if key not in self.cross:
+                missing.setdefault(max_length_of(versions[pair[0]]), {})[pair] = key
+        for max_length, pairs in missing.items():
+            texts = [self.test_split(versions[s])["texts"][row] for s, row, _ in pairs]
+            names = [self.load_version(bank, t, versions[t]) for *_, t in pairs]
+            for key, p in zip(pairs.values(), bank.probabilities(texts, names, max_length)):
+                self.cross[key] = p
+        # What save_cross keeps: scores of these rows by these weights, whichever step used them.
+        self.cross_live = ({v.run_id for v in versions.values()}, set(digest.values()))
         return [self.cross[key] for key in keys]
 
     def save_cross(self, run_id: str, step: int) -> str:
-        """Write the cross scores this step used as the sequence run's cross/step_N file;
-        returns its sha256, which the step's record keeps."""
+        """Write the cross scores that are still live (rows of the versions of this step's last
+        other_probs, by the weights they serve with) as the sequence run's cross/step_N file;
+        returns its sha256, which the step's record keeps. Scores of pairs that a step did not
+        route are kept too: routes move as the router is refit, and often move back."""
         import torch
         from safetensors.torch import save_file
 
+        runs, digests = self.cross_live
+        self.cross = {k: p for k, p in self.cross.items() if k[0] in runs and k[1] in digests}
         groups: dict[str, list[tuple[int, object]]] = {}
-        for run, digest, row in sorted(self.cross_used):
-            groups.setdefault(f"{run}.{digest}", []).append((row, self.cross[(run, digest, row)]))
+        for (run, digest, row), p in sorted(self.cross.items(), key=lambda item: item[0]):
+            groups.setdefault(f"{run}.{digest}", []).append((row, p))
         tensors = {}
         for key, rows in groups.items():
             tensors[f"{key}.rows"] = torch.tensor([row for row, _ in rows])
             tensors[f"{key}.probs"] = torch.stack([p for _, p in rows])
-        # Memory keeps what this step used: the next step needs mostly the same.
-        self.cross = {key: self.cross[key] for key in self.cross_used}
-        self.cross_used = set()
         self.cross_saved = (run_id, step)
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / f"step_{step:06d}.safetensors"

@@ -50,7 +50,7 @@ elif stage == "registered":
 elif stage == "router_registered":
     evaluation.evaluate_step = die  # commit_add_task imports it when it runs
 elif stage == "evaluating":
-    evaluation.evaluate_task = die
+    evaluation.score_task = die
 elif stage == "step_logging":
     commit.commit_step = die
 elif stage == "finalizing":

@@ -21,15 +21,27 @@ ENCODER_METHODS = [m for m in METHODS if "bert" in METHODS[m].architectures]
 DECODER_ONLY = [m for m in METHODS if "bert" not in METHODS[m].architectures]
 
 # In a fresh process: every task's adapter reloads from the store, and the CLI answers for it.
+# The weights loaded must have the digest that the version's stored test scores recorded of the
+# weights saved (later steps reuse those scores without loading the adapter: serving.Loader).
 PREDICT_EACH = """
 import json, sys
 from typer.testing import CliRunner
+from adapterhub_local import Hub
+from adapterhub_local.base import load_base
 from adapterhub_local.cli import app
+from adapterhub_local.inference import adapter_name, bank_for
+from adapterhub_local.serving import TEST_ARTIFACT
 store, tasks, text = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+hub = Hub(store)
 for task in tasks:
     result = CliRunner().invoke(app, ["predict", text, "--task", task, "--json", "--store", store])
     assert result.exit_code == 0, (result.output, repr(result.exception))
-    print(json.dumps({"task": task, "answer": json.loads(result.stdout)[0]}))
+    version = hub.store.resolve(task)
+    bank = bank_for(load_base(hub.store.base_binding()[0]))
+    recorded = hub.store.read_json_artifact(version.run_id, TEST_ARTIFACT)["scores"]
+    loaded = bank.digest(adapter_name(task, version.run_id))
+    print(json.dumps({"task": task, "answer": json.loads(result.stdout)[0],
+                      "digest_kept": loaded == recorded["adapter_digest"]}))
 """
 
 
@@ -37,7 +49,10 @@ def predict_in_fresh_process(store, tasks: list[str], text: str) -> dict:
     done = subprocess.run([sys.executable, "-c", PREDICT_EACH, str(store), ",".join(tasks), text],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {row["task"]: row["answer"] for row in map(json.loads, done.stdout.splitlines())}
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    for row in rows:  # the methods' own word on it, both ways
+        assert row["digest_kept"] == get_method(row["task"].replace("_", "-")).reloads_exactly
+    return {row["task"]: row["answer"] for row in rows}
 
 
 def test_methods_json_lists_all_eleven_with_their_options():
