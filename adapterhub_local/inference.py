@@ -113,7 +113,10 @@ class AdapterBank:
         """A context in which self.base.model computes the bare base."""
         if self.in_place is None:
             return contextlib.nullcontext()
-        return self.groups[self.in_place].disable_adapter()
+        model = self.groups[self.in_place]
+        if lora_batch.covers(model):
+            return lora_batch.rows(model, lora_batch.BARE)
+        return model.disable_adapter()
 
     def add_adapter(self, name: str, peft_config, labels: list[str], method) -> None:
         """A new trainable adapter and a freshly initialised head (seed the caller's RNG first)."""
@@ -274,26 +277,35 @@ class AdapterBank:
         for group in groups.values():
             model = self.model(adapters[group[0]])
             model.eval()
-            for rows in length_batches(ids, group, batch_size):
-                batch = self.base.pad([ids[i] for i in rows])
-                names = [adapters[i] for i in rows]
-                mixed = {"adapter_names": names} if self.mixed_batch[names[0]] else {}
-                if not mixed:
-                    self.activate(names[0])
-                if resume[names[0]]:
-                    hidden = torch.nn.utils.rnn.pad_sequence([states[i] for i in rows], batch_first=True)
-                    with self.base.resumed_after(self.base.middle, hidden, model.get_base_model()):
-                        with quiet_forward():
-                            hidden = model(**batch, **mixed).last_hidden_state
-                else:
-                    with quiet_forward():
-                        hidden = model(**batch, **mixed).last_hidden_state
-                pooled = mean_pool(hidden, batch)
-                for name in dict.fromkeys(names):
-                    at = [k for k, n in enumerate(names) if n == name]
-                    for row, p in zip([rows[k] for k in at], self.heads[name](pooled[at]).softmax(-1)):
-                        out[row] = p
+            with lora_batch.frozen():  # the weights hold still: layers stack adapters once
+                for rows in length_batches(ids, group, batch_size):
+                    names = [adapters[i] for i in rows]
+                    given = [states[i] for i in rows] if resume[names[0]] else None
+                    pooled = self._pooled(model, [ids[i] for i in rows], names, given)
+                    for name in dict.fromkeys(names):
+                        at = [k for k, n in enumerate(names) if n == name]
+                        probs = self.heads[name](pooled[at]).softmax(-1)
+                        for row, p in zip([rows[k] for k in at], probs):
+                            out[row] = p
         return out
+
+    def _pooled(self, model, ids: list[list[int]], names: list[str],
+                states: list[torch.Tensor] | None) -> torch.Tensor:
+        """Mean-pooled last states of one batch, row i through adapter names[i], going on from
+        the bottom half's states where given."""
+        batch = self.base.pad(ids)
+        mixed, per_row, resumed = {}, contextlib.nullcontext(), contextlib.nullcontext()
+        if not self.mixed_batch[names[0]]:
+            self.activate(names[0])
+        elif lora_batch.covers(model):  # cheaper than peft's adapter_names (see lora_batch)
+            per_row = lora_batch.rows(model, names)
+        else:
+            mixed = {"adapter_names": names}
+        if states is not None:
+            hidden = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+            resumed = self.base.resumed_after(self.base.middle, hidden, model.get_base_model())
+        with resumed, per_row, quiet_forward():
+            return mean_pool(model(**batch, **mixed).last_hidden_state, batch)
 
     def predict(self, name: str, texts: list[str], max_length: int = 128) -> tuple[list[int], list[float]]:
         """(label ids, probabilities of those labels) for texts through one adapter."""

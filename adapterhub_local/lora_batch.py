@@ -7,20 +7,24 @@ stacked, and every row's update is two batched products however many adapters th
 BGMV of S-LoRA and Punica). Installed on the LoRA layers of ahl's own models only, for plain
 LoRA in eval mode; anything else (training, DoRA and other variants, LoRA biases, ranks that
 differ within a batch) goes through peft's own loop.
+
+A batch's rows are given either as peft's `adapter_names` or, cheaper, with `rows(names)`
+around the forward: peft's `adapter_names` registers and removes a hook on every LoRA layer for
+each forward, walking all of the model's modules, and those grow with the adapters loaded.
 """
 
+import contextlib
+import threading
 import types
 
 import torch
 
+_BATCH = threading.local()  # the adapter of each row of the forward running now (rows())
+
 
 def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):
     names = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
-    plain = (not layer.training and x.dim() == 3
-             and not any(n in layer.lora_variant for n in names)
-             and not any(layer.lora_B[n].bias is not None for n in names)
-             and len({layer.lora_A[n].weight.shape for n in names}) <= 1)
-    if not plain:
+    if layer.training or x.dim() != 3 or not plain(layer, names):
         return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=adapter_names,
                                                 **kwargs)
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
@@ -30,14 +34,80 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
     result = layer.base_layer(x, *args, **kwargs)
     if not names:  # none of the batch's adapters adapts this layer
         return result
-    a = torch.stack([layer.lora_A[n].weight for n in names])  # [adapters, r, in]
-    b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] for n in names])  # [adapters, out, r]
-    # Rows of "__base__" (or of an adapter this layer lacks) get a zero update.
-    a, b = torch.cat([a, a.new_zeros(1, *a.shape[1:])]), torch.cat([b, b.new_zeros(1, *b.shape[1:])])
-    index = {n: i for i, n in enumerate(names)}
-    rows = torch.tensor([index.get(n, len(names)) for n in adapter_names], device=x.device)
+    index, a, b = stacked(layer, names)
+    # Rows of "__base__" (or of an adapter this layer lacks) get the zero adapter, stacked last.
+    rows = torch.tensor([index.get(n, len(a) - 1) for n in adapter_names], device=x.device)
     update = torch.bmm(torch.bmm(x.to(a.dtype), a[rows].transpose(1, 2)), b[rows].transpose(1, 2))
     return result + update.to(result.dtype)
+
+
+def plain(layer, names: list[str]) -> bool:
+    """Whether these adapters of the layer are plain LoRA of one rank (no variant, no bias)."""
+    return (not any(n in layer.lora_variant for n in names)
+            and not any(layer.lora_B[n].bias is not None for n in names)
+            and len({layer.lora_A[n].weight.shape for n in names}) <= 1)
+
+
+def stacked(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """({adapter: index}, A [adapters + 1, r, in], scaled B [adapters + 1, out, r]) with a zero
+    adapter last. Within frozen() every plain adapter of the layer is stacked once, for all the
+    batches of the scope; outside, the batch's own adapters each time."""
+    stacks = getattr(_BATCH, "stacks", None)
+    if stacks is not None and id(layer) in stacks:
+        return stacks[id(layer)]
+    if stacks is not None and plain(layer, list(layer.lora_A.keys())):
+        names = list(layer.lora_A.keys())
+    a = torch.stack([layer.lora_A[n].weight for n in names])
+    b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] for n in names])
+    made = ({n: i for i, n in enumerate(names)}, torch.cat([a, a.new_zeros(1, *a.shape[1:])]),
+            torch.cat([b, b.new_zeros(1, *b.shape[1:])]))
+    if stacks is not None and len(names) == len(layer.lora_A):
+        stacks[id(layer)] = made
+    return made
+
+
+@contextlib.contextmanager
+def frozen():
+    """A scope in which no LoRA weight changes (one AdapterBank.probabilities call): each layer
+    stacks its adapters once for all of the scope's batches instead of once a batch."""
+    outer, _BATCH.stacks = getattr(_BATCH, "stacks", None), {}
+    try:
+        yield
+    finally:
+        _BATCH.stacks = outer
+
+
+BARE = "__bare__"  # rows(model, BARE): every row through the bare base
+
+
+def routed_forward(layer, x: torch.Tensor, *args, **kwargs):
+    """An installed layer's forward: the gathered mixed batch when the batch's rows name their
+    adapters (adapter_names, or rows()), the base layer alone under rows(model, BARE), else
+    peft's own forward."""
+    names = kwargs.pop("adapter_names", None) or getattr(_BATCH, "names", None)
+    if names is None or layer.disable_adapters or layer.merged:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    if names is BARE:
+        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+        return layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
+                                             if k not in VARIANT_KWARG_KEYS})
+    return gathered_mixed_forward(layer, x, *args, adapter_names=names, **kwargs)
+
+
+@contextlib.contextmanager
+def rows(model: torch.nn.Module, adapter_names: list[str] | str):
+    """Within, row i of a forward of `model` goes through adapter_names[i] (every row through
+    the bare base for BARE: cheaper than peft's disable_adapter, which checks and toggles every
+    adapter's layers twice). Only for a model whose every LoRA layer is installed (covers):
+    another layer would not see the names."""
+    if not covers(model):
+        raise ValueError("rows() needs every LoRA layer of the model installed")
+    outer, _BATCH.names = getattr(_BATCH, "names", None), adapter_names
+    try:
+        yield
+    finally:
+        _BATCH.names = outer
 
 
 def install(model: torch.nn.Module) -> None:
@@ -46,4 +116,17 @@ def install(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         if type(module) is Linear:
-            module._mixed_batch_forward = types.MethodType(gathered_mixed_forward, module)
+            module.forward = types.MethodType(routed_forward, module)
+    layers = lora_layers(model)
+    model._ahl_rows = bool(layers) and all(type(m) is Linear for m in layers)
+
+
+def covers(model: torch.nn.Module) -> bool:
+    """Whether rows() reaches every LoRA layer of `model` (set by install)."""
+    return getattr(model, "_ahl_rows", False)
+
+
+def lora_layers(model: torch.nn.Module) -> list:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]

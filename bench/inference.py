@@ -86,9 +86,9 @@ def mixed(bank, texts: list[str], given: list[str]) -> None:
     """peft's own mixed batch: ahl's gathered forward (lora_batch) is taken off for it."""
     ids = bank.base.tokenize(texts, 128)
     model = bank.model(given[0])
-    swapped = [m for m in model.modules() if "_mixed_batch_forward" in vars(m)]
+    swapped = [m for m in model.modules() if "forward" in vars(m)]
     for m in swapped:
-        del m._mixed_batch_forward
+        del m.forward
     try:
         for rows in length_batches(ids, range(len(ids)), BATCH):
             batch = bank.base.pad([ids[i] for i in rows])

@@ -145,15 +145,18 @@ def test_a_settled_composed_answer_is_the_one_any_other_adapter_would_give():
 
 def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
     """lora_batch's two batched products per layer give what peft's per-adapter loop gives,
-    "__base__" rows (no adapter) included."""
+    "__base__" rows (no adapter) included, whether the rows are named by peft's adapter_names
+    or by lora_batch.rows."""
     from peft.tuners.lora.layer import Linear
+
+    from adapterhub_local import lora_batch
 
     model = bank.model("ahl_a")
     model.eval()
     batch = bank.base.pad(bank.base.tokenize(TEXTS, 32))
     names = ["ahl_a", "ahl_b", "__base__", "ahl_b", "ahl_a", "ahl_a"]
     layers = [m for m in model.modules() if type(m) is Linear]
-    assert layers and all("_mixed_batch_forward" in vars(m) for m in layers)  # installed
+    assert layers and all("forward" in vars(m) for m in layers) and lora_batch.covers(model)
     fallbacks = []
     peft_loop = Linear._mixed_batch_forward
     with torch.inference_mode():
@@ -161,13 +164,24 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
             patch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
                           or peft_loop(*a, **k))
             gathered = model(**batch, adapter_names=names).last_hidden_state
+            with lora_batch.rows(model, names):
+                by_rows = model(**batch).last_hidden_state
+            with lora_batch.frozen():  # every adapter of a layer stacked once, then reused
+                stacked = [model(**batch, adapter_names=names).last_hidden_state for _ in range(2)]
+            with bank.bare():  # lora_batch's bare rows, and peft's own way
+                bare = model(**batch).last_hidden_state
+            with model.disable_adapter():
+                disabled = model(**batch).last_hidden_state
         assert fallbacks == []
         for m in layers:  # peft's own loop
-            del m._mixed_batch_forward
+            del m.forward
         try:
             looped = model(**batch, adapter_names=names).last_hidden_state
         finally:
-            from adapterhub_local import lora_batch
-
             lora_batch.install(model)
+    torch.testing.assert_close(by_rows, gathered, rtol=0, atol=0)
+    for again in stacked:
+        torch.testing.assert_close(again, gathered, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bare, disabled, rtol=0, atol=0)
+    assert not torch.allclose(bare, gathered)  # the adapters do change the states
     torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-5)
