@@ -16,9 +16,9 @@ process could exit; "all but training" counts to the exit. Buckets:
 
     .venv/bin/python bench/step_cost.py [--sizes 1,10,30]
 
-100 tasks works too, but filling the store to 100 costs more than half an hour on 2 cores: its
-synthetic tasks come from six sources, so most of them have a twin the router cannot tell apart,
-and each step's composed mode must run the twins' adapters on each other's texts.
+100 tasks works too, but filling the store to 99 took 27 minutes on 2 cores: its synthetic tasks
+come from six sources, so most of them have twins the router cannot tell apart, and each step's
+composed mode must run the twins' adapters on each other's texts.
 """
 
 import time
