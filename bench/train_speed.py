@@ -46,10 +46,11 @@ AHL_ROWS = [("ahl, all levers", {}),
             ("ahl, byte dropout only", {**NONE, "byte_dropout": True})]
 
 
-def run_ahl(data, options: TrainOptions) -> tuple[float, float]:
+def run_ahl(data, options: TrainOptions, lora_args: dict | None = None) -> tuple[float, float]:
+    """(training seconds, test accuracy) of ahl's trainer; lora_args change LoRA's options."""
     base = load_base()
     bank = AdapterBank(base)
-    config = get_method("lora").build(method_options("lora"), base)
+    config = get_method("lora").build(method_options("lora", lora_args or {}), base)
     started = time.perf_counter()
     train_adapter(bank, "bench", config, data, options, get_method("lora"))
     seconds = time.perf_counter() - started
@@ -73,8 +74,10 @@ class MeanPoolClassifier(torch.nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def run_peer(data, options: TrainOptions, rows: list[int], bf16: bool = False) -> tuple[float, float]:
-    """The careful user's script: Trainer + peft, dynamic padding, length-grouped batches."""
+def run_peer(data, options: TrainOptions, rows: list[int], bf16: bool = False,
+             config=None) -> tuple[float, float]:
+    """The careful user's script: Trainer + peft, dynamic padding, length-grouped batches; by
+    default with the very same LoRA config as ahl's, else with `config` (a peft config)."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import (AutoModel, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -83,7 +86,7 @@ def run_peer(data, options: TrainOptions, rows: list[int], bf16: bool = False) -
     path = load_base().path
     tokenizer = AutoTokenizer.from_pretrained(path)
     set_seed(options.seed)
-    config = get_method("lora").build(method_options("lora"), load_base())  # the very same LoRA
+    config = config or get_method("lora").build(method_options("lora"), load_base())
     encoder = get_peft_model(AutoModel.from_pretrained(path), config)
     model = MeanPoolClassifier(encoder, encoder.config.hidden_size, len(data.labels))
 
