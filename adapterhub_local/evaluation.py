@@ -38,7 +38,7 @@ def route_task(router, task: str, oracle_probs: list[torch.Tensor], features: to
 
 def score_task(router_tasks: list[str], task: str, labels: list[int], routes: list,
                oracle_probs: list[torch.Tensor], label_sets: dict[str, list[str]],
-               other: dict[tuple[int, str], torch.Tensor]) -> TaskEval:
+               open_rows: list[int], other: dict[tuple[int, str], torch.Tensor]) -> TaskEval:
     """All modes for one task: oracle_probs are its own adapter's outputs on its test split,
     other the other routed adapters' on its open rows ({(row, task): probabilities})."""
     n = len(labels)
@@ -46,7 +46,7 @@ def score_task(router_tasks: list[str], task: str, labels: list[int], routes: li
     first = [r.tasks[0] if r.tasks else None for r in routes]
     # A settled input is right when its task was routed and its own adapter is right.
     composed_right = [task in r.tasks and ok for r, ok in zip(routes, oracle_right)]
-    for row in {row for row, _ in other}:
+    for row in open_rows:
         probs = {t: other[(row, t)] for t in routes[row].tasks if t != task}
         result = answer(routes[row], {task: oracle_probs[row], **probs}, label_sets)
         composed_right[row] = (result["label"] == label_sets[task][labels[row]]
@@ -95,11 +95,11 @@ def evaluate_step(bank, router, loader, versions: dict) -> dict[str, TaskEval]:
     for task, version in versions.items():
         features, probs = loader.scores(bank, task, version)
         routes, open_rows = route_task(router, task, probs, features, label_sets)
-        routed[task] = routes, probs
+        routed[task] = routes, probs, open_rows
         wanted += [(task, row, t) for row in open_rows for t in routes[row].tasks if t != task]
     other: dict[str, dict] = {task: {} for task in versions}
     for (task, row, t), p in zip(wanted, loader.other_probs(bank, versions, wanted)):
         other[task][(row, t)] = p
     return {task: score_task(router.tasks_, task, loader.test_split(versions[task])["labels"],
-                             routes, probs, label_sets, other[task])
-            for task, (routes, probs) in routed.items()}
+                             routes, probs, label_sets, open_rows, other[task])
+            for task, (routes, probs, open_rows) in routed.items()}

@@ -24,7 +24,8 @@ _BATCH = threading.local()  # the adapter of each row of the forward running now
 
 def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):
     names = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
-    if layer.training or x.dim() != 3 or not plain(layer, names):
+    weights = None if layer.training or x.dim() != 3 else stacked(layer, names)
+    if weights is None:
         return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=adapter_names,
                                                 **kwargs)
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
@@ -34,7 +35,7 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
     result = layer.base_layer(x, *args, **kwargs)
     if not names:  # none of the batch's adapters adapts this layer
         return result
-    index, a, b = stacked(layer, names)
+    index, a, b = weights
     # Rows of "__base__" (or of an adapter this layer lacks) get the zero adapter, stacked last.
     rows = torch.tensor([index.get(n, len(a) - 1) for n in adapter_names], device=x.device)
     update = torch.bmm(torch.bmm(x.to(a.dtype), a[rows].transpose(1, 2)), b[rows].transpose(1, 2))
@@ -48,22 +49,28 @@ def plain(layer, names: list[str]) -> bool:
             and len({layer.lora_A[n].weight.shape for n in names}) <= 1)
 
 
-def stacked(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def stacked(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
     """({adapter: index}, A [adapters + 1, r, in], scaled B [adapters + 1, out, r]) with a zero
-    adapter last. Within frozen() every plain adapter of the layer is stacked once, for all the
-    batches of the scope; outside, the batch's own adapters each time."""
+    adapter last, or None where these adapters are not plain (peft's loop takes them). Within
+    frozen() a layer whose adapters are all plain stacks them all once for the scope's batches;
+    otherwise each batch stacks its own."""
+    if not names:  # none of the batch's adapters adapts this layer: nothing to stack
+        return {}, None, None
     stacks = getattr(_BATCH, "stacks", None)
-    if stacks is not None and id(layer) in stacks:
-        return stacks[id(layer)]
-    if stacks is not None and plain(layer, list(layer.lora_A.keys())):
-        names = list(layer.lora_A.keys())
+    if stacks is not None:
+        if id(layer) not in stacks:
+            every = list(layer.lora_A.keys())
+            stacks[id(layer)] = stack(layer, every) if plain(layer, every) else None
+        if stacks[id(layer)] is not None:
+            return stacks[id(layer)]
+    return stack(layer, names) if plain(layer, names) else None
+
+
+def stack(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
     a = torch.stack([layer.lora_A[n].weight for n in names])
     b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] for n in names])
-    made = ({n: i for i, n in enumerate(names)}, torch.cat([a, a.new_zeros(1, *a.shape[1:])]),
+    return ({n: i for i, n in enumerate(names)}, torch.cat([a, a.new_zeros(1, *a.shape[1:])]),
             torch.cat([b, b.new_zeros(1, *b.shape[1:])]))
-    if stacks is not None and len(names) == len(layer.lora_A):
-        stacks[id(layer)] = made
-    return made
 
 
 @contextlib.contextmanager
@@ -112,21 +119,15 @@ def rows(model: torch.nn.Module, adapter_names: list[str] | str):
 
 def install(model: torch.nn.Module) -> None:
     """Give every plain LoRA layer of `model` (one of ahl's) the gathered mixed forward."""
-    from peft.tuners.lora.layer import Linear
+    from peft.tuners.lora.layer import Linear, LoraLayer
 
-    for module in model.modules():
-        if type(module) is Linear:
-            module.forward = types.MethodType(routed_forward, module)
-    layers = lora_layers(model)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        if type(layer) is Linear and "forward" not in vars(layer):
+            layer.forward = types.MethodType(routed_forward, layer)
     model._ahl_rows = bool(layers) and all(type(m) is Linear for m in layers)
 
 
 def covers(model: torch.nn.Module) -> bool:
     """Whether rows() reaches every LoRA layer of `model` (set by install)."""
     return getattr(model, "_ahl_rows", False)
-
-
-def lora_layers(model: torch.nn.Module) -> list:
-    from peft.tuners.lora.layer import LoraLayer
-
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]

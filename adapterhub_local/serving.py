@@ -304,8 +304,9 @@ class Loader:
                 missing.setdefault(max_length_of(versions[pair[0]]), {})[pair] = key
         for max_length, pairs in missing.items():
             texts = [self.test_split(versions[s])["texts"][row] for s, row, _ in pairs]
-            names = [self.load_version(bank, t, versions[t]) for *_, t in pairs]
-            for key, p in zip(pairs.values(), bank.probabilities(texts, names, max_length)):
+            names = {t: self.load_version(bank, t, versions[t]) for *_, t in pairs}
+            computed = bank.probabilities(texts, [names[t] for *_, t in pairs], max_length)
+            for key, p in zip(pairs.values(), computed):
                 self.cross[key] = p
         # What save_cross keeps: scores of these rows by these weights, whichever step used them.
         self.cross_live = ({v.run_id for v in versions.values()}, set(digest.values()))
