@@ -89,9 +89,9 @@ def read_fortunes(names: list[str]) -> list[str]:
     return texts
 
 
-def read_chatterbot(folder: Path, language: str) -> list[str]:
+def read_chatterbot(folder: Path, language: str, files: str = "*.yml") -> list[str]:
     texts = []
-    for path in sorted((folder / language).glob("*.yml")):
+    for path in sorted((folder / language).glob(files)):
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         for conversation in doc.get("conversations") or []:
             texts += [clean(s) for s in conversation if isinstance(s, str) and "```" not in s]
@@ -113,18 +113,21 @@ def split_task(by_label: dict[str, list[str]], seen: set[str], rng: random.Rando
     return train, test
 
 
-def write_task(name: str, train, test) -> None:
-    folder = HERE / "data" / name
+def write_task(name: str, train, test, home: Path = HERE, description: str | None = None,
+               builder: str = "tasks/build_tasks.py") -> None:
+    """Write a task's CSVs under home/data/<name>/ and its spec as home/<name>.toml."""
+    description = description or DESCRIPTIONS[name]
+    folder = home / "data" / name
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", train), ("test", test)):
         with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["text", "label"])
             writer.writerows(rows)
-    (HERE / f"{name}.toml").write_text(
-        f'# {DESCRIPTIONS[name]} Built by tasks/build_tasks.py.\n'
+    (home / f"{name}.toml").write_text(
+        f'# {description} Built by {builder}.\n'
         f'name = "{name}"\n'
-        f'description = "{DESCRIPTIONS[name]}"\n'
+        f'description = "{description}"\n'
         f'train = "data/{name}/train.csv"\n'
         f'test = "data/{name}/test.csv"\n'
         'text_column = "text"\n'

@@ -89,9 +89,13 @@ def test_spec_resolves_files_next_to_it_and_keeps_defaults(tmp_path, tiny_data):
 def test_bundled_specs_load():
     from pathlib import Path
 
+    import tomllib
+
     tasks = Path(__file__).parent.parent / "tasks"
-    for spec_file in sorted(tasks.glob("*.toml")):
-        if spec_file.name == "sequence.toml":
-            continue
-        spec = load_spec(spec_file)
-        assert spec.train.is_file() and spec.test.is_file(), spec_file
+    for folder in (tasks, tasks / "confusable"):  # the bundled sequence and the development one
+        names = tomllib.loads((folder / "sequence.toml").read_text(encoding="utf-8"))["tasks"]
+        assert sorted(names) == sorted(p.stem for p in folder.glob("*.toml") if p.stem != "sequence")
+        for name in names:
+            spec = load_spec(folder / f"{name}.toml")
+            data = load_task_data(spec.name, spec.train, spec.test)
+            assert len(data.labels) >= 3 and len(data.test_texts) >= 100, spec.name
