@@ -82,18 +82,28 @@ class Base:
 
     def states_after(self, layer: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The hidden states that block `layer` (0-based) outputs, without running the blocks
-        above it: a hook stops the forward pass there."""
-        def stop(module, args, output):
-            raise _EarlyExit(output[0] if isinstance(output, tuple) else output)
+        above it."""
+        return self.states_at([layer], batch)[0]
 
-        handle = self.layers[layer].register_forward_hook(stop)
+    def states_at(self, blocks: list[int], batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The hidden states that each of `blocks` (ascending, 0-based) outputs, without running
+        the blocks above the last: hooks keep their outputs and the last one stops the pass."""
+        kept = []
+
+        def keep(module, args, output):
+            kept.append(output[0] if isinstance(output, tuple) else output)
+            if len(kept) == len(blocks):
+                raise _EarlyExit(kept[-1])
+
+        handles = [self.layers[i].register_forward_hook(keep) for i in blocks]
         try:
             self.model(**batch)
-        except _EarlyExit as exit_:
-            return exit_.hidden
+        except _EarlyExit:
+            return kept
         finally:
-            handle.remove()
-        raise RuntimeError(f"the base's forward pass never reached block {layer}")
+            for handle in handles:
+                handle.remove()
+        raise RuntimeError(f"the base's forward pass never reached block {blocks[-1]}")
 
     def pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(x) for x in ids)

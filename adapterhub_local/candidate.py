@@ -36,16 +36,17 @@ def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: s
     from safetensors.torch import save_file
 
     data = plan.data
-    test_features, probs = compute_scores(bank, adapter, data.test_texts, plan.train.max_length)
+    test_features, probs = compute_scores(bank, adapter, data.test_texts, plan.train.max_length,
+                                          plan.features)
     accuracy = sum(int(p.argmax()) == y for p, y in zip(probs, data.test_labels)) / len(probs)
     store.log_metrics(run_id, {"test_accuracy": accuracy, "train_seconds": train_seconds,
                                "trainable_params": report.trainable_params}, report.steps)
     fit_rows, held_rows = split_validation(data.train_labels, plan.train.seed)
     features = report.features  # training ran the bottom half already, where it could
     if features is None:
-        features = bank.features(data.train_texts, plan.train.max_length)
+        features = bank.features(data.train_texts, plan.train.max_length, plan.features)
     stats = task_stats(features[fit_rows], [data.train_labels[i] for i in fit_rows],
-                       data.labels, features[held_rows])
+                       data.labels, features[held_rows], plan.features)
     digest = bank.digest(adapter)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / ADAPTER_ARTIFACT

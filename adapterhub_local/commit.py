@@ -211,7 +211,10 @@ def commit_add_task(store, loader, candidate, gate: float | None, lease: Lease) 
     repair(store, loader)
     c, name = candidate, candidate.plan.data.name
     store.check_base(c.base.name, c.base.sha256)  # another writer may have bound the store
-    store.bind_base(c.base.name, c.base.sha256)
+    if store.router_features(c.plan.features) != c.plan.features:  # bound by another writer
+        raise AhlError(f"store {store.location} routes on {store.router_features('')} features, "
+                       f"this add-task measured {c.plan.features}: run it again")
+    store.bind_base(c.base.name, c.base.sha256, c.plan.features)
     current = serving_set(store)
     parent = store.current_version(name)
     sequence = sequence_run(store, create=True)

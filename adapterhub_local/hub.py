@@ -82,6 +82,7 @@ class Hub:
             started = time.time()
             report = train_adapter(bank, adapter, plan.peft_config, plan.data, plan.train,
                                    get_method(plan.method), progress=progress,
+                                   router_features=plan.features,
                                    log=lambda m, step: self.store.log_metrics(run_id, m, step))
             train_seconds = time.time() - started
             self.store.set_run_tag(run_id, f"{TAG}precision", report.precision)

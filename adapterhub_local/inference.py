@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapterhub_local import lora_batch
+from adapterhub_local.router import FEATURES, ROUTER_FEATURES
 
 
 HEAD_FILE = "head.safetensors"
@@ -233,27 +234,29 @@ class AdapterBank:
 
     @torch.inference_mode()
     def encode(self, texts: list[str], max_length: int = 128, batch_size: int = EVAL_BATCH_SIZE,
-               keep_states: bool = True) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+               keep_states: bool = True, features: str = ROUTER_FEATURES
+               ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Run the bare base's bottom half (it stops after the middle block). Returns what the
-        router sees, each text's mean-pooled states of unit length [n, D], and, to go on from
-        in `probabilities`, each text's states ([tokens, D] each). On the bundled sequence these
-        features route better than the last layer's, and as well as middle and last together
-        (bench/routing.py), at half the cost."""
-        features = torch.zeros(len(texts), self.base.hidden_size)
+        router sees, each text's `features` (FEATURES), and, to go on from in `probabilities`,
+        each text's states after the middle block ([tokens, D] each)."""
+        blocks = FEATURES[features](self.base.middle)  # all at or below the middle block
+        out = torch.zeros(len(texts), len(blocks) * self.base.hidden_size)
         states: list[torch.Tensor | None] = [None] * len(texts)
         ids = self.base.tokenize(texts, max_length)
         with self.bare():
             for rows in length_batches(ids, range(len(ids)), batch_size):
                 batch = self.base.pad([ids[i] for i in rows])
-                hidden = self.base.states_after(self.base.middle, batch)
-                features[rows] = torch.nn.functional.normalize(mean_pool(hidden, batch), dim=-1)
+                hidden = self.base.states_at(blocks, batch)  # the last is the middle block's
+                out[rows] = torch.cat([torch.nn.functional.normalize(mean_pool(h, batch), dim=-1)
+                                       for h in hidden], dim=1)
                 if keep_states:
                     for k, row in enumerate(rows):
-                        states[row] = hidden[k, : len(ids[row])]
-        return features, states if keep_states else None
+                        states[row] = hidden[-1][k, : len(ids[row])]
+        return out, states if keep_states else None
 
-    def features(self, texts: list[str], max_length: int = 128) -> torch.Tensor:
-        return self.encode(texts, max_length, keep_states=False)[0]
+    def features(self, texts: list[str], max_length: int = 128,
+                 features: str = ROUTER_FEATURES) -> torch.Tensor:
+        return self.encode(texts, max_length, keep_states=False, features=features)[0]
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str], adapters: list[str], max_length: int = 128,
@@ -326,7 +329,8 @@ def route_texts(bank, router, texts: list[str], top_k: int):
     routes = [Route([], [], 0.0, "empty text")] * len(texts)
     states = [None] * len(texts)
     if filled:
-        features, kept = bank.encode([texts[i] for i in filled], keep_states=True)
+        features, kept = bank.encode([texts[i] for i in filled], keep_states=True,
+                                     features=router.features_)
         for k, (i, route) in enumerate(zip(filled, router.route(features, top_k))):
             routes[i], states[i] = route, kept[k]
     return routes, states

@@ -8,6 +8,7 @@ from adapterhub_local import __version__
 from adapterhub_local.base import fingerprint, load_base, resolve_base
 from adapterhub_local.data import TaskData, check_task_name, load_spec, load_task_data
 from adapterhub_local.errors import AhlError
+from adapterhub_local.router import ROUTER_FEATURES
 from adapterhub_local.methods import get_method, method_options
 from adapterhub_local.store import TAG
 from adapterhub_local.trainer import TrainOptions
@@ -24,6 +25,8 @@ class Plan:
     """What the method's builder made of the options for this base."""
     train: TrainOptions
     base: str
+    features: str
+    """What the store's router reads (router.FEATURES): this task's statistics must match."""
 
 
 def plan_add_task(store, name, train, test, spec, text_column, label_column, method, method_args,
@@ -54,7 +57,8 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
     loaded = load_base(base_name)
     get_method(method).check_base(loaded)
     peft_config = get_method(method).build(options, loaded)  # bad combinations fail here
-    return Plan(data, method, options, peft_config, train_options, base_name)
+    return Plan(data, method, options, peft_config, train_options, base_name,
+                store.router_features(ROUTER_FEATURES))
 
 
 def run_params(plan: Plan, base) -> dict:

@@ -23,6 +23,16 @@ ROUTER_FILE, ROUTER_META = "router.safetensors", "router.json"
 SHRINKAGES = (0.003, 0.01, 0.03, 0.1, 0.3)
 TEMPERATURES = tuple(2.0 ** k for k in range(11))
 CALIBRATION_MAX = 200  # held-out feature rows kept per task to calibrate shrinkage and abstention
+# What the router reads: each text's mean-pooled states (of unit length) after these blocks of
+# the bare base, side by side. "bottom_half" (the first, middle and last blocks of the bottom
+# half: three, however deep the base, as the router's statistics grow with the square of the
+# width) is the default: on both task sequences it routes better than the middle block alone
+# (bench/routing.py) at no extra cost, the bottom half running anyway. "middle" is what stores
+# made before it read, and keep reading. Each list ends with the middle block, whose states
+# prediction goes on from.
+FEATURES = {"middle": lambda middle: [middle],
+            "bottom_half": lambda middle: sorted({0, middle // 2, middle})}
+ROUTER_FEATURES = "bottom_half"
 CALIBRATION_TOTAL = 4000  # at most this many in one fit: past 20 tasks, fewer rows per task, so
 # that a fit costs time linear in the number of tasks (rows x classes would grow as its square)
 
@@ -37,31 +47,38 @@ class TaskStats:
     sums: torch.Tensor
     """Feature sums per class, [C, D] (float64)."""
     scatter: torch.Tensor
-    """Sum of x x^T over the task's rows, [D, D] (float64)."""
+    """Sum of x x^T over the task's rows, [D, D]: float32, half the bytes of a matrix that
+    grows with the square of the feature width (fit sums and inverts in float64)."""
     calibration: torch.Tensor
     """Held-out features (not in the sums), [m, D]: they calibrate, they are not fitted."""
+    features: str = ROUTER_FEATURES
+    """Which features (FEATURES); statistics saved without the name read "middle"."""
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"counts": self.counts, "sums": self.sums, "scatter": self.scatter,
+        tensors = {"counts": self.counts, "sums": self.sums, "scatter": self.scatter.float(),
                    "calibration": self.calibration}
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / STATS_FILE)
-        (folder / STATS_META).write_text(json.dumps({"labels": self.labels}), encoding="utf-8")
+        (folder / STATS_META).write_text(json.dumps({"labels": self.labels, "features": self.features}),
+                                         encoding="utf-8")
 
     @classmethod
     def load(cls, folder: Path) -> "TaskStats":
         tensors = load_file(Path(folder) / STATS_FILE)
-        labels = json.loads((Path(folder) / STATS_META).read_text(encoding="utf-8"))["labels"]
-        return cls(labels=labels, **tensors)
+        meta = json.loads((Path(folder) / STATS_META).read_text(encoding="utf-8"))
+        return cls(labels=meta["labels"], features=meta.get("features", "middle"),
+                   **{**tensors, "scatter": tensors["scatter"].float()})
 
 
 def task_stats(features: torch.Tensor, labels: list[int], label_names: list[str],
-               calibration: torch.Tensor) -> TaskStats:
+               calibration: torch.Tensor, kind: str = ROUTER_FEATURES) -> TaskStats:
+    """Statistics of one task's `kind` features (FEATURES names them)."""
     x = features.double()
     y = torch.tensor(labels)
     one_hot = torch.nn.functional.one_hot(y, len(label_names)).double()
     return TaskStats(labels=list(label_names), counts=one_hot.sum(0), sums=one_hot.T @ x,
-                     scatter=x.T @ x, calibration=calibration[:CALIBRATION_MAX].float())
+                     scatter=(x.T @ x).float(),
+                     calibration=calibration[:CALIBRATION_MAX].float(), features=kind)
 
 
 @dataclass
@@ -91,15 +108,20 @@ class GaussianRouter:
     threshold_: float = float("inf")
     shrinkage_: float = 0.0
     temperature_: float = 1.0
+    features_: str = ROUTER_FEATURES
+    """Which features it reads (FEATURES): those of the statistics it was fit from."""
 
     def fit(self, stats: dict[str, TaskStats]) -> "GaussianRouter":
-        self.tasks_ = list(stats)
+        kinds = {s.features for s in stats.values()}
+        if len(kinds) > 1:  # a store reads one kind for good (store.router_features)
+            raise ValueError(f"statistics of different features cannot be routed together: {kinds}")
+        self.tasks_, self.features_ = list(stats), next(iter(kinds), self.features_)
         counts = torch.cat([s.counts for s in stats.values()])
         sums = torch.cat([s.sums for s in stats.values()])
         self.class_task_ = torch.cat([torch.full((len(s.counts),), t)
                                       for t, s in enumerate(stats.values())])
         means = sums / counts.clamp(min=1).unsqueeze(1)
-        scatter = sum(s.scatter for s in stats.values())
+        scatter = sum(s.scatter.double() for s in stats.values())
         within = (scatter - (means * counts.unsqueeze(1)).T @ means) / max(1.0, counts.sum() - len(counts))
         # Each task gets equal prior mass, shared among its classes by their frequency.
         task_totals = torch.stack([s.counts.sum() for s in stats.values()])
@@ -178,7 +200,7 @@ class GaussianRouter:
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / ROUTER_FILE)
         meta = {"tasks": self.tasks_, "versions": versions, "threshold": self.threshold_,
                 "shrinkage": self.shrinkage_, "temperature": self.temperature_,
-                "abstain_rate": self.abstain_rate}
+                "abstain_rate": self.abstain_rate, "features": self.features_}
         (folder / ROUTER_META).write_text(json.dumps(meta), encoding="utf-8")
 
     @classmethod
@@ -189,7 +211,8 @@ class GaussianRouter:
                    class_task_=tensors["class_task"], coef_=tensors["coef"],
                    intercept_=tensors["intercept"], means_=tensors["means"],
                    precision_=tensors["precision"], threshold_=meta["threshold"],
-                   shrinkage_=meta["shrinkage"], temperature_=meta["temperature"])
+                   shrinkage_=meta["shrinkage"], temperature_=meta["temperature"],
+                   features_=meta.get("features", "middle"))
 
 
 def chi2_threshold(distances: torch.Tensor, rate: float) -> float:

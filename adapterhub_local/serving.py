@@ -273,7 +273,8 @@ class Loader:
         return self.cached((version.run_id, "scores", digest),
                            lambda: self.stored_scores(version, digest) or compute_scores(
                                bank, self.load_version(bank, task, version),
-                               self.test_split(version)["texts"], max_length_of(version)))
+                               self.test_split(version)["texts"], max_length_of(version),
+                               self.task_stats(version).features))
 
     def stored_scores(self, version, digest: str) -> tuple | None:
         recorded = self.test_split(version).get("scores") or {}
@@ -397,10 +398,10 @@ def bank_for_base(base_name: str):
     return bank_for(load_base(base_name))
 
 
-def compute_scores(bank, adapter: str, texts: list[str], max_length: int) -> tuple:
+def compute_scores(bank, adapter: str, texts: list[str], max_length: int, features: str) -> tuple:
     """(features, probs) of texts through the bare base and the adapter, the bottom half run
     once for both (the adapter goes on from its states where it leaves that half bare)."""
-    features, states = bank.encode(texts, max_length)
+    features, states = bank.encode(texts, max_length, features=features)
     return features, bank.probabilities(texts, [adapter] * len(texts), max_length, states=states)
 
 

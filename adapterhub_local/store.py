@@ -151,11 +151,20 @@ class AdapterStore(TrackingWrites):
                            f"(sha256 {bound[1][:12]}), not {name!r} ({sha256[:12]}): drop --base "
                            "or use another --store")
 
-    def bind_base(self, name: str, sha256: str) -> None:
+    def bind_base(self, name: str, sha256: str, features: str) -> None:
+        """Bind the store to its base and to the features its router reads, at its first commit."""
         if self.base_binding() is None:
             experiment = self.experiment_id()
             self.client.set_experiment_tag(experiment, f"{TAG}base.name", name)
             self.client.set_experiment_tag(experiment, f"{TAG}base.sha256", sha256)
+            self.client.set_experiment_tag(experiment, f"{TAG}router.features", features)
+
+    def router_features(self, default: str) -> str:
+        """The features (router.FEATURES) the store's router reads: bound at its first commit;
+        `default` for a store without one; "middle" for stores bound before features were."""
+        if not self.exists() or self.base_binding() is None:
+            return default
+        return self.client.get_experiment(self.experiment_id()).tags.get(f"{TAG}router.features", "middle")
 
     # -- tasks and versions -------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from adapterhub_local.errors import AhlError
+from adapterhub_local.router import ROUTER_FEATURES
 
 LOG_EVERY = 10  # steps between train-loss logs
 LENGTH_GROUP = 50  # batches per length-sorted group: long enough to sort, short enough to shuffle
@@ -173,9 +174,11 @@ def uses_bf16(precision: str) -> bool:
 
 def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, method,
                   log: Callable[[dict, int], None] | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> TrainReport:
+                  progress: Callable[[int, int], None] | None = None,
+                  router_features: str = ROUTER_FEATURES) -> TrainReport:
     """Add adapter `name` (of `method`, a methods.Method) to the bank and train it with its
-    head on `data` (a TaskData)."""
+    head on `data` (a TaskData). Where it runs the bottom half once for every epoch, it also
+    keeps the `router_features` (router.FEATURES) of the rows, in the report."""
     # Setup: everything random is drawn from the seed, in a fixed order.
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
@@ -199,7 +202,8 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     features = states = val_states = None
     if options.reuse_states and bank.resumes(name):
         # One bottom-half pass per text serves every epoch, the validation and the router.
-        features, every = bank.encode(data.train_texts, options.max_length)
+        features, every = bank.encode(data.train_texts, options.max_length,
+                                      features=router_features)
         # encode computes in inference mode; a clone is an ordinary tensor autograd can use,
         # and frees the padded batch it viewed once all are cloned.
         states = [every[i].clone() for i in train_idx]

@@ -47,7 +47,7 @@ def fake_stats(seed: int):
 
 def build(folder: Path, tasks: int, versions: int) -> None:
     store = AdapterStore(folder)
-    store.bind_base("bench", "0" * 64)
+    store.bind_base("bench", "0" * 64, "middle")
     sequence = sequence_run(store, create=True)
     names = [f"task{i:04d}" for i in range(tasks)]
     serving, first, best, tmp = {}, {}, {}, Path(tempfile.mkdtemp())
@@ -119,7 +119,7 @@ def commit_overhead(store_folder: Path) -> tuple[float, float]:
         return {t: TaskEval(0.9, 0.9, 0.9, 1.0, [0] * (len(router.tasks_) + 1)) for t in versions}
 
     class Plan:  # what lineage_tags reads of a plan
-        method, options = "lora", type("O", (), {})()
+        method, options, features = "lora", type("O", (), {})(), "middle"
         train = type("T", (), {"as_dict": lambda self: {}})()
         data = type("D", (), {"name": "task0007", "digest": "0" * 64, "train_texts": [],
                               "test_texts": [], "source": "bench", "split": {}, "dropped": 0,

@@ -56,6 +56,13 @@ def test_three_tasks_learn_and_nothing_is_forgotten(store_dir, tiny_data, tiny_b
     assert adapter_weights(hub, "colors", 1) == weights_before
     # The frozen base is unchanged by three trainings (LoRA layers aside).
     assert base_weights(base) == base_before
+    # The store is bound to the features its router reads; stores bound before that read "middle".
+    from adapterhub_local.inference import ROUTER_FEATURES
+
+    assert hub.store.router_features("unbound") == ROUTER_FEATURES
+    assert hub.loader.open_router(tiny_base)[1].features_ == ROUTER_FEATURES
+    hub.store.client.delete_experiment_tag(hub.store.experiment_id(), "ahl.router.features")
+    assert hub.store.router_features("unbound") == "middle"
 
 
 def test_same_seed_same_adapter(tmp_path, store_template, tiny_data, tiny_base):

@@ -6,6 +6,7 @@ from peft import LoraConfig
 
 from adapterhub_local.base import load_base
 from adapterhub_local.inference import answer, bank_for
+from adapterhub_local.router import FEATURES
 from adapterhub_local.methods import get_method
 from adapterhub_local.router import Route
 
@@ -70,6 +71,31 @@ def test_router_features_ignore_loaded_adapters(tiny_base, bank):
     middle = states[1]  # the tiny base has 2 blocks: the states after the first
     want = torch.nn.functional.normalize((middle * mask).sum(1) / mask.sum(1), dim=-1)
     torch.testing.assert_close(bank.features(TEXTS), want, rtol=1e-4, atol=1e-5)
+
+
+def test_bottom_half_features_pool_each_block_side_by_side(tiny_base, tmp_path):
+    """What the router reads by default: blocks across the bottom half, each mean-pooled to
+    unit length, concatenated; "middle" (older stores) is the middle block's alone."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.num_hidden_layers = 6  # middle = block 2: the bottom half is three blocks
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path)
+    six = bank_for(load_base(str(tmp_path)))
+    batch = six.base.pad(six.base.tokenize(TEXTS, 128))
+    with torch.no_grad():
+        states = six.base.model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = [torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1) for h in states]
+    torch.testing.assert_close(six.features(TEXTS), torch.cat(pooled[1:4], 1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(six.features(TEXTS, features="middle"), pooled[3], rtol=1e-4, atol=1e-5)
+    features, kept = six.encode(TEXTS)
+    assert features.shape == (len(TEXTS), 3 * config.hidden_size)
+    torch.testing.assert_close(kept[0], states[3][0, : len(kept[0])])
+    # However deep the base, three blocks: the statistics grow with the square of the width.
+    assert FEATURES["bottom_half"](14) == [0, 7, 14] and FEATURES["bottom_half"](0) == [0]
 
 
 def test_the_default_lora_group_wraps_the_bank_base_itself(bank):

@@ -95,6 +95,26 @@ def test_statistics_add_up_so_a_refit_never_needs_old_rows():
     assert torch.equal(whole.counts, first.counts + second.counts)
 
 
+def test_the_features_a_router_reads_travel_with_its_statistics(three_tasks, tmp_path):
+    """Statistics name their features and a router reads those; statistics saved before
+    features had names read "middle", and one router never mixes two kinds."""
+    import json
+
+    stats = {t: s for t, (s, _) in three_tasks.items()}
+    assert {s.features for s in stats.values()} == {"bottom_half"}
+    renamed = {t: TaskStats(**{**vars(s), "features": "middle"}) for t, s in stats.items()}
+    router = GaussianRouter().fit(renamed)
+    router.save(tmp_path / "r", {t: 1 for t in stats})
+    assert router.features_ == GaussianRouter.load(tmp_path / "r").features_ == "middle"
+    stats["a"].save(tmp_path / "s")
+    assert TaskStats.load(tmp_path / "s").features == "bottom_half"
+    meta = tmp_path / "s" / "stats.json"
+    meta.write_text(json.dumps({"labels": ["x", "y"]}))  # as stores before features were named
+    assert TaskStats.load(tmp_path / "s").features == "middle"
+    with pytest.raises(ValueError, match="different features"):
+        GaussianRouter().fit({**stats, "d": renamed["a"]})
+
+
 def test_route_value():
     route = Route(["a"], [1.0], 0.9)
     assert route.reason is None and route.tasks == ["a"]
