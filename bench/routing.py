@@ -1,116 +1,257 @@
-"""Routing quality on the bundled sequence: oracle vs routed vs composed, ours vs a reference.
+"""Routing quality on both task sequences: ahl's router and its variants beside two references.
 
-Reads a store that ran the bundled sequence (`make demo`) and, on the same test splits:
-  - the store's own matrices: average accuracy per step in each mode, routing accuracy per task;
-  - the reference router the literature starts from: logistic regression on the mean-pooled
-    last layer of the frozen base, trained on the tasks' training texts, with task ids as labels;
-  - our Gaussian router on the last layer (to show what routing from the middle layer gives).
-A routed answer is right when the input goes to its own task and that adapter labels it right.
+For each sequence (the bundled tasks/ and the confusable tasks/confusable/), on a store that ran
+it with ahl's defaults (made with `ahl demo` under --work when missing), after its first 4 tasks
+and after all of them:
+  - the store's own average accuracy per step, in each mode;
+  - reference, frozen features: logistic regression on the mean-pooled last layer of the frozen
+    base, trained on the tasks' training texts with task ids as labels (where routing in the
+    literature starts);
+  - reference, joint training (the upper bound continual methods aim to rival): one LoRA with
+    ahl's defaults trained on all the tasks' training rows at once, over the union of their
+    classes ("task:label"); its routing is the task of the label it answers;
+  - router variants, each fit from per-task statistics of the tasks' training features, the way
+    add-task fits the shipped one, and scored on the same test splits with the store's adapters.
+Routing accuracy: share of a task's test inputs sent to it. Routed accuracy: share sent to it and
+labelled right by its adapter. Composed: the top 2 tasks answer together (inference.answer).
 
-    .venv/bin/python bench/routing.py [--store store]
+    .venv/bin/python bench/routing.py [--work bench-out/routing] [--sequence tasks/confusable]
 """
 
 import argparse
+import csv
 import os
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from adapterhub_local import Hub  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
-from adapterhub_local.serving import TEST_ARTIFACT  # noqa: E402
+from adapterhub_local.evaluation import COMPOSE_TOP_K, score_task  # noqa: E402
 from adapterhub_local.inference import length_batches, mean_pool  # noqa: E402
-from adapterhub_local.router import GaussianRouter, task_stats  # noqa: E402
+from adapterhub_local.router import FEATURES, GaussianRouter, Route, task_stats  # noqa: E402
+from adapterhub_local.serving import TEST_ARTIFACT  # noqa: E402
 from adapterhub_local.trainer import split_validation  # noqa: E402
 
-TASKS = Path(__file__).resolve().parent.parent / "tasks"
+ROOT = Path(__file__).resolve().parent.parent
+SEQUENCES = [ROOT / "tasks", ROOT / "tasks" / "confusable"]
+RANPAC_DIM = 2048
 
 
 @torch.inference_mode()
-def last_layer_features(bank, texts: list[str]) -> torch.Tensor:
-    """Mean-pooled last layer of the bare base: the features routers usually start from."""
+def layer_features(bank, texts: list[str]) -> torch.Tensor:
+    """Mean-pooled states of every layer of the bare base, each of unit length, [n, layers, D];
+    the last layer's are the features routers usually start from."""
     ids = bank.base.tokenize(texts, 128)
-    out = torch.zeros(len(texts), bank.base.hidden_size)
+    out = torch.zeros(len(texts), bank.base.model.config.num_hidden_layers + 1, bank.base.hidden_size)
     with bank.bare():
         for rows in length_batches(ids, range(len(ids)), 64):
             batch = bank.base.pad([ids[i] for i in rows])
-            pooled = mean_pool(bank.base.model(**batch).last_hidden_state, batch)
+            hidden = bank.base.model(**batch, output_hidden_states=True).hidden_states
+            pooled = torch.stack([mean_pool(h, batch) for h in hidden], 1)
             out[rows] = torch.nn.functional.normalize(pooled, dim=-1)
     return out
 
 
-def routed_accuracy(picks: list[int], task: int, oracle_right: list[bool]) -> float:
-    return sum(p == task and ok for p, ok in zip(picks, oracle_right)) / len(picks)
+def ranpac(features: torch.Tensor) -> torch.Tensor:
+    """RanPAC's frozen random projection with a ReLU (McDonnell et al. 2023): class means drawn
+    apart in a wider space before the shared-covariance Gaussian."""
+    weight = torch.randn(features.shape[1], RANPAC_DIM, generator=torch.Generator().manual_seed(0))
+    return torch.relu(features @ weight)
+
+
+def store_for(sequence: Path, work: Path) -> Path:
+    """A store that ran the sequence with ahl's defaults (made once, then reused)."""
+    store = work / f"store-{sequence.name}"
+    if not (store / "mlflow.db").exists():
+        subprocess.run([Path(sys.executable).parent / "ahl", "demo", "--tasks-dir",
+                        str(sequence), "--store", str(store), "--fresh"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return store
+
+
+class Sequence:
+    """One sequence's store, adapters, splits and features, computed once for every variant."""
+
+    def __init__(self, folder: Path, work: Path):
+        self.folder, self.work = folder, work
+        self.hub = Hub(store_for(folder, work))
+        self.tasks = tomllib.loads((folder / "sequence.toml").read_text(encoding="utf-8"))["tasks"]
+        self.bank, self.router, self.adapters, self.versions, _ = self.hub.loader.open_router(
+            self.hub.store.base_binding()[0])
+        self.label_sets = {t: self.bank.labels[a] for t, a in self.adapters.items()}
+        self.data, self.test, self.labels = {}, {}, {}
+        for task in self.tasks:
+            spec = load_spec(folder / f"{task}.toml")
+            self.data[task] = load_task_data(task, spec.train, spec.test)
+            split = self.hub.store.read_json_artifact(
+                self.hub.store.current_version(task).run_id, TEST_ARTIFACT)
+            self.test[task], self.labels[task] = split["texts"], split["labels"]
+        self.fit_rows = {t: split_validation(self.data[t].train_labels, 0) for t in self.tasks}
+        self.fit_labels = {t: [self.data[t].train_labels[i] for i in self.fit_rows[t][0]]
+                           for t in self.tasks}
+        cache = work / f"cache-{folder.name}.safetensors"
+        if not cache.exists():
+            save_file(self.compute(), cache)
+        tensors = load_file(cache)
+        # {"layers": {task: (fit, held, test)}}: every layer's features [n, layers, D];
+        # probs[adapter task, task]: that adapter's label probabilities on the task's test split.
+        self.features = {"layers": {t: tuple(tensors[f"layers/{t}/{part}"] for part in ("fit", "held", "test"))
+                                    for t in self.tasks}}
+        self.probs = {(a, t): list(tensors[f"probs/{a}/{t}"]) for a in self.tasks for t in self.tasks}
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Features of every task's rows and every adapter's outputs on every test split."""
+        out = {}
+        for task in self.tasks:
+            fit, held = self.fit_rows[task]
+            _, states = self.bank.encode(self.test[task])
+            train = layer_features(self.bank, self.data[task].train_texts)
+            out[f"layers/{task}/fit"], out[f"layers/{task}/held"] = train[fit], train[held]
+            out[f"layers/{task}/test"] = layer_features(self.bank, self.test[task])
+            for adapter_task, adapter in self.adapters.items():
+                out[f"probs/{adapter_task}/{task}"] = torch.stack(self.bank.probabilities(
+                    self.test[task], [adapter] * len(self.test[task]), states=states))
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def score(self, names: list[str], routes: dict[str, list]) -> dict[str, tuple]:
+        """(routing, routed, composed) per task for routes ({task: top-2 routes per input})."""
+        scores = {}
+        for task in names:
+            n = len(routes[task])
+            other = {(row, t): self.probs[t, task][row] for row in range(n) for t in names}
+            result = score_task(names, task, self.labels[task], routes[task],
+                                self.probs[task, task], self.label_sets, list(range(n)), other)
+            scores[task] = (result.routing, result.routed, result.composed)
+        return scores
+
+    def gaussian(self, names: list[str], transform) -> dict[str, tuple]:
+        """A Gaussian router fit from per-task statistics of the features that `transform`
+        makes of every layer's [n, layers, D]."""
+        stats = {}
+        for t in names:
+            fit, held, _ = self.features["layers"][t]
+            stats[t] = task_stats(transform(fit), self.fit_labels[t], self.data[t].labels, transform(held))
+        router = GaussianRouter().fit(stats)
+        return self.score(names, {t: router.route(transform(self.features["layers"][t][2]), COMPOSE_TOP_K)
+                                  for t in names})
+
+    def blocks(self, kind: str):
+        """The transform that picks what the router reads (router.FEATURES) from "layers"."""
+        return lambda x: x[:, [b + 1 for b in FEATURES[kind](self.bank.base.middle)]].flatten(1)
+
+    def stored(self, names: list[str]) -> dict[str, tuple]:
+        """The router add-task fit: from the store's own statistics."""
+        router = GaussianRouter().fit({t: self.hub.loader.task_stats(
+            self.hub.store.get_version(t, self.versions[t])) for t in names})
+        test = self.blocks(router.features_)
+        return self.score(names, {t: router.route(test(self.features["layers"][t][2]), COMPOSE_TOP_K)
+                                  for t in names})
+
+    def logistic(self, names: list[str]) -> dict[str, tuple]:
+        """Reference: logistic regression on the last layer, task ids as labels (a top-1 pick)."""
+        from sklearn.linear_model import LogisticRegression
+
+        x = torch.cat([torch.cat(self.features["layers"][t][:2])[:, -1] for t in names]).numpy()
+        y = [j for j, t in enumerate(names) for _ in range(len(self.data[t].train_texts))]
+        model = LogisticRegression(max_iter=3000).fit(x, y)
+        routes = {}
+        for t in names:
+            probs = model.predict_proba(self.features["layers"][t][2][:, -1].numpy())
+            routes[t] = [Route([names[int(p.argmax())]], [1.0], float(p.max())) for p in probs]
+        return self.score(names, routes)
+
+    def joint(self, names: list[str]) -> dict[str, tuple]:
+        """Reference: one adapter over the union of classes, all tasks' rows at once."""
+        home = self.work / f"joint-{self.folder.name}-{len(names)}"
+        home.mkdir(parents=True, exist_ok=True)
+        hub = Hub(home / "store")
+        if "joint" not in [t["task"] for t in hub.tasks()]:
+            files = {}
+            for split in ("train", "test"):
+                files[split] = home / f"{split}.csv"
+                with open(files[split], "w", newline="", encoding="utf-8") as f:
+                    writer = csv.writer(f)
+                    writer.writerow(["text", "label"])
+                    for t in names:
+                        texts, labels = ((self.data[t].train_texts, self.data[t].train_labels)
+                                         if split == "train" else (self.test[t], self.labels[t]))
+                        writer.writerows((x, f"{t}:{self.data[t].labels[y]}") for x, y in zip(texts, labels))
+            hub.add_task("joint", files["train"], files["test"])
+        scores = {}
+        for t in names:
+            answers = [a["label"] for a in hub.predict(self.test[t], task="joint")]
+            truth = [f"{t}:{self.data[t].labels[y]}" for y in self.labels[t]]
+            routing = sum(a.split(":")[0] == t for a in answers) / len(answers)
+            right = sum(a == y for a, y in zip(answers, truth)) / len(answers)
+            scores[t] = (routing, right, right)
+        return scores
+
+
+def bottom(s: Sequence):
+    """Blocks 0..middle side by side: all the bottom half, which routed prediction runs anyway."""
+    return lambda x: x[:, 1: s.bank.base.middle + 2]
+
+
+VARIANTS = {
+    "reference: logistic regression, last layer": Sequence.logistic,
+    "reference: joint training (upper bound)": Sequence.joint,
+    "Gaussian, last layer": lambda s, names: s.gaussian(names, lambda x: x[:, -1]),
+    "Gaussian, middle block (ahl before)": lambda s, names: s.gaussian(names, s.blocks("middle")),
+    f"Gaussian, middle block, RanPAC to {RANPAC_DIM}": lambda s, names: s.gaussian(
+        names, lambda x: ranpac(s.blocks("middle")(x))),
+    "Gaussian, bottom-half blocks averaged": lambda s, names: s.gaussian(
+        names, lambda x: torch.nn.functional.normalize(bottom(s)(x).mean(1), dim=-1)),
+    "Gaussian, bottom-half blocks, RanPAC": lambda s, names: s.gaussian(
+        names, lambda x: ranpac(bottom(s)(x).flatten(1))),
+    "Gaussian, embeddings + bottom-half blocks": lambda s, names: s.gaussian(
+        names, lambda x: x[:, : s.bank.base.middle + 2].flatten(1)),
+    "Gaussian, middle + last layer (+ a bare top half)": lambda s, names: s.gaussian(
+        names, lambda x: x[:, [s.bank.base.middle + 1, -1]].flatten(1)),
+    "Gaussian, all blocks (+ a bare top half)": lambda s, names: s.gaussian(
+        names, lambda x: x[:, 1:].flatten(1)),
+    "Gaussian, bottom-half blocks (ahl now)": lambda s, names: s.gaussian(names, s.blocks("bottom_half")),
+    "the store's own router, as add-task fit it": Sequence.stored,
+}
+
+
+def report(seq: Sequence) -> None:
+    metrics = seq.hub.metrics()
+    modes = metrics["modes"]
+    print(f"\n## {seq.folder.relative_to(ROOT)}: average accuracy % after each step (the store's own)")
+    print(f"{'step':>4} {'task added':<18}{'oracle':>8}{'routed':>8}{'composed':>10}")
+    for i, task in enumerate(metrics["tasks"]):
+        rows = [[v for v in modes[m]["matrix"][i] if v is not None] for m in ("oracle", "routed", "composed")]
+        cells = [100 * sum(row) / len(row) for row in rows]
+        print(f"{i + 1:>4} {task:<18}" + "".join(f"{c:>8.1f}" for c in cells[:2]) + f"{cells[2]:>10.1f}")
+    for prefix in sorted({4, len(seq.tasks)}):
+        names = seq.tasks[:prefix]
+        oracle = sum(sum(p.argmax().item() == y for p, y in zip(seq.probs[t, t], seq.labels[t]))
+                     / len(seq.labels[t]) for t in names) / prefix
+        print(f"\nfirst {prefix} tasks (oracle {100 * oracle:.1f}): mean % over tasks")
+        print(f"{'router':<58}{'routing':>9}{'routed':>8}{'composed':>10}")
+        for name, variant in VARIANTS.items():
+            scores = variant(seq, names)
+            means = [100 * sum(s[k] for s in scores.values()) / prefix for k in range(3)]
+            print(f"{name:<58}{means[0]:>9.1f}{means[1]:>8.1f}{means[2]:>10.1f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default="store")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "routing")
+    parser.add_argument("--sequence", type=Path, action="append",
+                        help="a folder with sequence.toml [default: both bundled sequences]")
     args = parser.parse_args()
-    hub = Hub(args.store)
-    metrics = hub.metrics(confusion=True)
-    tasks = metrics["tasks"]
-
-    print("average accuracy % after each step (the store's own evaluation)")
-    print(f"{'step':>4} {'task added':<20}{'oracle':>8}{'routed':>8}{'composed':>10}")
-    modes = metrics["modes"]
-    for i in range(len(modes["oracle"]["matrix"])):
-        averages = []
-        for mode in ("oracle", "routed", "composed"):
-            row = [v for v in modes[mode]["matrix"][i] if v is not None]
-            averages.append(100 * sum(row) / len(row))
-        print(f"{i + 1:>4} {tasks[len(row) - 1]:<20}" + "".join(
-            f"{a:>8.1f}" if k < 2 else f"{a:>10.1f}" for k, a in enumerate(averages)))
-
-    # The reference and the ablation, refit on the same tasks' training texts.
-    bank, _, adapters, *_ = hub.loader.open_router(hub.store.base_binding()[0])
-    train, test, stats_last, oracle_right = {}, {}, {}, {}
-    for j, task in enumerate(tasks):
-        spec = load_spec(TASKS / f"{task}.toml")
-        data = load_task_data(task, spec.train, spec.test)
-        fit_rows, held_rows = split_validation(data.train_labels, 0)
-        features = last_layer_features(bank, data.train_texts)
-        train[task] = features[fit_rows]
-        stats_last[task] = task_stats(features[fit_rows], [data.train_labels[i] for i in fit_rows],
-                                      data.labels, features[held_rows])
-        version = hub.store.current_version(task)
-        split = hub.store.read_json_artifact(version.run_id, TEST_ARTIFACT)
-        test[task] = last_layer_features(bank, split["texts"])
-        probs = bank.probabilities(split["texts"], [adapters[task]] * len(split["texts"]))
-        oracle_right[task] = [int(p.argmax()) == y for p, y in zip(probs, split["labels"])]
-
-    from sklearn.linear_model import LogisticRegression
-
-    for prefix in sorted({4, len(tasks)}):
-        names = tasks[:prefix]
-        x = torch.cat([train[t] for t in names]).numpy()
-        y = [j for j, t in enumerate(names) for _ in range(len(train[t]))]
-        reference = LogisticRegression(max_iter=3000).fit(x, y)
-        last_only = GaussianRouter().fit({t: stats_last[t] for t in names})
-        print(f"\nfirst {prefix} tasks: routing accuracy % (routed accuracy %) per task")
-        print(f"{'task':<20}{'reference LR':>16}{'ours, last layer':>20}")
-        totals = [[], []]
-        for j, task in enumerate(names):
-            ref = reference.predict(test[task].numpy()).tolist()
-            ours = [names.index(r.tasks[0]) if r.tasks else -1 for r in last_only.route(test[task])]
-            cells = []
-            for k, picks in enumerate((ref, ours)):
-                share = sum(p == j for p in picks) / len(picks)
-                routed = routed_accuracy(picks, j, oracle_right[task])
-                totals[k].append((share, routed))
-                cells.append(f"{100 * share:.1f} ({100 * routed:.1f})")
-            print(f"{task:<20}{cells[0]:>16}{cells[1]:>20}")
-        print(f"{'mean':<20}" + "".join(
-            f"{100 * sum(s for s, _ in t) / len(t):.1f} ({100 * sum(r for _, r in t) / len(t):.1f})".rjust(w)
-            for t, w in zip(totals, (16, 20))))
-        step = modes["routed"]["matrix"][prefix - 1]
-        print(f"ours as shipped (middle layer, the store's figures): routing "
-              f"{100 * sum(metrics['routing_accuracy'][prefix - 1][:prefix]) / prefix:.1f}, routed "
-              f"{100 * sum(step[:prefix]) / prefix:.1f}, oracle "
-              f"{100 * sum(modes['oracle']['matrix'][prefix - 1][:prefix]) / prefix:.1f}")
+    for folder in args.sequence or SEQUENCES:
+        report(Sequence(folder.resolve(), args.work.resolve()))
 
 
 if __name__ == "__main__":
