@@ -11,12 +11,14 @@ Everything is scored on each task's test split; per task the order of the runs a
 row prints its training seconds too: the script adapts the bottom half, so it cannot share the
 router's pass at prediction time, and its training cannot reuse the bottom half's states.
 
-    .venv/bin/python bench/reference_lora.py [--tasks wordnet_things,chat_language] [--ahl layers=all]
+    .venv/bin/python bench/reference_lora.py [--tasks-dir tasks/confusable]
+        [--tasks wordnet_things,chat_language] [--ahl layers=all]
 """
 
 import argparse
 import dataclasses
 import platform
+import tomllib
 from datetime import date
 from pathlib import Path
 
@@ -25,7 +27,6 @@ from train_speed import TASKS, run_ahl, run_peer, warm_up
 from adapterhub_local.data import load_spec, load_task_data
 from adapterhub_local.trainer import TrainOptions
 
-BUNDLED = "wordnet_things,fortune_topic,chat_language,wordnet_actions,fortune_language,wordnet_concepts"
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainOptions)}
 
 
@@ -51,16 +52,18 @@ def cast(default, value: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default=BUNDLED)
+    parser.add_argument("--tasks-dir", type=Path, default=TASKS, help="a sequence's folder [default: the bundled tasks/]")
+    parser.add_argument("--tasks", help="comma-separated task names [default: the folder's sequence.toml]")
     parser.add_argument("--ahl", action="append", default=[], help="an ahl variant: k=v,k=v")
     args = parser.parse_args()
     options = TrainOptions()
     variants = [("ahl default", {}, {})] + [ahl_variant(v) for v in args.ahl]
     warm_up(options)
     results: dict[str, dict[str, tuple[float, float]]] = {}
-    tasks = args.tasks.split(",")
+    sequence = tomllib.loads((args.tasks_dir / "sequence.toml").read_text(encoding="utf-8"))["tasks"]
+    tasks = args.tasks.split(",") if args.tasks else sequence
     for n, task in enumerate(tasks):
-        spec = load_spec(TASKS / f"{task}.toml")
+        spec = load_spec(args.tasks_dir / f"{task}.toml")
         data = load_task_data(spec.name, spec.train, spec.test)
         every_row = list(range(len(data.train_texts)))
         runs = [(label, lambda t=train, lo=lora: run_ahl(data, dataclasses.replace(options, **t), lo))
