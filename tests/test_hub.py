@@ -65,6 +65,29 @@ def test_three_tasks_learn_and_nothing_is_forgotten(store_dir, tiny_data, tiny_b
     assert hub.store.router_features("unbound") == "middle"
 
 
+def test_a_store_keeps_reading_the_features_it_was_bound_to(store_dir, tiny_data, tiny_base,
+                                                             monkeypatch):
+    """A store first committed when the router read the middle block goes on reading it after
+    the default changes: later tasks' statistics and routers match the earlier ones."""
+    import adapterhub_local.plan as plan
+
+    hub = Hub(store_dir)
+    monkeypatch.setattr(plan, "ROUTER_FEATURES", "middle")  # the default when it was made
+    add(hub, "colors", tiny_data, tiny_base)
+    monkeypatch.undo()
+    add(hub, "animals", tiny_data, tiny_base)
+    assert hub.store.router_features("unbound") == "middle"
+    versions = {t: hub.store.current_version(t) for t in ("colors", "animals")}
+    assert {hub.loader.task_stats(v).features for v in versions.values()} == {"middle"}
+    assert hub.loader.open_router(tiny_base)[1].features_ == "middle"
+    import csv
+
+    texts = {t: [row["text"] for row in csv.DictReader(open(tiny_data[t]["test"], encoding="utf-8"))]
+             for t in ("colors", "animals")}
+    for task, rows in texts.items():  # routed on the middle block's features, as when bound
+        assert sum(a["task"] == task for a in hub.predict(rows)) >= 0.9 * len(rows)
+
+
 def test_same_seed_same_adapter(tmp_path, store_template, tiny_data, tiny_base):
     import shutil
 
