@@ -113,10 +113,8 @@ def split_task(by_label: dict[str, list[str]], seen: set[str], rng: random.Rando
     return train, test
 
 
-def write_task(name: str, train, test, home: Path = HERE, description: str | None = None,
-               builder: str = "tasks/build_tasks.py") -> None:
+def write_task(name: str, train, test, home: Path, description: str, builder: str) -> None:
     """Write a task's CSVs under home/data/<name>/ and its spec as home/<name>.toml."""
-    description = description or DESCRIPTIONS[name]
     folder = home / "data" / name
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", train), ("test", test)):
@@ -137,22 +135,34 @@ def write_task(name: str, train, test, home: Path = HERE, description: str | Non
     print(f"{name}: {len(train)} train, {len(test)} test, labels {sorted({l for _, l in train})}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def builder_args(doc: str) -> argparse.Namespace:
+    """A builder's command line: where chatterbot-corpus is, and the seed of the splits."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--chatterbot", type=Path, required=True, help="chatterbot_corpus/data folder")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
+    return parser.parse_args()
+
+
+def write_sequence(sources: dict, sequence: list[str], seed: int, home: Path, comment: str,
+                   descriptions: dict, builder: str) -> None:
+    """Split and write each task in order (texts deduplicated across the sequence), then
+    home/sequence.toml."""
+    rng, seen = random.Random(seed), set()
+    for name in sequence:
+        write_task(name, *split_task(sources[name], seen, rng), home, descriptions[name], builder)
+    (home / "sequence.toml").write_text(f"# {comment}\ntasks = {sequence!r}\n".replace("'", '"'),
+                                        encoding="utf-8")
+
+
+def main() -> None:
+    args = builder_args(__doc__)
     sources = {name: read_wordnet(*spec) for name, spec in WORDNET_TASKS.items()}
     sources["fortune_topic"] = {k: read_fortunes(v) for k, v in FORTUNE_TOPICS.items()}
     sources["chat_language"] = {k: read_chatterbot(args.chatterbot, v) for k, v in CHAT_LANGUAGES.items()}
     sources["fortune_language"] = {k: read_fortunes(v) for k, v in FORTUNE_LANGUAGES.items()}
-    seen: set[str] = set()
-    for name in SEQUENCE:
-        write_task(name, *split_task(sources[name], seen, rng))
-    (HERE / "sequence.toml").write_text(
-        "# The bundled task sequence, in the order `ahl demo` adds it.\n"
-        f"tasks = {SEQUENCE!r}\n".replace("'", '"'), encoding="utf-8")
+    write_sequence(sources, SEQUENCE, args.seed, HERE,
+                   "The bundled task sequence, in the order `ahl demo` adds it.",
+                   DESCRIPTIONS, "tasks/build_tasks.py")
 
 
 if __name__ == "__main__":

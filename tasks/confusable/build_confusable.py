@@ -19,19 +19,17 @@ Writes tasks/confusable/data/<task>/{train,test}.csv, the task specs and sequenc
 sentences, deduplicated across the sequence, split as tasks/build_tasks.py splits them.
 """
 
-import argparse
 import ast
 import gzip
 import importlib
 import inspect
-import random
 import re
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
-from build_tasks import clean, read_chatterbot, read_fortunes, split_task, write_task  # noqa: E402
+from build_tasks import builder_args, clean, read_chatterbot, read_fortunes, write_sequence  # noqa: E402
 
 MAN = Path("/usr/share/man")
 # Topics shared by pydoc_topic and manual_topic: stdlib modules and C headers of each.
@@ -188,11 +186,7 @@ def read_man_pages() -> tuple[dict, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chatterbot", type=Path, required=True, help="chatterbot_corpus/data folder")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
+    args = builder_args(__doc__)
     manual_topic, manual_section = read_man_pages()
     sources = {
         "library_docs": read_libraries(),
@@ -202,13 +196,9 @@ def main() -> None:
         "pydoc_topic": {label: [s for m in modules for s in docstrings(m)] for label, modules in PY_TOPICS.items()},
         "manual_topic": manual_topic,
     }
-    seen: set[str] = set()
-    for name in SEQUENCE:
-        write_task(name, *split_task(sources[name], seen, rng), home=HERE,
-                   description=DESCRIPTIONS[name], builder="tasks/confusable/build_confusable.py")
-    (HERE / "sequence.toml").write_text(
-        "# The confusable development sequence (`ahl demo --tasks-dir tasks/confusable`).\n"
-        f"tasks = {SEQUENCE!r}\n".replace("'", '"'), encoding="utf-8")
+    write_sequence(sources, SEQUENCE, args.seed, HERE,
+                   "The confusable development sequence (`ahl demo --tasks-dir tasks/confusable`).",
+                   DESCRIPTIONS, "tasks/confusable/build_confusable.py")
 
 
 if __name__ == "__main__":
