@@ -11,7 +11,9 @@ and after all of them:
     ahl's defaults trained on all the tasks' training rows at once, over the union of their
     classes ("task:label"); its routing is the task of the label it answers;
   - router variants, each fit from per-task statistics of the tasks' training features, the way
-    add-task fits the shipped one, and scored on the same test splits with the store's adapters.
+    add-task fits the shipped one, and scored on the same test splits with the store's adapters;
+  - two second stages over the store's own router: its top two re-weighed by the candidate
+    adapters' sureness (their answers' entropy), and "auto", composing only unsure inputs.
 Routing accuracy: share of a task's test inputs sent to it. Routed accuracy: share sent to it and
 labelled right by its adapter. Composed: the top 2 tasks answer together (inference.answer).
 
@@ -20,6 +22,7 @@ labelled right by its adapter. Composed: the top 2 tasks answer together (infere
 
 import argparse
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -44,6 +47,7 @@ from adapterhub_local.trainer import split_validation  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SEQUENCES = [ROOT / "tasks", ROOT / "tasks" / "confusable"]
 RANPAC_DIM = 2048
+AUTO_SURE = 0.9
 
 
 @torch.inference_mode()
@@ -148,13 +152,36 @@ class Sequence:
         """The transform that picks what the router reads (router.FEATURES) from "layers"."""
         return lambda x: x[:, [b + 1 for b in FEATURES[kind](self.bank.base.middle)]].flatten(1)
 
-    def stored(self, names: list[str]) -> dict[str, tuple]:
-        """The router add-task fit: from the store's own statistics."""
+    def stored_routes(self, names: list[str]) -> dict[str, list[Route]]:
+        """The top-2 routes of the router add-task fit, from the store's own statistics."""
         router = GaussianRouter().fit({t: self.hub.loader.task_stats(
             self.hub.store.get_version(t, self.versions[t])) for t in names})
         test = self.blocks(router.features_)
-        return self.score(names, {t: router.route(test(self.features["layers"][t][2]), COMPOSE_TOP_K)
-                                  for t in names})
+        return {t: router.route(test(self.features["layers"][t][2]), COMPOSE_TOP_K) for t in names}
+
+    def stored(self, names: list[str]) -> dict[str, tuple]:
+        return self.score(names, self.stored_routes(names))
+
+    def second_stage(self, names: list[str]) -> dict[str, tuple]:
+        """The store's router, then its top two re-weighed by how sure each candidate adapter
+        is of its answer: weight x exp(-normalised entropy of its label probabilities)."""
+        routes = {}
+        for task, rows in self.stored_routes(names).items():
+            routes[task] = []
+            for row, route in enumerate(rows):
+                sure = [math.exp(-entropy(self.probs[t, task][row])) for t in route.tasks]
+                mass = [w * s for w, s in zip(route.weights, sure)]
+                order = sorted(range(len(mass)), key=lambda i: -mass[i])
+                weights = [mass[i] / sum(mass) for i in order] if mass else []
+                routes[task].append(Route([route.tasks[i] for i in order], weights,
+                                          weights[0] if weights else 0.0))
+        return self.score(names, routes)
+
+    def auto(self, names: list[str]) -> dict[str, tuple]:
+        """The store's router, composing only where it is unsure (top weight < AUTO_SURE)."""
+        routes = {t: [Route(r.tasks[:1], [1.0], r.confidence) if r.confidence >= AUTO_SURE else r
+                      for r in rows] for t, rows in self.stored_routes(names).items()}
+        return self.score(names, routes)
 
     def logistic(self, names: list[str]) -> dict[str, tuple]:
         """Reference: logistic regression on the last layer, task ids as labels (a top-1 pick)."""
@@ -196,6 +223,11 @@ class Sequence:
         return scores
 
 
+def entropy(probs: torch.Tensor) -> float:
+    """Entropy of label probabilities over log(labels): 0 sure, 1 uniform."""
+    return -(probs * probs.clamp(min=1e-12).log()).sum().item() / math.log(len(probs))
+
+
 def bottom(s: Sequence):
     """Blocks 0..middle side by side: all the bottom half, which routed prediction runs anyway."""
     return lambda x: x[:, 1: s.bank.base.middle + 2]
@@ -220,6 +252,8 @@ VARIANTS = {
         names, lambda x: x[:, 1:].flatten(1)),
     "Gaussian, bottom-half blocks (ahl now)": lambda s, names: s.gaussian(names, s.blocks("bottom_half")),
     "the store's own router, as add-task fit it": Sequence.stored,
+    "... then the top two re-weighed by adapter sureness": Sequence.second_stage,
+    f"... composing only below {AUTO_SURE} confidence (auto)": Sequence.auto,
 }
 
 
