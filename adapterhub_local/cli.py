@@ -45,7 +45,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 from adapterhub_local import query_cache  # noqa: E402
 from adapterhub_local.dashboards import wait_for_drawings  # noqa: E402
 from adapterhub_local.errors import AhlError  # noqa: E402
-from adapterhub_local.hub import Hub  # noqa: E402
+from adapterhub_local.hub import MODE_NAMES, Hub  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Teach one frozen transformer new tasks, one adapter per task, "
@@ -312,13 +312,12 @@ def predict(
     """Answer texts without being told their task: the router picks or composes adapters."""
     from adapterhub_local.data import read_texts
 
-    modes = {"routed": "pick", "composed": "compose"}
-    if mode not in modes:
+    if mode not in MODE_NAMES:
         raise AhlError(f"unknown --mode {mode!r}: use routed or composed")
     inputs = list(texts or []) + (read_texts(file, text_column) if file else [])
     if not inputs:
         raise AhlError("no texts: pass TEXT arguments or --file PATH")
-    answers = Hub(store).predict(inputs, mode=modes[mode], top_k=top_k, task=task)
+    answers = Hub(store).predict(inputs, mode=MODE_NAMES[mode], top_k=top_k, task=task)
     for error in dict.fromkeys(a["error"] for a in answers if "error" in a):
         typer.echo(f"error: {error} (the inputs routed to it have no answer)", err=True)
     if as_json:
@@ -453,6 +452,18 @@ def store_export(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or 
     if as_json:
         return print_json(info)
     out.print(f"{info['task']}@{info['version']} -> {info['folder']}: {', '.join(info['files'])}")
+
+
+@command(store_app, "package")
+def store_package(store: StoreOption = None, wait: WaitOption = 300.0, as_json: JsonOption = False):
+    """Log the serving set as an MLflow pyfunc model (mlflow models serve, spark_udf)."""
+    info = Hub(store, wait=wait).package()
+    if as_json:
+        return print_json({k: info[k] for k in ("model_uri", "tracking_uri", "version")})
+    tasks = ", ".join(f"{t}@{v}" for t, v in info["tasks"].items())
+    out.print(f"{'packaged' if info['new'] else 'unchanged since'} {info['model_uri']} ({tasks})")
+    out.print(f"serve it: MLFLOW_TRACKING_URI={info['tracking_uri']} mlflow models serve "
+              f"-m {info['model_uri']} --env-manager local")
 
 
 @command(store_app, "verify")

@@ -28,6 +28,7 @@ from adapterhub_local.serving import Loader, check_gate, serving_set
 from adapterhub_local.store import PRODUCTION, TAG, AdapterStore, parse_ref
 
 PREDICT_MODES = ("pick", "compose")
+MODE_NAMES = {"routed": "pick", "composed": "compose"}  # the CLI's (and the matrices') names
 
 
 class Hub:
@@ -132,10 +133,7 @@ class Hub:
         when it abstains ("reason" says why) or when the adapter it needs failed its checksum
         ("error" names it; other inputs are answered)."""
         texts = check_texts(texts)
-        if mode not in PREDICT_MODES:
-            raise AhlError(f"unknown mode {mode!r}: use pick or compose")
-        if top_k is not None and top_k < 1:
-            raise AhlError(f"top_k must be at least 1, got {top_k}: try --top-k 2")
+        check_predict_options(mode, top_k)
         if not texts:
             return []
         self.require_tasks()
@@ -293,6 +291,18 @@ class Hub:
         return {"task": version.tags.get(f"{TAG}task"), "version": int(version.version),
                 "folder": str(folder), "files": files}
 
+    def package(self) -> dict:
+        """Log the serving set (router, serving adapters with heads and labels, the base's name
+        and fingerprint, pinned requirements) as an MLflow pyfunc model, registered as the
+        production version of the store's `_serving` model (serve.py): {"model_uri",
+        "tracking_uri", "version", "tasks", "new"}; an unchanged serving set keeps its version."""
+        from adapterhub_local.serve import package
+
+        self.require_tasks()
+        with Lease(self.store, self.wait):
+            repair(self.store, self.loader)
+            return package(self.store, self.loader)
+
     def verify(self) -> list[str]:
         """Missing or altered files of every version and router, one line each (empty when the
         store is intact)."""
@@ -305,6 +315,13 @@ class Hub:
                                        and not self.store.task_names()):
             raise AhlError(f"store {self.store.location} has no tasks yet: add one with "
                            "ahl add-task NAME --train FILE")
+
+
+def check_predict_options(mode: str, top_k: int | None) -> None:
+    if mode not in PREDICT_MODES:
+        raise AhlError(f"unknown mode {mode!r}: use pick or compose")
+    if top_k is not None and top_k < 1:
+        raise AhlError(f"top_k must be at least 1, got {top_k}: try --top-k 2")
 
 
 def check_texts(texts) -> list[str]:

@@ -3,12 +3,17 @@ directory, and headless Chromium. When they are not installed the tests that nee
 unless AHL_REQUIRE_SERVICES=1 (set by .ci/run, which installs them) turns the skip into a failure.
 """
 
+import contextlib
 import glob
 import os
 import shutil
 import socket
+import signal
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +34,52 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float) -> bool:
+    """Poll: a busy 2-core machine can take long for anything, so no short fixed waits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(1)
+    return False
+
+
+@contextmanager
+def mlflow_model_server(model_uri: str, tracking_uri: str, log: Path):
+    """`mlflow models serve` of a model on 127.0.0.1 (the local environment); yields its URL,
+    once /ping answers. Stopped with its workers (its process group) however the test ends."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           # it starts uvicorn by name: this Python's scripts first
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if server.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(ready, 600), f"no answer on {url}/ping: {log.read_text()[-2000:]}"
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def postgres_tool(name: str) -> str | None:

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,13 +15,8 @@ import pytest
 
 from adapterhub_local import Hub
 from conftest import FAST
+from services import free_port, wait_until
 from test_cli import ahl
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ignore_sigint() -> None:
@@ -35,16 +29,6 @@ def start_ui(store_dir: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "adapterhub_local.cli", "ui", "--port",
                              str(port), "--store", str(store_dir)], stdout=subprocess.PIPE,
                             text=True, preexec_fn=ignore_sigint)
-
-
-def wait_until(condition, timeout: float) -> bool:
-    """Poll: a busy 2-core machine can take long for anything, so no short fixed waits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(1)
-    return False
 
 
 def experiment(url: str) -> dict | None:
