@@ -129,7 +129,7 @@ def progress_bar(label: str):
     task = bar.add_task(label, total=None)
 
     def advance(step: int, total: int) -> None:
-        if step == 1:
+        if not bar.live.is_started:
             bar.start()
         bar.update(task, completed=step, total=total)
 
@@ -306,6 +306,7 @@ def predict(
     task: Annotated[Optional[str], typer.Option(help="Answer with this task's adapter (no routing).")] = None,
     mode: Annotated[str, typer.Option(help="routed: the router picks one adapter; composed: its top-k answer together.")] = "routed",
     top_k: Annotated[int, typer.Option(help="Adapters to compose in composed mode.")] = 2,
+    output: Annotated[Optional[Path], typer.Option(help="Write the answers of --file here (.jsonl or .parquet), in chunks: memory stays the same however long the file.")] = None,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ):
@@ -314,6 +315,9 @@ def predict(
 
     if mode not in MODE_NAMES:
         raise AhlError(f"unknown --mode {mode!r}: use routed or composed")
+    if output is not None:
+        return predict_to_file(texts, file, output, text_column, MODE_NAMES[mode], top_k, task,
+                               store, as_json)
     inputs = list(texts or []) + (read_texts(file, text_column) if file else [])
     if not inputs:
         raise AhlError("no texts: pass TEXT arguments or --file PATH")
@@ -325,6 +329,23 @@ def predict(
     else:
         out.print(answers_table(answers, f"task {task}" if task else mode))
     if any("error" in a for a in answers):
+        raise typer.Exit(1)
+
+
+def predict_to_file(texts, file, output, text_column, mode, top_k, task, store, as_json) -> None:
+    if texts or file is None:
+        raise AhlError("--output writes the answers of --file: pass the texts in --file PATH, "
+                       "not as arguments")
+    with progress_bar("answering") as advance:
+        summary = Hub(store).predict_file(file, output, text_column, mode, top_k, task, advance)
+    if as_json:
+        print_json(summary)
+    else:
+        out.print(f"{summary['rows']} rows -> {summary['output']}: {summary['answered']} answered, "
+                  f"{summary['abstained']} abstained, {summary['errors']} errors")
+    if summary["errors"]:
+        typer.echo(f"error: {summary['errors']} rows have no answer (their adapter failed its "
+                   f"checksum): see their error field in {summary['output']}", err=True)
         raise typer.Exit(1)
 
 

@@ -5,6 +5,7 @@ file the train file is split 80/20, stratified and seeded, and the split is reco
 Every user mistake raises AhlError with a one-line message that names the problem and the fix.
 """
 
+import contextlib
 import hashlib
 import json
 import re
@@ -49,6 +50,18 @@ def check_task_name(name: str) -> str:
 def read_table(path: str | Path, columns: dict[str, str], formats=FORMATS):
     """A checked table from a file; columns maps each needed column to the option naming it."""
     path = Path(path)
+    kind = check_data_file(path, formats)
+    if kind == "text":
+        return {"text": [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                         if line.strip()]}
+    table = load_table(path, kind)
+    for column, option in columns.items():
+        check_column(path, column, table.column_names, option)
+    return table
+
+
+def check_data_file(path: Path, formats=FORMATS) -> str:
+    """The file's kind (formats' value for its extension), once it exists, is known and not empty."""
     if not path.is_file():
         raise AhlError(f"data file {str(path)!r} does not exist: check the path")
     kind = formats.get(path.suffix.lower())
@@ -59,15 +72,13 @@ def read_table(path: str | Path, columns: dict[str, str], formats=FORMATS):
         raise AhlError(f"data file {path.name} is empty: give it a header and rows")
     if kind != "parquet":
         check_utf8(path)
-    if kind == "text":
-        return {"text": [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                         if line.strip()]}
-    table = load_table(path, kind)
-    for column, option in columns.items():
-        if column not in table.column_names:
-            raise AhlError(f"{path.name} has no column {column!r} (columns found: "
-                           f"{', '.join(table.column_names) or 'none'}): pass {option} NAME")
-    return table
+    return kind
+
+
+def check_column(path: Path, column: str, found: list[str], option: str) -> None:
+    if column not in found:
+        raise AhlError(f"{path.name} has no column {column!r} (columns found: "
+                       f"{', '.join(found) or 'none'}): pass {option} NAME")
 
 
 def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
@@ -103,18 +114,57 @@ def check_utf8(path: Path) -> None:
                        "e.g. iconv -f latin1 -t utf-8") from None
 
 
-def load_table(path: Path, kind: str):
+def load_table(path: Path, kind: str, streaming: bool = False):
+    """The file through the datasets library: in memory, or read lazily as it is iterated."""
     import datasets
 
     datasets.disable_progress_bars()
     options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    try:
+    with parse_errors(path, kind):
         return datasets.load_dataset(kind, data_files=str(path), split="train",
-                                     keep_in_memory=True, **options)
-    except Exception as e:  # datasets wraps parser errors in several types
+                                     **({"streaming": True} if streaming else {"keep_in_memory": True}),
+                                     **options)
+
+
+@contextlib.contextmanager
+def parse_errors(path: Path, kind: str):
+    """A parser's error as one line naming the file (datasets wraps them in several types)."""
+    try:
+        yield
+    except AhlError:
+        raise
+    except Exception as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise AhlError(f"could not parse {path.name} as {kind}: {reason[:200]}; fix the file "
                        "or save it as CSV with a header row") from None
+
+
+def text_chunks(path: str | Path, text_column: str = "text", size: int = 1000):
+    """The texts of a file to predict (as read_texts reads them), `size` at a time, read
+    lazily: memory stays the same however long the file. A missing cell is an empty text."""
+    path = Path(path)
+    kind = check_data_file(path, {**FORMATS, ".txt": "text"})
+    if kind == "text":
+        with open(path, encoding="utf-8") as f:
+            lines = (line.strip() for line in f)
+            yield from batched((line for line in lines if line), size)
+        return
+    rows = load_table(path, kind, streaming=True)
+    with parse_errors(path, kind):
+        for batch in rows.iter(batch_size=size):
+            check_column(path, text_column, list(batch), "--text-column")
+            yield ["" if t is None else str(t) for t in batch[text_column]]
+
+
+def batched(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def load_task_data(name: str, train: str | Path, test: str | Path | None = None,

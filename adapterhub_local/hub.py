@@ -136,6 +136,12 @@ class Hub:
         check_predict_options(mode, top_k)
         if not texts:
             return []
+        return self.answerer(mode, top_k, task)(texts)
+
+    def answerer(self, mode: str = "pick", top_k: int | None = None,
+                 task: str | None = None) -> Callable[[list[str]], list[dict]]:
+        """predict() with these options, as a function of the texts, the serving set opened
+        (and the task checked) once: what a stream of chunks calls."""
         self.require_tasks()
         # Imported after the checks: a mistake is answered without loading torch.
         from adapterhub_local.evaluation import COMPOSE_TOP_K
@@ -144,16 +150,33 @@ class Hub:
 
         top_k = COMPOSE_TOP_K if top_k is None else top_k
         bank, router, adapters, versions, broken = self.loader.open_router(self.store.base_binding()[0])
-        if task is not None:
-            if task not in versions:
-                raise AhlError(f"no task {task!r} in store {self.store.location} (tasks: "
-                               f"{', '.join(versions)}): check the name")
-            routes = [Route([task], [1.0], 1.0) if t.strip() else Route([], [], 0.0, "empty text")
-                      for t in texts]
-            states = None
-        else:
-            routes, states = route_texts(bank, router, texts, 1 if mode == "pick" else top_k)
-        return answer_routes(bank, texts, routes, states, adapters, versions, broken)
+        if task is not None and task not in versions:
+            raise AhlError(f"no task {task!r} in store {self.store.location} (tasks: "
+                           f"{', '.join(versions)}): check the name")
+
+        def answer(texts: list[str]) -> list[dict]:
+            if task is not None:
+                routes = [Route([task], [1.0], 1.0) if t.strip() else Route([], [], 0.0, "empty text")
+                          for t in texts]
+                states = None
+            else:
+                routes, states = route_texts(bank, router, texts, 1 if mode == "pick" else top_k)
+            return answer_routes(bank, texts, routes, states, adapters, versions, broken)
+
+        return answer
+
+    def predict_file(self, source: str | Path, output: str | Path, text_column: str = "text",
+                     mode: str = "pick", top_k: int | None = None, task: str | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> dict:
+        """predict() over every text of a file (.txt, .csv, .jsonl, .parquet), read and answered
+        in chunks into `output` (.jsonl or .parquet; see stream.py): {"input", "output", "rows",
+        "answered", "abstained", "errors"}."""
+        from adapterhub_local.stream import check_output, predict_file
+
+        check_predict_options(mode, top_k)
+        check_output(Path(source), Path(output))
+        return predict_file(self.answerer(mode, top_k, task), source, output, text_column,
+                            progress=progress)
 
     # -- queries ------------------------------------------------------------------------------
 

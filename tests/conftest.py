@@ -122,6 +122,20 @@ def colors_store(folder: Path, store_template: Path, tiny_data, tiny_base) -> Pa
     return folder
 
 
+@pytest.fixture(scope="session")
+def two_task_store(tmp_path_factory, store_template, tiny_data, tiny_base) -> Path:
+    """colors, then animals: trained once a session for the tests that only read a store (and
+    those that copy it before they write)."""
+    from adapterhub_local import Hub
+
+    folder = colors_store(tmp_path_factory.mktemp("two_tasks") / "store", store_template,
+                          tiny_data, tiny_base)
+    hub = Hub(folder)
+    hub.add_task("animals", tiny_data["animals"]["train"], tiny_data["animals"]["test"], **FAST)
+    hub.drawing.join()
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def heatmaps_drawn():
     """No test's heatmap drawing (a thread add-task starts) runs on into the next test."""

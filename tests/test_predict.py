@@ -10,15 +10,6 @@ from conftest import FAST, tiny_rows, write_csv
 from test_cli import ahl
 
 
-@pytest.fixture
-def two_task_store(store_dir, tiny_data, tiny_base):
-    hub = Hub(store_dir)
-    for task in ("colors", "animals"):
-        hub.add_task(task, tiny_data[task]["train"], tiny_data[task]["test"], base=tiny_base, **FAST)
-    hub.drawing.join()
-    return store_dir
-
-
 def test_predict_routes_mixed_inputs_without_a_task(two_task_store):
     hub = Hub(two_task_store)
     colors, animals = tiny_rows("colors", 10, seed=5), tiny_rows("animals", 10, seed=6)
@@ -146,3 +137,71 @@ def test_a_drawing_that_failed_is_made_up_by_the_next(store_dir, tiny_data, tiny
                  base=tiny_base, **FAST)
     hub.drawing.join()
     assert dashboards.draw_steps(hub.store) == []  # steps 1 and 2 are drawn
+
+
+def test_predict_file_writes_what_predict_answers(two_task_store, tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = [(i, sample("colors", i) if i % 3 else sample("animals", i)) for i in range(25)]
+    table = write_csv(tmp_path / "in.csv", rows + [(25, "")], header=("id", "body"))
+    hub = Hub(two_task_store)
+    expected = hub.predict([text for _, text in rows] + [""])
+    for output in (tmp_path / "out.jsonl", tmp_path / "out.parquet"):
+        result = json.loads(ahl("predict", "--file", table, "--text-column", "body", "--output",
+                                output, "--json", "--store", two_task_store).stdout)
+        assert result == {"input": str(table), "output": str(output), "rows": 26, "answered": 25,
+                          "abstained": 1, "errors": 0}
+        written = ([json.loads(line) for line in output.read_text().splitlines()]
+                   if output.suffix == ".jsonl" else pq.read_table(output).to_pylist())
+        assert [(a["text"], a["task"], a["label"], a["adapters"]) for a in written] == \
+            [(a["text"], a["task"], a["label"], a["adapters"]) for a in expected]
+        assert written[-1]["reason"] == "empty text"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.jsonl", "out.parquet"]
+
+
+def test_predict_file_bad_output_is_one_line_and_writes_nothing(two_task_store, tmp_path):
+    texts = tmp_path / "in.txt"
+    texts.write_text("red\nblue\n", encoding="utf-8")
+    for args, message in [
+            (["--file", texts, "--output", tmp_path / "out.csv"], "unknown output format '.csv'"),
+            (["--file", texts, "--output", tmp_path / "no" / "out.jsonl"], "does not exist"),
+            (["--file", texts, "--output", texts.with_suffix(".jsonl"), "--mode", "best"], "unknown --mode"),
+            (["red", "--file", texts, "--output", tmp_path / "out.jsonl"], "pass the texts in --file"),
+            (["--file", tmp_path / "missing.csv", "--output", tmp_path / "out.jsonl"], "does not exist")]:
+        result = ahl("predict", *args, "--store", two_task_store, ok=False)
+        assert result.exit_code == 1 and message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["in.txt"]
+
+
+PEAK_RSS = """
+import resource, sys
+from adapterhub_local.cli import app
+store, *files = sys.argv[1:]
+for source in files:  # the peak so far (KiB on Linux) after each file
+    app(["predict", "--file", source, "--output", source + ".out.jsonl", "--store", store],
+        standalone_mode=False)
+    print("peak KiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_long_file_is_answered_in_constant_memory(two_task_store, tmp_path):
+    """200,000 rows take no more memory than 2,000 did in the same process before them: the file
+    is read, answered and written in chunks (answers held at once would take hundreds of MB)."""
+    import subprocess
+    import sys
+
+    texts = [text for text, _ in tiny_rows("colors", 50, seed=7) + tiny_rows("animals", 50, seed=8)]
+    sources = []
+    for rows in (2_000, 200_000):
+        sources.append(tmp_path / f"in-{rows}.jsonl")
+        with open(sources[-1], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": texts[i % len(texts)], "n": i}) + "\n" for i in range(rows))
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS, two_task_store, *sources],
+                         capture_output=True, text=True, check=True)
+    small, large = (int(line.split()[-1]) / 1024 for line in run.stdout.splitlines()
+                    if line.startswith("peak KiB"))
+    for source, rows in zip(sources, (2_000, 200_000)):
+        with open(f"{source}.out.jsonl", encoding="utf-8") as f:
+            assert sum(1 for _ in f) == rows
+    assert large - small < 60, (small, large)  # MiB

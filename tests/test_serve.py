@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from adapterhub_local import Hub
-from conftest import FAST, colors_store, file_digest
+from conftest import file_digest
 from services import mlflow_model_server
 from test_cli import ahl
 
@@ -22,12 +22,10 @@ TEXTS = ["the red scarlet one here", "a puppy and a kitten today", "", "navy azu
 
 
 @pytest.fixture(scope="module")
-def served_store(tmp_path_factory, store_template, tiny_data, tiny_base):
-    """Two tasks (colors, animals) and their package: (store folder, package JSON)."""
-    folder = colors_store(tmp_path_factory.mktemp("serve") / "store", store_template, tiny_data, tiny_base)
-    hub = Hub(folder)
-    hub.add_task("animals", tiny_data["animals"]["train"], tiny_data["animals"]["test"], **FAST)
-    hub.drawing.join()
+def served_store(tmp_path_factory, two_task_store):
+    """A copy of the two-task store (colors, animals) and its package: (folder, package JSON)."""
+    folder = tmp_path_factory.mktemp("serve") / "store"
+    shutil.copytree(two_task_store, folder)
     return folder, json.loads(ahl("store", "package", "--json", "--store", folder).stdout)
 
 
