@@ -7,7 +7,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,11 +41,20 @@ class Base:
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    recent: dict = field(default_factory=dict, repr=False)
+    """The last tokenized batch's ids by (text, max_length): prediction tokenizes a batch to
+    route it, then the routed texts again for their adapters' pass."""
+
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids per text, truncated, unpadded: batches pad themselves (dynamic padding)."""
         if not texts:
             return []
-        return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        kept = [self.recent.get((t, max_length)) for t in texts]
+        if all(ids is not None for ids in kept):
+            return kept
+        ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        self.recent = {(t, max_length): x for t, x in zip(texts, ids)}
+        return ids
 
     @functools.cached_property
     def layers_name(self) -> str:
@@ -108,11 +117,9 @@ class Base:
     def pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(x) for x in ids)
         pad_id = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = torch.tensor(x)
-            mask[row, : len(x)] = 1
+        # Padded as lists, then one tensor each: a tensor per row costs more than the rows.
+        input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], dtype=torch.long)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": mask}
 
 

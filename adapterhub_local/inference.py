@@ -376,9 +376,11 @@ def answer(route, probs: dict[str, torch.Tensor], labels: dict[str, list[str]]) 
         groups.setdefault(tuple(labels[task]), []).append((task, weight))
     best = None
     for label_set, members in groups.items():
-        mixture = sum(weight * probs[task] for task, weight in members)
+        mixture = members[0][1] * probs[members[0][0]]  # as sum() would, without its 0 + tensor
+        for task, weight in members[1:]:
+            mixture = mixture + weight * probs[task]
         k = int(mixture.argmax())
-        if best is None or mixture[k] > best[0]:
+        if best is None or float(mixture[k]) > best[0]:
             best = (float(mixture[k]), sum(w for _, w in members), label_set[k], members)
     weighted, group_weight, label, members = best
     return {"task": members[0][0], "label": label,
