@@ -25,6 +25,7 @@ from adapterhub_local.store import PRODUCTION, TAG
 SERVING_MODEL = "_serving"  # the packages' registered model; task names cannot start with "_"
 MODEL_ARTIFACT, SERVING_FOLDER, SERVING_META = "model", "serving", "serving.json"
 PACKAGE_DIGEST = f"{TAG}package.versions.sha256"  # which serving set a package holds
+PACKAGE_FORMAT, FORMAT_TAG = "1", f"{TAG}package.format"  # raised when the model's interface changes
 MODEL_CODE = '''"""The file MLflow runs to load a packaged adapterhub-local serving set."""
 import mlflow
 
@@ -33,6 +34,8 @@ from adapterhub_local.serve import ServingSetModel
 mlflow.models.set_model(ServingSetModel())
 '''
 ANSWER_FIELDS = ["text", "task", "label", "score", "adapters", "reason", "error"]
+ANSWER_SCHEMA = ("text string, task string, label string, score double, adapters array<struct<"
+                 "task: string, version: bigint, weight: double>>, reason string, error string")
 REQUIRED = ["adapterhub-local", "torch", "transformers", "peft", "safetensors", "scikit-learn",
             "scipy", "mlflow", "pandas"]
 
@@ -53,7 +56,8 @@ def package(store, loader) -> dict:
                        "ahl add-task NAME --train FILE")
     digest = digest_of_router(router)
     current = store.alias_version(SERVING_MODEL, PRODUCTION)
-    if current is not None and current.tags.get(PACKAGE_DIGEST) == digest:
+    if current is not None and current.tags.get(PACKAGE_DIGEST) == digest and \
+            current.tags.get(FORMAT_TAG) == PACKAGE_FORMAT:
         return package_result(store, current, False)
     base_name, base_sha = store.base_binding()
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +68,8 @@ def package(store, loader) -> dict:
         code = Path(tmp) / "ahl_serving_model.py"
         code.write_text(MODEL_CODE, encoding="utf-8")
         params = ParamSchema([ParamSpec("mode", "string", "routed"),
-                              ParamSpec("top_k", "long", COMPOSE_TOP_K)])
+                              ParamSpec("top_k", "long", COMPOSE_TOP_K),
+                              ParamSpec("format", "string", "columns")])
         with warnings.catch_warnings():  # MLflow's advice on what to log: not for our users
             warnings.filterwarnings("ignore", message=".*input example was not provided",
                                     category=UserWarning)
@@ -76,7 +81,7 @@ def package(store, loader) -> dict:
         run_id = store.create_finished_run(SERVING_MODEL, {f"{TAG}kind": "package"})
         store.log_artifacts(run_id, Path(tmp) / MODEL_ARTIFACT, MODEL_ARTIFACT)
     version = store.register(SERVING_MODEL, run_id, MODEL_ARTIFACT, tags={
-        PACKAGE_DIGEST: digest, f"{TAG}versions": json.dumps({t: e["version"] for t, e in tasks.items()}),
+        PACKAGE_DIGEST: digest, FORMAT_TAG: PACKAGE_FORMAT, f"{TAG}versions": json.dumps({t: e["version"] for t, e in tasks.items()}),
         f"{TAG}base.sha256": base_sha})
     store.set_alias(SERVING_MODEL, PRODUCTION, version.version)
     return package_result(store, version, True)
@@ -153,8 +158,9 @@ class ServingSetModel(mlflow.pyfunc.PythonModel):
         """A DataFrame with predict --json's fields, a row per input: `model_input` is a
         DataFrame with a `text` column, or a list of strings (MLflow reads the DataFrame hint
         as "validate nothing"). params: mode (routed, the default, or composed, as ahl
-        predict --mode) and top_k. A cell that is not a string is answered with an "error";
-        the others as usual."""
+        predict --mode), top_k, and format: "columns" (the default), or "json", one column
+        `answer` of each row's JSON (what spark_udf below parses). A cell that is not a string
+        is answered with an "error"; the others as usual."""
         from mlflow.exceptions import MlflowException
 
         from adapterhub_local.evaluation import COMPOSE_TOP_K
@@ -179,6 +185,8 @@ class ServingSetModel(mlflow.pyfunc.PythonModel):
                  "reason": None, "error": cell_error(i, c)} for i, c in enumerate(cells)]
         for i, result in zip(good, answered):
             rows[i] = {"reason": None, "error": None, **result}
+        if params.get("format") == "json":
+            return pd.DataFrame({"answer": [json.dumps(row) for row in rows]})
         # Object columns: a missing field stays None (pandas would make it NaN, or a float).
         return pd.DataFrame({k: pd.Series([r[k] for r in rows], dtype=float if k == "score" else object)
                              for k in ANSWER_FIELDS})
@@ -209,3 +217,16 @@ def cell_error(row: int, cell) -> str | None:
     if cell is None or cell != cell:  # a missing value: None, or pandas' NaN
         return f"row {row} is empty: send a text in every row"
     return f"row {row} is a {type(cell).__name__}, not a string: send texts as strings"
+
+
+def spark_udf(spark, model_uri: str, mode: str = "routed", top_k: int = 2):
+    """A function of a text column giving each row's answer as a struct (ANSWER_SCHEMA):
+        answer = spark_udf(spark, "models:/ahl._serving@production")
+        frame.withColumn("answer", answer("text")).select("text", "answer.*")
+    It runs the packaged model through mlflow.pyfunc.spark_udf, answers coming back as JSON:
+    MLflow's struct results turn a missing string (an abstained row's task) into "None"."""
+    from pyspark.sql import functions as F
+
+    udf = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="string", env_manager="local",
+                                  params={"mode": mode, "top_k": top_k, "format": "json"})
+    return lambda column: F.from_json(udf(F.struct(F.col(column).alias("text"))), ANSWER_SCHEMA)
