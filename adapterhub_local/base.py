@@ -36,14 +36,15 @@ class Base:
     sha256: str
     model: torch.nn.Module
     tokenizer: object
+    device: str = "cpu"
+    """Where the model computes (device.resolve_device); batches are made there."""
+    recent: dict = field(default_factory=dict, repr=False)
+    """The last tokenized batch's ids by (text, max_length): prediction tokenizes a batch to
+    route it, then the routed texts again for their adapters' pass."""
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
-
-    recent: dict = field(default_factory=dict, repr=False)
-    """The last tokenized batch's ids by (text, max_length): prediction tokenizes a batch to
-    route it, then the routed texts again for their adapters' pass."""
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids per text, truncated, unpadded: batches pad themselves (dynamic padding)."""
@@ -120,7 +121,7 @@ class Base:
         # Padded as lists, then one tensor each: a tensor per row costs more than the rows.
         input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], dtype=torch.long)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
 
 
 class _EarlyExit(Exception):
@@ -195,11 +196,12 @@ def fingerprint(path: Path) -> str:
     return sha.hexdigest()
 
 
-def load_base(name: str | None = None) -> Base:
-    """Load a base once per process and freeze it."""
+def load_base(name: str | None = None, device: str = "cpu") -> Base:
+    """Load a base once per process and device, frozen, on that device (resolve_device's)."""
     canonical, path = resolve_base(name)
-    if str(path) in _loaded:
-        return _loaded[str(path)]
+    key = f"{path}@{device}"
+    if key in _loaded:
+        return _loaded[key]
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -222,6 +224,7 @@ def load_base(name: str | None = None) -> Base:
             hf_logging.enable_progress_bar()
     model.requires_grad_(False)
     model.eval()
-    base = Base(name=canonical, path=path, sha256=sha, model=model, tokenizer=tokenizer)
-    _loaded[str(path)] = base
+    base = Base(name=canonical, path=path, sha256=sha, model=model.to(device), tokenizer=tokenizer,
+                device=device)
+    _loaded[key] = base
     return base

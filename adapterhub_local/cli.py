@@ -58,6 +58,8 @@ err = Console(stderr=True)
 StoreOption = Annotated[Optional[str], typer.Option(
     "--store", envvar="AHL_STORE", help="Store folder or MLflow tracking URI [default: ./store].")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+DeviceOption = Annotated[Optional[str], typer.Option(
+    "--device", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps [default: $AHL_DEVICE, else auto].")]
 WaitOption = Annotated[float, typer.Option(
     "--wait", help="Seconds to wait for the store's lock while another writer commits.")]
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
@@ -180,6 +182,7 @@ def add_task(
     precision: Annotated[Optional[str], typer.Option(help="Training arithmetic: bf16, fp32, or auto: bf16 where the CPU has it natively [default: auto].")] = None,
     base: Annotated[Optional[str], typer.Option(help="Base model: a known name, a local folder or a cached id [default: the store's base, else all-MiniLM-L6-v2].")] = None,
     gate: Annotated[Optional[float], typer.Option(help="Forgetting gate: promote to production only if no earlier task's routed accuracy drops by more than this (e.g. 0.02) [default: the store's, see ahl store gate].")] = None,
+    device: DeviceOption = None,
     store: StoreOption = None,
     wait: WaitOption = 300.0,
     as_json: JsonOption = False,
@@ -190,7 +193,7 @@ def add_task(
     Exits 3 when the forgetting gate holds the new version back as a candidate."""
     if not name and spec is None:
         raise AhlError("name the task: ahl add-task NAME --train FILE (or --spec FILE)")
-    hub = Hub(store, wait=wait)
+    hub = Hub(store, wait=wait, device=device)
     with progress_bar(f"training {name or spec.stem}") as advance:
         result = hub.add_task(name, train, test, spec=spec, text_column=text_column,
                               label_column=label_column, method=method,
@@ -307,6 +310,7 @@ def predict(
     mode: Annotated[str, typer.Option(help="routed: the router picks one adapter; composed: its top-k answer together.")] = "routed",
     top_k: Annotated[int, typer.Option(help="Adapters to compose in composed mode.")] = 2,
     output: Annotated[Optional[Path], typer.Option(help="Write the answers of --file here (.jsonl or .parquet), in chunks: memory stays the same however long the file.")] = None,
+    device: DeviceOption = None,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ):
@@ -317,11 +321,11 @@ def predict(
         raise AhlError(f"unknown --mode {mode!r}: use routed or composed")
     if output is not None:
         return predict_to_file(texts, file, output, text_column, MODE_NAMES[mode], top_k, task,
-                               store, as_json)
+                               Hub(store, device=device), as_json)
     inputs = list(texts or []) + (read_texts(file, text_column) if file else [])
     if not inputs:
         raise AhlError("no texts: pass TEXT arguments or --file PATH")
-    answers = Hub(store).predict(inputs, mode=MODE_NAMES[mode], top_k=top_k, task=task)
+    answers = Hub(store, device=device).predict(inputs, mode=MODE_NAMES[mode], top_k=top_k, task=task)
     for error in dict.fromkeys(a["error"] for a in answers if "error" in a):
         typer.echo(f"error: {error} (the inputs routed to it have no answer)", err=True)
     if as_json:
@@ -332,12 +336,12 @@ def predict(
         raise typer.Exit(1)
 
 
-def predict_to_file(texts, file, output, text_column, mode, top_k, task, store, as_json) -> None:
+def predict_to_file(texts, file, output, text_column, mode, top_k, task, hub, as_json) -> None:
     if texts or file is None:
         raise AhlError("--output writes the answers of --file: pass the texts in --file PATH, "
                        "not as arguments")
     with progress_bar("answering") as advance:
-        summary = Hub(store).predict_file(file, output, text_column, mode, top_k, task, advance)
+        summary = hub.predict_file(file, output, text_column, mode, top_k, task, advance)
     if as_json:
         print_json(summary)
     else:
@@ -567,16 +571,20 @@ def demo(
     fresh: Annotated[bool, typer.Option(help="Start from an empty store (deletes the folder store's MLflow database and artifacts).")] = False,
     tasks_dir: Annotated[Optional[Path], typer.Option(help="Folder with sequence.toml and the task specs [default: the bundled tasks/].")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override every task's epochs.")] = None,
+    device: DeviceOption = None,
 ):
     """Add the bundled task sequence to the store, end to end, and show how it held up."""
     import tomllib
+
+    from adapterhub_local.device import resolve_device
 
     tasks_dir = tasks_dir or TASKS_DIR
     sequence_file = tasks_dir / "sequence.toml"
     if not sequence_file.is_file():
         raise AhlError(f"no task sequence at {sequence_file}: pass --tasks-dir DIR")
     names = tomllib.loads(sequence_file.read_text(encoding="utf-8"))["tasks"]
-    hub = Hub(store)
+    hub = Hub(store, device=device)
+    resolve_device(hub.device)  # a device that is not there fails before --fresh clears anything
     if fresh:
         clear_store(hub)
     elif hub.store.task_names():

@@ -21,6 +21,7 @@ from adapterhub_local.candidate import measure_candidate
 from adapterhub_local.commit import (DEFAULT_WAIT, Lease, change_serving, commit_add_task,
                                      repair)
 from adapterhub_local.dashboards import draw_in_background
+from adapterhub_local.device import check_device_name
 from adapterhub_local.errors import AhlError
 from adapterhub_local.lineage import lineage_tree, version_lineage
 from adapterhub_local.sequence import MODES, last_step, matrices_of, read_steps, step_summary
@@ -36,12 +37,15 @@ class Hub:
     store's lock (another writer's commit) before giving up, in seconds."""
 
     def __init__(self, store: str | Path | None = None, namespace: str = "ahl",
-                 wait: float = DEFAULT_WAIT):
+                 wait: float = DEFAULT_WAIT, device: str | None = None):
+        self.device = check_device_name(device)
+        """auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps; default $AHL_DEVICE,
+        else auto. Checked where the base loads: a device that is not there is one line."""
         if wait < 0:
             raise AhlError(f"--wait {wait} is negative: give the seconds to wait for the "
                            "store's lock, e.g. --wait 300")
         self.store = AdapterStore(store, namespace)
-        self.loader = Loader(self.store)
+        self.loader = Loader(self.store, self.device)
         self.wait = wait
         self.drawing = None
         """The thread drawing the last add-task's heatmaps (join it to wait for them)."""
@@ -71,9 +75,9 @@ class Hub:
         from adapterhub_local.trainer import train_adapter
 
         plan = plan_add_task(self.store, name, train, test, spec, text_column, label_column,
-                             method, method_args, base, train_args)
+                             method, method_args, base, train_args, self.device)
         gate = self.store.gate() if gate is None else check_gate(gate)
-        loaded = load_base(plan.base)
+        loaded = load_base(plan.base, plan.device)
         bank = bank_for(loaded)
         run_id = self.store.start_run(plan.data.name, params=run_params(plan, loaded),
                                       tags={f"{TAG}base.sha256": loaded.sha256})

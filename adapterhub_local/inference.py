@@ -135,7 +135,7 @@ class AdapterBank:
         lora_batch.install(self.groups[key])
         if method.initialise is not None:
             method.initialise(self.model(name), name, self.base.model)
-        self.heads[name] = torch.nn.Linear(self.base.hidden_size, len(labels))
+        self.heads[name] = torch.nn.Linear(self.base.hidden_size, len(labels)).to(self.base.device)
         self.labels[name] = list(labels)
         self.mixed_batch[name] = method.mixed_batch
         self.activate(name)
@@ -163,6 +163,7 @@ class AdapterBank:
         head = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
         head.load_state_dict(weights)
         head.requires_grad_(False)
+        head.to(self.base.device)
         self.heads[name], self.labels[name] = head, labels
         self.mixed_batch[name] = method.mixed_batch
 
@@ -248,7 +249,7 @@ class AdapterBank:
                 batch = self.base.pad([ids[i] for i in rows])
                 hidden = self.base.states_at(blocks, batch)  # the last is the middle block's
                 out[rows] = torch.cat([torch.nn.functional.normalize(mean_pool(h, batch), dim=-1)
-                                       for h in hidden], dim=1)
+                                       for h in hidden], dim=1).cpu()  # the router's side
                 if keep_states:
                     for k, row in enumerate(rows):
                         states[row] = hidden[-1][k, : len(ids[row])]
@@ -287,7 +288,7 @@ class AdapterBank:
                     pooled = self._pooled(model, [ids[i] for i in rows], names, given)
                     for name in dict.fromkeys(names):
                         at = [k for k, n in enumerate(names) if n == name]
-                        probs = self.heads[name](pooled[at]).softmax(-1)
+                        probs = self.heads[name](pooled[at]).softmax(-1).cpu()
                         for row, p in zip([rows[k] for k in at], probs):
                             out[row] = p
         return out
@@ -408,6 +409,7 @@ _banks: dict[str, AdapterBank] = {}
 
 def bank_for(base) -> AdapterBank:
     """The process's one bank per base: peft wraps a base model once, so banks are never copied."""
-    if str(base.path) not in _banks:
-        _banks[str(base.path)] = AdapterBank(base)
-    return _banks[str(base.path)]
+    key = f"{base.path}@{base.device}"
+    if key not in _banks:
+        _banks[key] = AdapterBank(base)
+    return _banks[key]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from adapterhub_local import __version__
 from adapterhub_local.base import fingerprint, load_base, resolve_base
 from adapterhub_local.data import TaskData, check_task_name, load_spec, load_task_data
+from adapterhub_local.device import resolve_device
 from adapterhub_local.errors import AhlError
 from adapterhub_local.router import ROUTER_FEATURES
 from adapterhub_local.methods import get_method, method_options
@@ -27,10 +28,12 @@ class Plan:
     base: str
     features: str
     """What the store's router reads (router.FEATURES): this task's statistics must match."""
+    device: str = "cpu"
+    """Where it trains (device.resolve_device)."""
 
 
 def plan_add_task(store, name, train, test, spec, text_column, label_column, method, method_args,
-                  base, train_args) -> Plan:
+                  base, train_args, device: str | None = None) -> Plan:
     """Validate every input; raises AhlError before anything is written."""
     defaults = {}
     if spec is not None:
@@ -54,17 +57,19 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
                           seed=train_options.seed)
     base_name, base_path = resolve_base(base or (store.base_binding() or (None,))[0])
     store.check_base(base_name, fingerprint(base_path))
-    loaded = load_base(base_name)
+    device = resolve_device(device)
+    loaded = load_base(base_name, device)
     get_method(method).check_base(loaded)
     peft_config = get_method(method).build(options, loaded)  # bad combinations fail here
     return Plan(data, method, options, peft_config, train_options, base_name,
-                store.router_features(ROUTER_FEATURES))
+                store.router_features(ROUTER_FEATURES), device)
 
 
 def run_params(plan: Plan, base) -> dict:
     """The add-task run's params: what was asked, flat."""
     data = plan.data
     return {"task": data.name, "method": plan.method, **plan.train.as_dict(), "base": base.name,
+            "device": base.device,
             **{f"method.{k}": v for k, v in vars(plan.options).items()},
             "data.source": data.source, "data.rows": len(data.train_texts),
             "data.test_rows": len(data.test_texts)}

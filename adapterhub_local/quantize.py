@@ -1,6 +1,6 @@
-"""A 4-bit NF4 base on the CPU, for QLoRA and LoftQ.
+"""A 4-bit NF4 base, for QLoRA and LoftQ, on the device of the model it quantizes.
 
-bitsandbytes (0.50+) runs NF4 `Linear4bit` layers on the CPU. peft's own LoftQ path assumes
+bitsandbytes (0.50+) runs NF4 `Linear4bit` layers on the CPU as on CUDA. peft's own LoftQ path assumes
 CUDA, so LoftQ's initialisation is done here: with the base quantized once, Q = nf4(W), each new
 LoRA adapter starts from the best rank-r approximation of what quantization lost, W - Q, so that
 Q + B A = W as closely as rank r allows (Li et al., 2023, one alternating step). That only holds
@@ -30,7 +30,7 @@ def nf4_linear(linear: torch.nn.Linear, bnb) -> torch.nn.Module:
                                   bias=linear.bias is not None, compute_dtype=torch.float32,
                                   quant_type=NF4, quant_storage=torch.uint8)
     quantized.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False,
-                                         quant_type=NF4).to("cpu")  # .to() quantizes
+                                         quant_type=NF4).to(linear.weight.device)  # .to() quantizes
     if linear.bias is not None:
         quantized.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     # On CPUs with AVX512-BF16, the first eval forward repacks the weight in place into a CPU

@@ -5,7 +5,8 @@ whatever runs MLflow models runs it (`mlflow models serve`, `mlflow.pyfunc.load_
 The model's artifacts are a folder that travels with it: the router, each serving adapter with
 its head and label map, and serving.json (the base's name and fingerprint, each task's version
 and method). The base is not copied: it is found by name where the model loads
-(`model_config={"base": PATH}` points elsewhere) and must have the recorded fingerprint. The
+(`model_config={"base": PATH}` points elsewhere) and must have the recorded fingerprint; it
+runs on `model_config={"device": ...}`, else $AHL_DEVICE, else the best device there. The
 model is MLflow's "model from code" (MODEL_CODE): loading it unpickles nothing.
 """
 
@@ -75,7 +76,7 @@ def package(store, loader) -> dict:
                                     category=UserWarning)
             mlflow.pyfunc.save_model(
                 path=Path(tmp) / MODEL_ARTIFACT, python_model=str(code),
-                artifacts={SERVING_FOLDER: str(serving)}, model_config={"base": ""},
+                artifacts={SERVING_FOLDER: str(serving)}, model_config={"base": "", "device": ""},
                 signature=ModelSignature(inputs=None, params=params),
                 pip_requirements=requirements(base_name))
         run_id = store.create_finished_run(SERVING_MODEL, {f"{TAG}kind": "package"})
@@ -133,6 +134,7 @@ class ServingSetModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from adapterhub_local.base import load_base
+        from adapterhub_local.device import resolve_device
         from adapterhub_local.inference import bank_for
         from adapterhub_local.methods import get_method
         from adapterhub_local.router import GaussianRouter
@@ -140,8 +142,9 @@ class ServingSetModel(mlflow.pyfunc.PythonModel):
         folder = Path(context.artifacts[SERVING_FOLDER])
         meta = json.loads((folder / SERVING_META).read_text(encoding="utf-8"))
         recorded = meta["base"]
-        wanted = (context.model_config or {}).get("base") or recorded["name"]
-        base = load_base(wanted)
+        config = context.model_config or {}
+        wanted = config.get("base") or recorded["name"]
+        base = load_base(wanted, resolve_device(config.get("device") or None))  # $AHL_DEVICE, auto
         if base.sha256 != recorded["sha256"]:
             raise AhlError(f"this model was packaged for base {recorded['name']} (sha256 "
                            f"{recorded['sha256'][:12]}), not {wanted} (sha256 {base.sha256[:12]}): "

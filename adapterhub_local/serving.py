@@ -189,8 +189,10 @@ class Loader:
     checksums recorded at registration the first time they are used (a bad file is one line
     naming the version), router statistics and test splits are read once."""
 
-    def __init__(self, store):
+    def __init__(self, store, device: str | None = None):
         self.store = store
+        self.device = device
+        """The device asked for (device.check_device_name): resolved where the base loads."""
         self.checked: dict[str, Path] = {}  # model version source -> its verified local folder
         self.cache: dict[tuple, object] = {}
         self.cross: dict[tuple, object] = {}  # (run id, adapter digest, row) -> probabilities
@@ -380,7 +382,7 @@ class Loader:
         router = GaussianRouter.load(folder)
         versions = {t: int(v) for t, v in json.loads(
             (folder / ROUTER_META).read_text(encoding="utf-8"))["versions"].items()}
-        bank = bank_for_base(base_name)
+        bank = bank_for_base(base_name, self.device)
         adapters, broken = {}, {}
         for task, v in versions.items():
             try:
@@ -391,11 +393,12 @@ class Loader:
         return self.opened[1]
 
 
-def bank_for_base(base_name: str):
+def bank_for_base(base_name: str, device: str | None = None):
     from adapterhub_local.base import load_base
+    from adapterhub_local.device import resolve_device
     from adapterhub_local.inference import bank_for
 
-    return bank_for(load_base(base_name))
+    return bank_for(load_base(base_name, resolve_device(device)))
 
 
 def compute_scores(bank, adapter: str, texts: list[str], max_length: int, features: str) -> tuple:

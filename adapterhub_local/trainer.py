@@ -168,8 +168,14 @@ def native_bf16() -> bool:
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
-def uses_bf16(precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and native_bf16())
+def uses_bf16(precision: str, device: str = "cpu") -> bool:
+    """Whether training autocasts to bf16: asked for, or auto on a CPU or CUDA GPU that has it
+    natively (elsewhere fp32: fp16 training would need loss scaling)."""
+    from adapterhub_local.device import gpu_bf16
+
+    if precision != "auto":
+        return precision == "bf16"
+    return native_bf16() if device == "cpu" else gpu_bf16(device)
 
 
 def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, method,
@@ -191,7 +197,7 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     texts = [data.train_texts[i] for i in train_idx]
     val_texts = [data.train_texts[i] for i in val_idx]
     ids = bank.base.tokenize(texts, options.max_length)
-    labels = torch.tensor([data.train_labels[i] for i in train_idx])
+    labels = torch.tensor([data.train_labels[i] for i in train_idx], device=bank.base.device)
     params = bank.trainable_parameters(name)
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     # AdaLoRA moves its rank budget between backward and zero_grad; without the call it never
@@ -209,11 +215,12 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
         states = [every[i].clone() for i in train_idx]
         val_states = [every[i].clone() for i in val_idx]
         del every
-    bf16 = uses_bf16(options.precision)
+    device = bank.base.device.split(":")[0]
+    bf16 = uses_bf16(options.precision, bank.base.device)
 
     def batch_logits(rows: list[int]) -> torch.Tensor:
         batch = bank.base.pad([ids[i] for i in rows])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             if states is None:
                 return bank.logits(name, batch)
             hidden = torch.nn.utils.rnn.pad_sequence([states[i] for i in rows], batch_first=True)

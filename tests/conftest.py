@@ -6,7 +6,10 @@ import shutil
 from pathlib import Path
 
 for _name, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                      "MLFLOW_DISABLE_TELEMETRY": "true", "AHL_STORE": ""}.items():
+                      "MLFLOW_DISABLE_TELEMETRY": "true", "AHL_STORE": "",
+                      # the CPU everywhere, so that a GPU machine's run pins the same values;
+                      # test_gpu.py asks for CUDA itself
+                      "AHL_DEVICE": "cpu"}.items():
     os.environ[_name] = _value
 
 import pytest  # noqa: E402

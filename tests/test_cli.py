@@ -20,9 +20,9 @@ def ahl(*args, ok=True):
     return result
 
 
-def add(store, task, tiny_data, tiny_base, *extra):
+def add(store, task, tiny_data, tiny_base, *extra, ok=True):
     return ahl("add-task", task, "--train", tiny_data[task]["train"], "--test",
-               tiny_data[task]["test"], "--base", tiny_base, "--store", store, *FAST_ARGS, *extra)
+               tiny_data[task]["test"], "--base", tiny_base, "--store", store, *FAST_ARGS, *extra, ok=ok)
 
 
 def test_two_tasks_then_a_second_version(store_dir, tiny_data, tiny_base):
@@ -128,3 +128,32 @@ def test_fresh_clears_a_store_with_its_query_cache_but_not_foreign_files(store_d
     (store_dir / "notes.txt").write_text("mine")
     with pytest.raises(AhlError, match="holds files that are not a store's"):
         clear_store(Hub(store_dir))
+
+
+def test_device_option_records_the_device_and_refuses_a_missing_one(store_dir, tiny_data, tiny_base,
+                                                                     monkeypatch):
+    import torch
+
+    from adapterhub_local.device import resolve_device
+
+    result = json.loads(add(store_dir, "colors", tiny_data, tiny_base, "--device", "cpu", "--json").stdout)
+    hub = Hub(store_dir)
+    assert hub.store.client.get_run(result["run_id"]).data.params["device"] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    before = file_digest(store_dir)
+    for args, message in [(["--device", "cuda"], "error: no CUDA device here: use --device cpu"),
+                          (["--device", "mps"], "error: no MPS device here: use --device cpu"),
+                          (["--device", "tpu"], "error: unknown device 'tpu': use auto, cpu, "
+                                                "cuda, cuda:N or mps")]:
+        failed = add(store_dir, "animals", tiny_data, tiny_base, *args, ok=False)
+        assert failed.exit_code == 1 and failed.stderr.strip() == message, failed.stderr
+        failed = ahl("predict", "red", "--store", store_dir, *args, ok=False)
+        assert failed.exit_code == 1 and failed.stderr.strip() == message, failed.stderr
+    assert file_digest(store_dir) == before
+    monkeypatch.setenv("AHL_DEVICE", "cuda")  # the environment's choice, when no option is given
+    assert add(store_dir, "animals", tiny_data, tiny_base, ok=False).stderr.strip() == \
+        "error: no CUDA device here: use --device cpu"
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
