@@ -130,7 +130,7 @@ def progress_bar(label: str):
                    console=err, transient=True, disable=not err.is_terminal)
     task = bar.add_task(label, total=None)
 
-    def advance(step: int, total: int) -> None:
+    def advance(step: int, total: int | None) -> None:
         if not bar.live.is_started:
             bar.start()
         bar.update(task, completed=step, total=total)

@@ -16,6 +16,7 @@ from pathlib import Path
 from adapterhub_local.errors import AhlError
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+PREDICT_FORMATS = {**FORMATS, ".txt": "text"}  # texts to answer: also plain text, one a line
 TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 TEST_FRACTION = 0.2
 
@@ -47,14 +48,10 @@ def check_task_name(name: str) -> str:
     return name
 
 
-def read_table(path: str | Path, columns: dict[str, str], formats=FORMATS):
+def read_table(path: str | Path, columns: dict[str, str]):
     """A checked table from a file; columns maps each needed column to the option naming it."""
     path = Path(path)
-    kind = check_data_file(path, formats)
-    if kind == "text":
-        return {"text": [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                         if line.strip()]}
-    table = load_table(path, kind)
+    table = load_table(path, check_data_file(path))
     for column, option in columns.items():
         check_column(path, column, table.column_names, option)
     return table
@@ -83,8 +80,7 @@ def check_column(path: Path, column: str, found: list[str], option: str) -> None
 
 def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
     """Texts to predict: a .txt file (one a line), or the text column of a table."""
-    table = read_table(path, {text_column: "--text-column"}, {**FORMATS, ".txt": "text"})
-    return [str(t) for t in table["text" if Path(path).suffix.lower() == ".txt" else text_column]]
+    return [text for chunk in text_chunks(path, text_column) for text in chunk]
 
 
 def read_rows(path: str | Path, text_column: str, label_column: str) -> tuple[list[str], list[str], int]:
@@ -143,7 +139,7 @@ def text_chunks(path: str | Path, text_column: str = "text", size: int = 1000):
     """The texts of a file to predict (as read_texts reads them), `size` at a time, read
     lazily: memory stays the same however long the file. A missing cell is an empty text."""
     path = Path(path)
-    kind = check_data_file(path, {**FORMATS, ".txt": "text"})
+    kind = check_data_file(path, PREDICT_FORMATS)
     if kind == "text":
         with open(path, encoding="utf-8") as f:
             lines = (line.strip() for line in f)

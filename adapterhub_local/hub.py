@@ -11,7 +11,6 @@ parallel with other writers), commit (the lease and the transaction), serving (w
 sequence (the matrices).
 """
 
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -175,10 +174,10 @@ class Hub:
         """predict() over every text of a file (.txt, .csv, .jsonl, .parquet), read and answered
         in chunks into `output` (.jsonl or .parquet; see stream.py): {"input", "output", "rows",
         "answered", "abstained", "errors"}."""
-        from adapterhub_local.stream import check_output, predict_file
+        from adapterhub_local.stream import check_paths, predict_file
 
         check_predict_options(mode, top_k)
-        check_output(Path(source), Path(output))
+        check_paths(Path(source), Path(output))  # before the model loads
         return predict_file(self.answerer(mode, top_k, task), source, output, text_column,
                             progress=progress)
 
@@ -310,11 +309,7 @@ class Hub:
         if folder.exists() and any(folder.iterdir()) and not force:
             raise AhlError(f"{folder} is not an empty folder: pass --force to overwrite, or "
                            "export into a new folder")
-        source = self.loader.folder(version)  # checked against its recorded checksums
-        folder.mkdir(parents=True, exist_ok=True)
-        files = sorted(self.store.recorded_files(version))
-        for name in files:
-            shutil.copyfile(source / name, folder / name)
+        files = self.loader.copy_version(version, folder)  # checked against their checksums
         return {"task": version.tags.get(f"{TAG}task"), "version": int(version.version),
                 "folder": str(folder), "files": files}
 

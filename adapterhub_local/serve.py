@@ -11,7 +11,6 @@ model is MLflow's "model from code" (MODEL_CODE): loading it unpickles nothing.
 """
 
 import json
-import shutil
 import tempfile
 import warnings
 from importlib import metadata
@@ -100,21 +99,15 @@ def copy_serving_set(store, loader, router, folder: Path) -> dict:
     from adapterhub_local.inference import adapter_name
     from adapterhub_local.router import ROUTER_META
 
-    copy_files(store, loader.folder(router), router, folder / "router")
+    loader.copy_version(router, folder / "router")
     versions = json.loads((folder / "router" / ROUTER_META).read_text(encoding="utf-8"))["versions"]
     tasks = {}
     for task, number in versions.items():
         version = store.get_version(task, number)
-        copy_files(store, loader.folder(version), version, folder / "adapters" / task)
+        loader.copy_version(version, folder / "adapters" / task)
         tasks[task] = {"version": int(number), "method": version.tags.get(f"{TAG}method", "lora"),
                        "adapter": adapter_name(task, version.run_id)}
     return tasks
-
-
-def copy_files(store, source: Path, version, target: Path) -> None:
-    target.mkdir(parents=True)
-    for name in store.recorded_files(version):
-        shutil.copyfile(source / name, target / name)
 
 
 def requirements(base_name: str) -> list[str]:

@@ -218,6 +218,18 @@ class Loader:
             self.checked[version.source] = folder
         return self.checked[version.source]
 
+    def copy_version(self, version, target: Path) -> list[str]:
+        """Copy a version's recorded files (checked against their checksums) into `target`;
+        their names, sorted."""
+        import shutil
+
+        source = self.folder(version)
+        target.mkdir(parents=True, exist_ok=True)
+        names = sorted(self.store.recorded_files(version))
+        for name in names:
+            shutil.copyfile(source / name, target / name)
+        return names
+
     def cached(self, key: tuple, compute):
         if key not in self.cache:
             self.cache[key] = compute()

@@ -12,15 +12,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from adapterhub_local.data import text_chunks
+from adapterhub_local.data import PREDICT_FORMATS, check_data_file, text_chunks
 from adapterhub_local.errors import AhlError
 
 OUTPUTS = (".jsonl", ".parquet")
 CHUNK_ROWS = 1024  # texts a chunk: 16 batches; their kept bottom-half states are the most memory
 
 
-def check_output(source: Path, output: Path) -> None:
-    """A one-line error for an output that cannot be written, before anything is read."""
+def check_paths(source: Path, output: Path) -> None:
+    """A one-line error for an input that cannot be read or an output that cannot be written,
+    before anything is loaded."""
+    check_data_file(source, PREDICT_FORMATS)
     if output.suffix.lower() not in OUTPUTS:
         raise AhlError(f"unknown output format {output.suffix or '(no extension)'!r} for "
                        f"{output.name}: use {' or '.join(OUTPUTS)}")
@@ -38,8 +40,9 @@ def predict_file(predict: Callable[[list[str]], list[dict]], source: str | Path,
     .parquet: the same fields as columns). {"input", "output", "rows", "answered",
     "abstained", "errors"}."""
     source, output = Path(source), Path(output)
-    check_output(source, output)
-    total = sum(len(chunk) for chunk in text_chunks(source, text_column, chunk_rows))
+    check_paths(source, output)
+    # The total is known without reading the rows only for parquet; elsewhere the bar counts.
+    total = parquet_rows(source)
     counts = {"rows": 0, "answered": 0, "abstained": 0, "errors": 0}
     handle, partial = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
     os.close(handle)
@@ -59,6 +62,14 @@ def predict_file(predict: Callable[[list[str]], list[dict]], source: str | Path,
             os.unlink(partial)
     counts["answered"] = counts["rows"] - counts["abstained"] - counts["errors"]
     return {"input": str(source), "output": str(output), **counts}
+
+
+def parquet_rows(path: Path) -> int | None:
+    if path.suffix.lower() != ".parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 @contextlib.contextmanager
