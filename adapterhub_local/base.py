@@ -38,6 +38,9 @@ class Base:
     tokenizer: object
     device: str = "cpu"
     """Where the model computes (device.resolve_device); batches are made there."""
+    lm_head: torch.nn.Module | None = None
+    """The frozen output layer of a causal LM base (hidden states -> token logits): generate
+    tasks read it; None for encoder bases."""
     recent: dict = field(default_factory=dict, repr=False)
     """The last tokenized batch's ids by (text, max_length): prediction tokenizes a batch to
     route it, then the routed texts again for their adapters' pass."""
@@ -56,6 +59,10 @@ class Base:
         ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.recent = {(t, max_length): x for t, x in zip(texts, ids)}
         return ids
+
+    @property
+    def generates(self) -> bool:
+        return self.lm_head is not None
 
     @functools.cached_property
     def layers_name(self) -> str:
@@ -202,29 +209,38 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
     key = f"{path}@{device}"
     if key in _loaded:
         return _loaded[key]
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar for loading 100 tensors from a local file is noise
     sha = fingerprint(path)
+    gguf = path.suffix == ".gguf"
+    folder, where = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
     try:
-        if path.suffix == ".gguf":  # GGUF: tensors and tokenizer in one file, dequantized to fp32
-            with quiet_gguf():
-                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-                model = AutoModel.from_pretrained(path.parent, gguf_file=path.name)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path, use_safetensors=True)
+        # GGUF: tensors and tokenizer in one file, dequantized to fp32.
+        with quiet_gguf() if gguf else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(folder, **where)
+            config = AutoConfig.from_pretrained(folder, **where)
+            # A causal LM keeps its output layer for generate tasks; its backbone is the module
+            # AutoModel would load, which every kind of task reads. (A GGUF file is an LLM; its
+            # config names no architectures.)
+            causal = gguf or any(a.endswith("ForCausalLM") for a in config.architectures or [])
+            loader = AutoModelForCausalLM if causal else AutoModel
+            loaded = loader.from_pretrained(folder, **where, **({} if gguf else {"use_safetensors": True}))
     except (OSError, ValueError) as e:
         raise AhlError(f"could not load base {canonical!r} from {path}: "
                        f"{str(e).splitlines()[0][:200]}") from None
     finally:
         if bars:  # the user's setting, as it was
             hf_logging.enable_progress_bar()
-    model.requires_grad_(False)
-    model.eval()
-    base = Base(name=canonical, path=path, sha256=sha, model=model.to(device), tokenizer=tokenizer,
-                device=device)
+    model, lm_head = (loaded.base_model, loaded.get_output_embeddings()) if causal else (loaded, None)
+    for module in (model, lm_head):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device)
+    base = Base(name=canonical, path=path, sha256=sha, model=model, tokenizer=tokenizer,
+                device=device, lm_head=lm_head)
     _loaded[key] = base
     return base

@@ -4,9 +4,11 @@ for its commit (commit.py). Everything here needs no lock, so writers do it in p
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import mean
 
+from adapterhub_local.scoring import SOFT_METRIC, row_scores
 from adapterhub_local.serving import (ADAPTER_ARTIFACT, SCORES_ARTIFACT, STATS_ARTIFACT,
-                                      TEST_ARTIFACT, compute_scores)
+                                      TEST_ARTIFACT, compute_scores, scores_tensors)
 from adapterhub_local.store import sha256_file
 
 
@@ -32,21 +34,29 @@ def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: s
     from adapterhub_local.router import task_stats
     from adapterhub_local.trainer import split_validation
 
-    import torch
     from safetensors.torch import save_file
 
     data = plan.data
-    test_features, probs = compute_scores(bank, adapter, data.test_texts, plan.train.max_length,
-                                          plan.features)
-    accuracy = sum(int(p.argmax()) == y for p, y in zip(probs, data.test_labels)) / len(probs)
-    store.log_metrics(run_id, {"test_accuracy": accuracy, "train_seconds": train_seconds,
+    test_features, outputs = compute_scores(bank, adapter, data.test_texts, plan.train.max_length,
+                                            plan.features)
+    if data.kind == "generate":
+        texts = [o.text for o in outputs]
+        accuracy = mean(row_scores(data.metric, texts, data.test_targets))
+        measured = {f"test_{data.metric}": accuracy,
+                    f"test_{SOFT_METRIC}": mean(row_scores(SOFT_METRIC, texts, data.test_targets))}
+    else:
+        accuracy = sum(int(p.argmax()) == y for p, y in zip(outputs, data.test_labels)) / len(outputs)
+        measured = {"test_accuracy": accuracy}
+    store.log_metrics(run_id, {**measured, "train_seconds": train_seconds,
                                "trainable_params": report.trainable_params}, report.steps)
-    fit_rows, held_rows = split_validation(data.train_labels, plan.train.seed)
+    fit_rows, held_rows = split_validation(data.strata(), plan.train.seed)
     features = report.features  # training ran the bottom half already, where it could
     if features is None:
         features = bank.features(data.train_texts, plan.train.max_length, plan.features)
-    stats = task_stats(features[fit_rows], [data.train_labels[i] for i in fit_rows],
-                       data.labels, features[held_rows], plan.features)
+    # A generate task is one class of the router: its prompts.
+    classes = data.labels or ["prompt"]
+    stats = task_stats(features[fit_rows], [data.strata()[i] for i in fit_rows], classes,
+                       features[held_rows], plan.features)
     digest = bank.digest(adapter)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / ADAPTER_ARTIFACT
@@ -58,12 +68,13 @@ def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: s
         # Later steps reuse these scores while the weights they load have this digest.
         scores = Path(tmp) / SCORES_ARTIFACT
         scores.parent.mkdir()
-        save_file({"features": test_features.contiguous(), "probs": torch.stack(probs)}, scores)
+        save_file(scores_tensors(test_features, outputs), scores)
         store.log_artifacts(run_id, scores.parent, scores.parent.name)
         split = {"texts": data.test_texts, "labels": data.test_labels,
+                 **({"targets": data.test_targets} if data.kind == "generate" else {}),
                  "scores": {"sha256": sha256_file(scores), "adapter_digest": digest}}
     store.log_json(run_id, TEST_ARTIFACT, split)
     # The commit scores every task again; these are the very weights it will find in memory.
     loader.cache[(run_id, "test")] = split
-    loader.cache[(run_id, "scores", digest)] = (test_features, probs)
+    loader.cache[(run_id, "scores", digest)] = (test_features, outputs)
     return Candidate(plan, loaded, bank, run_id, adapter, files, accuracy, stats)

@@ -63,6 +63,7 @@ DeviceOption = Annotated[Optional[str], typer.Option(
 WaitOption = Annotated[float, typer.Option(
     "--wait", help="Seconds to wait for the store's lock while another writer commits.")]
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+SEQUENCES = {"classify": TASKS_DIR, "generate": TASKS_DIR / "generate"}
 GATE_HELD_EXIT = 3
 
 
@@ -172,6 +173,9 @@ def add_task(
     spec: Annotated[Optional[Path], typer.Option(help="A task spec (TOML) naming files, columns and defaults.")] = None,
     text_column: Annotated[Optional[str], typer.Option(help="Column with the text [default: text].")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Column with the label [default: label].")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="classify (text -> label) or generate (prompt -> completion, on a causal-LM base such as smollm2) [default: classify, or the spec's kind].")] = None,
+    prompt_column: Annotated[Optional[str], typer.Option(help="Column with the prompt of a generate task [default: prompt].")] = None,
+    completion_column: Annotated[Optional[str], typer.Option(help="Column with the completion of a generate task [default: completion].")] = None,
     method: Annotated[Optional[str], typer.Option(help="Adaptation method (see ahl methods) [default: lora].")] = None,
     method_arg: Annotated[Optional[list[str]], typer.Option(help="A method option KEY=VALUE (repeatable).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training rows [default: 3].")] = None,
@@ -196,7 +200,8 @@ def add_task(
     hub = Hub(store, wait=wait, device=device)
     with progress_bar(f"training {name or spec.stem}") as advance:
         result = hub.add_task(name, train, test, spec=spec, text_column=text_column,
-                              label_column=label_column, method=method,
+                              label_column=label_column, kind=kind, prompt_column=prompt_column,
+                              completion_column=completion_column, method=method,
                               method_args=parse_method_args(method_arg or []), base=base,
                               gate=gate, progress=advance, epochs=epochs, lr=lr, batch_size=batch_size,
                               max_length=max_length, seed=seed, precision=precision)
@@ -217,10 +222,12 @@ def add_task(
 
 def print_step(result: dict) -> None:
     out.print(f"[bold]{result['task']}[/bold] version {result['version']} ({result['method']}): "
-              f"test accuracy {percent(result['accuracy'])}%, {result['train_rows']} rows, "
+              f"test {result.get('metric', 'accuracy').replace('_', ' ')} "
+              f"{percent(result['accuracy'])}%, {result['train_rows']} rows, "
               f"{result['steps']} steps in {result['train_seconds']:.0f}s"
               + (f", {result['dropped_rows']} empty rows dropped" if result["dropped_rows"] else ""))
-    table = Table(title=f"after step {result['step']}: oracle accuracy % per task")
+    table = Table(title=f"after step {result['step']}: oracle score % per task (accuracy, or a "
+                        "generate task's metric)")
     for column in ("task", "now", "when learned", "change", "routed", "routing"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, now, learned, routed, routing in zip(result["tasks"], result["row"], result["learned"],
@@ -254,34 +261,39 @@ def methods(as_json: JsonOption = False):
 
 @command(app, "tasks")
 def tasks(store: StoreOption = None, as_json: JsonOption = False):
-    """The tasks with their current version, method, aliases and accuracy."""
+    """The tasks with their current version, kind, method, aliases and score (accuracy, or a
+    generate task's metric)."""
     rows = Hub(store).tasks()
     if as_json:
         return print_json(rows)
     table = Table(title="tasks")
-    for column in ("task", "version", "method", "aliases", "accuracy %"):
+    for column in ("task", "version", "kind", "method", "aliases", "score %", "metric"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["task"], "held" if row["version"] is None else str(row["version"]),
-                      row["method"], ", ".join(row["aliases"]),
-                      percent(row["accuracy"]))
+                      row["kind"], row["method"], ", ".join(row["aliases"]),
+                      percent(row["accuracy"]), row["metric"])
     out.print(table if rows else "no tasks yet: add one with ahl add-task NAME --train FILE")
 
 
-MODE_TITLES = {"oracle": "oracle accuracy % (the task is given)",
-               "routed": "routed accuracy % (the router picks; a wrong pick is wrong)",
-               "composed": "composed accuracy % (the router's top 2 answer together)"}
+MODE_TITLES = {"oracle": "oracle % (the task is given)",
+               "routed": "routed % (the router picks; a wrong pick is wrong)",
+               "composed": "composed % (the router's top 2 answer together)"}
 
 
 @command(app, "metrics")
 def metrics(store: StoreOption = None, as_json: JsonOption = False,
             confusion: Annotated[bool, typer.Option(help="Also show the router's task confusion at the last step.")] = False):
-    """The accuracy matrices and forgetting summary per mode, and routing accuracy."""
+    """The score matrices (accuracy, or a generate task's metric) and forgetting summary per
+    mode, and routing accuracy."""
     result = Hub(store).metrics(confusion=confusion)
     if as_json:
         return print_json(result)
+    used = sorted({m.replace("_", " ") for m in result["metrics"].values()} or {"accuracy"})
+    what = used[0] if len(used) == 1 else f"score ({', '.join(used)})"
     for mode, summary in result["modes"].items():
-        out.print(matrix_table(MODE_TITLES[mode], result["tasks"], summary))
+        title = MODE_TITLES[mode].replace("%", f"{what} %", 1)
+        out.print(matrix_table(title, result["tasks"], summary))
     routing = {"matrix": result["routing_accuracy"], "average_accuracy": None, "bwt": None,
                "forgetting": None}
     table = matrix_table("routing accuracy % (inputs of a task routed to it)", result["tasks"], routing)
@@ -355,12 +367,12 @@ def predict_to_file(texts, file, output, text_column, mode, top_k, task, hub, as
 
 def answers_table(answers: list[dict], what: str) -> Table:
     table = Table(title=f"{len(answers)} answers ({what})")
-    for column in ("text", "task", "label", "score", "adapters (weight)"):
-        table.add_column(column, overflow="fold" if column == "text" else "ellipsis")
+    for column in ("text", "task", "answer", "score", "adapters (weight)"):
+        table.add_column(column, overflow="fold" if column in ("text", "answer") else "ellipsis")
     for a in answers:
         adapters = ", ".join(f"{x['task']}@{x['version']} ({x['weight']:.2f})" for x in a["adapters"])
-        table.add_row(a["text"][:80], a["task"] or "-", a["label"] or "-", f"{a['score']:.2f}",
-                      adapters or a.get("reason", "-"))
+        table.add_row(a["text"][:80], a["task"] or "-", a.get("label") or a.get("completion") or "-",
+                      f"{a['score']:.2f}", adapters or a.get("reason", "-"))
     return table
 
 
@@ -569,7 +581,8 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 def demo(
     store: StoreOption = None,
     fresh: Annotated[bool, typer.Option(help="Start from an empty store (deletes the folder store's MLflow database and artifacts).")] = False,
-    tasks_dir: Annotated[Optional[Path], typer.Option(help="Folder with sequence.toml and the task specs [default: the bundled tasks/].")] = None,
+    sequence: Annotated[str, typer.Option(help="The bundled sequence: classify (six text classification tasks on MiniLM) or generate (three prompt -> completion tasks on SmolLM2-135M).")] = "classify",
+    tasks_dir: Annotated[Optional[Path], typer.Option(help="Folder with sequence.toml and the task specs [default: the bundled sequence's].")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override every task's epochs.")] = None,
     device: DeviceOption = None,
 ):
@@ -578,7 +591,9 @@ def demo(
 
     from adapterhub_local.device import resolve_device
 
-    tasks_dir = tasks_dir or TASKS_DIR
+    if sequence not in SEQUENCES:
+        raise AhlError(f"unknown sequence {sequence!r}: use {' or '.join(SEQUENCES)}")
+    tasks_dir = tasks_dir or SEQUENCES[sequence]
     sequence_file = tasks_dir / "sequence.toml"
     if not sequence_file.is_file():
         raise AhlError(f"no task sequence at {sequence_file}: pass --tasks-dir DIR")

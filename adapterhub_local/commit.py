@@ -24,8 +24,8 @@ from adapterhub_local.errors import AhlError
 from adapterhub_local.forgetting import carry, summarize_step
 from adapterhub_local.sequence import (MATRICES, MODES, commit_step, read_carry, read_step,
                                        sequence_run, write_step)
-from adapterhub_local.serving import (ADAPTER_ARTIFACT, gate_verdict, register_router,
-                                      serving_set, sync_router)
+from adapterhub_local.serving import (ADAPTER_ARTIFACT, gate_verdict, metric_of,
+                                      register_router, serving_set, sync_router)
 from adapterhub_local.store import (HELD, LEASE, LINEAGE_ARTIFACT, PENDING, PRODUCTION, ROUTER,
                                     STEP_TAG, TAG)
 from adapterhub_local.tracking import owner_is_dead, process_owner
@@ -289,5 +289,8 @@ def step_record(step: int, previous: dict, task: str, registered, router_version
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tasks": tasks,
             "versions": {t: int(v.version) for t, v in evaluated.items()}, "rows": rows,
             "first": first, "best": best, "summaries": summary,
+            # What each column measures, and a generate task's soft metric beside it.
+            "metrics": {t: metric_of(v) for t, v in evaluated.items()},
+            "soft": {t: e.soft for t, e in results.items() if e.soft},
             "confusion": {"tasks": router.tasks_, "true_tasks": list(results),
                           "matrix": [results[t].confusion for t in results]}}

@@ -1,7 +1,8 @@
 """What goes to MLflow for the forgetting dashboards, and the MLflow UI server.
 
 The store's sequence run holds, at step s (the number of add-tasks so far), one metric per task
-and mode, `MODE/acc/TASK`, and the summaries `MODE/average_accuracy`, `MODE/bwt`,
+and mode, `MODE/acc/TASK` (a generate task's own metric, and its soft one as
+`MODE/SOFT_METRIC/TASK`), and the summaries `MODE/average_accuracy`, `MODE/bwt`,
 `MODE/forgetting` (sequence.py writes them with the step's record). MLflow's UI groups metrics by
 their prefix, so each mode is a section whose charts show how every earlier task held up after
 each step; the heatmaps here are the matrices as images, one per step, drawn after the step is
@@ -57,12 +58,15 @@ def heatmap(title: str, values: list[list[float | None]], rows: list[str], colum
 
 
 def log_images(store, run_id: str, step: int, tasks: list[str], matrices: dict[str, Matrix],
-               confusion: dict) -> None:
+               confusion: dict, metrics: dict[str, str]) -> None:
     steps = [str(i + 1) for i in range(step)]
+    # A row says its task's metric where it is not accuracy (a generate task's).
+    rows = [t if metrics.get(t, "accuracy") == "accuracy" else f"{t} ({metrics[t]})" for t in tasks]
     for mode in MATRICES:
         by_task = [[row[j] for row in matrices[mode]] for j in range(len(tasks))]
-        store.log_image(run_id, heatmap(f"{mode} accuracy % (rows: tasks, columns: steps)",
-                                        by_task, tasks, steps), key=f"{mode}_matrix", step=step)
+        what = "score" if mode != "routing" and len(set(metrics.values())) > 1 else "accuracy"
+        store.log_image(run_id, heatmap(f"{mode} {what} % (rows: tasks, columns: steps)",
+                                        by_task, rows, steps), key=f"{mode}_matrix", step=step)
     shares = [[n / max(1, sum(row)) for n in row] for row in confusion["matrix"]]
     store.log_image(run_id, heatmap("router confusion % (rows: true task)", shares,
                                     confusion["true_tasks"], confusion["tasks"] + ["abstain"]),
@@ -79,7 +83,9 @@ def draw_steps(store) -> list[int]:
                  for name in store.artifact_names(run, "images") if f"/{LAST_KEY}+step+" in name}
         missing = [r["step"] for r in records[-CATCH_UP:] if r["step"] not in drawn]
         for step in missing:
-            log_images(store, run, step, *matrices_of(records[:step]), records[step - 1]["confusion"])
+            record = records[step - 1]
+            log_images(store, run, step, *matrices_of(records[:step]), record["confusion"],
+                       record.get("metrics", {}))
         return missing
 
 

@@ -1,13 +1,15 @@
 """Read and validate task data: CSV, JSON Lines and Parquet through the `datasets` library.
 
-A task is (text, label) rows with its own label set, split into train and test. Without a test
-file the train file is split 80/20, stratified and seeded, and the split is recorded in the lineage.
+A task is of one of KINDS: `classify`, (text, label) rows with its own label set, or `generate`,
+(prompt, completion) rows. Rows are split into train and test; without a test file the train file
+is split 80/20, seeded (stratified by label for classify), and the split is recorded in the lineage.
 Every user mistake raises AhlError with a one-line message that names the problem and the fix.
 """
 
 import contextlib
 import hashlib
 import json
+import random
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".pa
 PREDICT_FORMATS = {**FORMATS, ".txt": "text"}  # texts to answer: also plain text, one a line
 TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 TEST_FRACTION = 0.2
+KINDS = ("classify", "generate")
 
 
 @dataclass
@@ -39,6 +42,19 @@ class TaskData:
     dropped: int = 0
     """Rows dropped because their text was empty or whitespace."""
     split: dict = field(default_factory=dict)
+    kind: str = "classify"
+    """classify: texts -> labels; generate: prompts (the texts) -> completions (the targets)."""
+    train_targets: list[str] = field(default_factory=list)
+    test_targets: list[str] = field(default_factory=list)
+    """The completions of a generate task (empty for classify)."""
+    metric: str = "accuracy"
+    """What its scores measure: accuracy for classify; for generate, scoring.METRICS' name."""
+    max_new_tokens: int = 0
+    """A generate task's decoding budget (0 for classify)."""
+
+    def strata(self) -> list[int]:
+        """What splits keep in proportion: the labels of classify rows, one class otherwise."""
+        return self.train_labels if self.kind == "classify" else [0] * len(self.train_texts)
 
 
 def check_task_name(name: str) -> str:
@@ -206,6 +222,58 @@ def load_task_data(name: str, train: str | Path, test: str | Path | None = None,
     )
 
 
+def load_generate_data(name: str, train: str | Path, test: str | Path | None = None,
+                       prompt_column: str = "prompt", completion_column: str = "completion",
+                       seed: int = 0) -> TaskData:
+    """Read, validate and split one generate task's (prompt, completion) rows."""
+    check_task_name(name)
+    prompts, completions, dropped = read_pairs(train, prompt_column, completion_column)
+    if test is not None:
+        test_prompts, test_completions, test_dropped = read_pairs(test, prompt_column,
+                                                                  completion_column)
+        dropped += test_dropped
+        split, source = {"test_file": str(test)}, f"{train} + {test}"
+    else:
+        if len(prompts) < 5:
+            raise AhlError(f"{Path(train).name} has {len(prompts)} rows, too few to split off a "
+                           "test set: add rows or pass --test FILE")
+        order = list(range(len(prompts)))
+        random.Random(seed).shuffle(order)
+        held = set(order[: round(len(order) * TEST_FRACTION)])
+        test_prompts = [prompts[i] for i in sorted(held)]
+        test_completions = [completions[i] for i in sorted(held)]
+        prompts = [p for i, p in enumerate(prompts) if i not in held]
+        completions = [c for i, c in enumerate(completions) if i not in held]
+        split, source = {"test_fraction": TEST_FRACTION, "seed": seed}, str(train)
+    return TaskData(name=name, train_texts=prompts, train_labels=[], test_texts=test_prompts,
+                    test_labels=[], labels=[], source=source,
+                    digest=digest_rows(prompts, completions, test_prompts, test_completions),
+                    dropped=dropped, split=split, kind="generate", train_targets=completions,
+                    test_targets=test_completions, metric="exact_match")
+
+
+def read_pairs(path: str | Path, prompt_column: str, completion_column: str):
+    """(prompts, completions, dropped) from one file: rows without a prompt are dropped, a row
+    with a prompt and no completion is an error (there is nothing to learn from it)."""
+    path = Path(path)
+    table = read_table(path, {prompt_column: "--prompt-column",
+                              completion_column: "--completion-column"})
+    prompts, completions, dropped = [], [], 0
+    for row, (prompt, completion) in enumerate(zip(table[prompt_column], table[completion_column])):
+        if not isinstance(prompt, str) or not prompt.strip():
+            dropped += 1
+            continue
+        if completion is None or not str(completion).strip():
+            raise AhlError(f"row {row + 1} of {path.name} has a prompt but an empty "
+                           f"{completion_column!r}: fill it in or drop the row")
+        prompts.append(prompt.strip())
+        completions.append(str(completion).strip())
+    if not prompts:
+        raise AhlError(f"{path.name} has no rows with a prompt: fill in the {prompt_column!r} "
+                       "column")
+    return prompts, completions, dropped
+
+
 def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices of (train, test): each label keeps at least one training row."""
     from sklearn.model_selection import train_test_split
@@ -242,6 +310,9 @@ class TaskSpec:
     text_column: str = "text"
     label_column: str = "label"
     description: str = ""
+    kind: str = "classify"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
     defaults: dict = field(default_factory=dict)
     """Training options (method, epochs, lr, ...) used unless the command line sets them."""
 
@@ -255,7 +326,12 @@ def load_spec(path: str | Path) -> TaskSpec:
         raise AhlError(f"could not read task spec {path}: {e}; fix the TOML file") from None
     if "train" not in spec:
         raise AhlError(f"task spec {path.name} names no train file: add train = \"FILE\"")
-    known = {"name", "train", "test", "text_column", "label_column", "description"}
+    kind = spec.get("kind", "classify")
+    if kind not in KINDS:
+        raise AhlError(f"task spec {path.name}: kind = {kind!r} is unknown: use one of "
+                       f"{', '.join(KINDS)}")
+    known = {"name", "train", "test", "text_column", "label_column", "description", "kind",
+             "prompt_column", "completion_column"}
     return TaskSpec(
         name=spec.get("name", path.stem),
         train=path.parent / spec["train"],
@@ -263,5 +339,8 @@ def load_spec(path: str | Path) -> TaskSpec:
         text_column=spec.get("text_column", "text"),
         label_column=spec.get("label_column", "label"),
         description=spec.get("description", ""),
+        kind=kind,
+        prompt_column=spec.get("prompt_column", "prompt"),
+        completion_column=spec.get("completion_column", "completion"),
         defaults={k: v for k, v in spec.items() if k not in known},
     )

@@ -24,7 +24,7 @@ from adapterhub_local.device import check_device_name
 from adapterhub_local.errors import AhlError
 from adapterhub_local.lineage import lineage_tree, version_lineage
 from adapterhub_local.sequence import MODES, last_step, matrices_of, read_steps, step_summary
-from adapterhub_local.serving import Loader, check_gate, serving_set
+from adapterhub_local.serving import Loader, check_gate, kind_of, metric_of, serving_set
 from adapterhub_local.store import PRODUCTION, TAG, AdapterStore, parse_ref
 
 PREDICT_MODES = ("pick", "compose")
@@ -54,12 +54,17 @@ class Hub:
     def add_task(self, name: str | None = None, train: str | Path | None = None,
                  test: str | Path | None = None, *, spec: str | Path | None = None,
                  text_column: str | None = None, label_column: str | None = None,
+                 kind: str | None = None, prompt_column: str | None = None,
+                 completion_column: str | None = None,
                  method: str | None = None, method_args: dict | None = None,
                  base: str | None = None, gate: float | None = None,
                  progress: Callable[[int, int], None] | None = None, **train_args) -> dict:
         """Learn an adapter for task `name`, register it as the task's next version, refit the
         router, and re-evaluate every task in every mode. Options not given come from the spec,
         then the defaults. train_args: epochs, lr, batch_size, max_length, seed (TrainOptions).
+        kind: "classify" (text_column -> label_column, the default) or "generate"
+        (prompt_column -> completion_column, on a causal-LM base; its score is the spec's
+        `metric`, default exact match).
 
         Training runs without the store's lock; the commit (registration, router, evaluation,
         the step) holds it, so several add-tasks may run at once on one store. With a
@@ -74,7 +79,8 @@ class Hub:
         from adapterhub_local.trainer import train_adapter
 
         plan = plan_add_task(self.store, name, train, test, spec, text_column, label_column,
-                             method, method_args, base, train_args, self.device)
+                             method, method_args, base, train_args, self.device, kind,
+                             prompt_column, completion_column)
         gate = self.store.gate() if gate is None else check_gate(gate)
         loaded = load_base(plan.base, plan.device)
         bank = bank_for(loaded)
@@ -86,7 +92,7 @@ class Hub:
             started = time.time()
             report = train_adapter(bank, adapter, plan.peft_config, plan.data, plan.train,
                                    get_method(plan.method), progress=progress,
-                                   router_features=plan.features,
+                                   router_features=plan.features, generate=plan.generate,
                                    log=lambda m, step: self.store.log_metrics(run_id, m, step))
             train_seconds = time.time() - started
             self.store.set_run_tag(run_id, f"{TAG}precision", report.precision)
@@ -103,6 +109,7 @@ class Hub:
         self.drawing = draw_in_background(self.store)  # the step's heatmaps, after its commit
         serving = serving_set(self.store).get(plan.data.name)
         return {"task": record["task"], "version": record["version"], "method": plan.method,
+                "kind": plan.data.kind, "metric": plan.data.metric,
                 "accuracy": candidate.accuracy, "val_accuracy": report.val_accuracy,
                 "train_seconds": round(train_seconds, 2), "steps": report.steps,
                 "precision": report.precision,
@@ -214,6 +221,7 @@ class Hub:
             result.append({"task": task,
                            "version": int(version.version) if task in serving else None,
                            "method": version.tags.get(f"{TAG}method"),
+                           "kind": kind_of(version), "metric": metric_of(version),
                            "aliases": sorted(a for a, v in aliases.items()
                                              if v == str(version.version)),
                            "accuracy": accuracy if accuracy is not None
@@ -221,8 +229,10 @@ class Hub:
         return result
 
     def metrics(self, confusion: bool = False) -> dict:
-        """Accuracy matrices and forgetting per mode, the routing-accuracy matrix (DESIGN 5),
-        and with confusion=True the router's task confusion at the last step."""
+        """Score matrices and forgetting per mode, the routing-accuracy matrix (DESIGN 5),
+        what each task's column measures ("metrics": accuracy, or a generate task's metric),
+        the generate tasks' soft metric at the last step ("soft"), and with confusion=True the
+        router's task confusion at the last step."""
         records = read_steps(self.store)
         if not records:
             self.require_tasks()
@@ -232,7 +242,9 @@ class Hub:
         result = {"tasks": tasks, "modes": {mode: {"matrix": matrices[mode], **summaries.get(
                       mode, {"average_accuracy": None, "bwt": None, "forgetting": None})}
                       for mode in MODES},
-                  "routing_accuracy": matrices["routing"]}
+                  "routing_accuracy": matrices["routing"],
+                  "metrics": {t: m for r in records for t, m in r.get("metrics", {}).items()},
+                  "soft": records[-1].get("soft", {}) if records else {}}
         if confusion:
             result["confusion"] = records[-1]["confusion"] if records else None
         return result

@@ -21,6 +21,7 @@ from adapterhub_local.router import FEATURES, ROUTER_FEATURES
 
 HEAD_FILE = "head.safetensors"
 LABELS_FILE = "labels.json"
+GENERATE_FILE = "generate.json"  # a generate adapter's decoding settings, instead of a head
 EVAL_BATCH_SIZE = 64
 
 
@@ -60,7 +61,9 @@ def adapter_name(task: str, run_id: str) -> str:
 
 
 class AdapterBank:
-    """One frozen base, many named adapters and heads, loaded once and switched by name.
+    """One frozen base, many named adapters and heads, loaded once and switched by name. A
+    classify adapter has a head and labels; a generate adapter has neither (the base's output
+    layer answers) and its decoding settings instead (`generate`).
 
     peft wraps a model for one adapter type at a time, and QLoRA and LoftQ need the base in 4
     bits: adapters live in groups, one per (peft type, base precision), each a peft model. The
@@ -74,13 +77,16 @@ class AdapterBank:
         self.groups: dict[str, object] = {}  # group key -> peft model
         self.group_of: dict[str, str] = {}  # adapter name -> group key
         self.in_place: str | None = None  # the group that wraps self.base.model itself
-        self.heads: dict[str, torch.nn.Linear] = {}
+        self.heads: dict[str, torch.nn.Linear | None] = {}
         self.labels: dict[str, list[str]] = {}
+        self.generate: dict[str, dict] = {}
+        """A generate adapter's settings: template (its sha256, or "none"), max_new_tokens,
+        metric."""
         self.mixed_batch: dict[str, bool] = {}
         """Whether the adapter's method honours peft's per-row adapter_names."""
 
     def __contains__(self, name: str) -> bool:
-        return name in self.heads
+        return name in self.group_of
 
     def model(self, name: str):
         """The peft model that holds adapter `name`."""
@@ -119,8 +125,10 @@ class AdapterBank:
             return lora_batch.rows(model, lora_batch.BARE)
         return model.disable_adapter()
 
-    def add_adapter(self, name: str, peft_config, labels: list[str], method) -> None:
-        """A new trainable adapter and a freshly initialised head (seed the caller's RNG first)."""
+    def add_adapter(self, name: str, peft_config, labels: list[str], method,
+                    generate: dict | None = None) -> None:
+        """A new trainable adapter and a freshly initialised head (seed the caller's RNG first),
+        or for a generate adapter (`generate`: its settings) no head."""
         from peft import get_peft_model
 
         method.register_with_peft()
@@ -135,8 +143,11 @@ class AdapterBank:
         lora_batch.install(self.groups[key])
         if method.initialise is not None:
             method.initialise(self.model(name), name, self.base.model)
-        self.heads[name] = torch.nn.Linear(self.base.hidden_size, len(labels)).to(self.base.device)
+        self.heads[name] = None if generate is not None else torch.nn.Linear(
+            self.base.hidden_size, len(labels)).to(self.base.device)
         self.labels[name] = list(labels)
+        if generate is not None:
+            self.generate[name] = dict(generate)
         self.mixed_batch[name] = method.mixed_batch
         self.activate(name)
 
@@ -158,6 +169,11 @@ class AdapterBank:
                 model.load_adapter(folder, adapter_name=name)
         self.group_of[name] = key
         lora_batch.install(self.groups[key])
+        self.mixed_batch[name] = method.mixed_batch
+        if (Path(folder) / GENERATE_FILE).is_file():
+            self.generate[name] = json.loads((Path(folder) / GENERATE_FILE).read_text(encoding="utf-8"))
+            self.heads[name], self.labels[name] = None, []
+            return
         weights = load_file(Path(folder) / HEAD_FILE)
         labels = json.loads((Path(folder) / LABELS_FILE).read_text(encoding="utf-8"))
         head = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
@@ -165,7 +181,6 @@ class AdapterBank:
         head.requires_grad_(False)
         head.to(self.base.device)
         self.heads[name], self.labels[name] = head, labels
-        self.mixed_batch[name] = method.mixed_batch
 
     def remove_adapter(self, name: str) -> None:
         if name in self.group_of:
@@ -182,7 +197,7 @@ class AdapterBank:
                     model.delete_adapter(name)
                 # peft leaves the deleted name active; its next forward would look it up.
                 model.set_adapter(next(iter(model.peft_config)))
-        for table in (self.heads, self.labels, self.mixed_batch):
+        for table in (self.heads, self.labels, self.mixed_batch, self.generate):
             table.pop(name, None)
 
     def save_adapter(self, name: str, folder: Path) -> None:
@@ -196,6 +211,9 @@ class AdapterBank:
             for file in nested.iterdir():
                 file.replace(folder / file.name)
             nested.rmdir()
+        if name in self.generate:
+            (folder / GENERATE_FILE).write_text(json.dumps(self.generate[name]), encoding="utf-8")
+            return
         save_file({k: v.contiguous() for k, v in self.heads[name].state_dict().items()},
                   folder / HEAD_FILE)
         (folder / LABELS_FILE).write_text(json.dumps(self.labels[name], ensure_ascii=False),
@@ -210,7 +228,8 @@ class AdapterBank:
         marker = f".{name}."
         h = hashlib.sha256()
         tensors = [(k, p) for k, p in self.model(name).named_parameters() if marker in f"{k}."]
-        tensors += sorted(self.heads[name].state_dict().items())
+        if self.heads[name] is not None:
+            tensors += sorted(self.heads[name].state_dict().items())
         for key, tensor in tensors:
             h.update(key.encode())
             h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -218,12 +237,27 @@ class AdapterBank:
 
     def trainable_parameters(self, name: str) -> list[torch.nn.Parameter]:
         adapter = [p for p in self.model(name).parameters() if p.requires_grad]
-        return adapter + list(self.heads[name].parameters())
+        return adapter + (list(self.heads[name].parameters()) if self.heads[name] else [])
 
     def logits(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Head logits for a padded batch through the named adapter (must be active)."""
         with quiet_forward():
             return self.heads[name](mean_pool(self.model(name)(**batch).last_hidden_state, batch))
+
+    def batch_key(self, name: str):
+        """Adapters with one key share a forward pass (peft's adapter_names, or lora_batch's
+        rows); an adapter whose method would ignore adapter_names is its own key."""
+        return self.group_of[name] if self.mixed_batch[name] else name
+
+    def batch_routing(self, model, names: list[str]):
+        """(context, forward kwargs) under which a forward of `model` sends row i through adapter
+        names[i] (all of one batch_key)."""
+        if not self.mixed_batch[names[0]]:
+            self.activate(names[0])
+            return contextlib.nullcontext(), {}
+        if lora_batch.covers(model):  # cheaper than peft's adapter_names (see lora_batch)
+            return lora_batch.rows(model, names), {}
+        return contextlib.nullcontext(), {"adapter_names": names}
 
     def resumes(self, name: str) -> bool:
         """Whether the adapter leaves the bottom half bare, so that its rows can go on from the
@@ -274,10 +308,9 @@ class AdapterBank:
         resume = {a: states is not None and self.resumes(a) for a in set(adapters)}
         # Rows share a forward pass when their adapters sit in one group, honour adapter_names
         # and agree on resuming; every other adapter's rows run on their own.
-        shared = lambda a: (self.group_of[a], resume[a]) if self.mixed_batch[a] else a  # noqa: E731
         groups = {}
         for i, a in enumerate(adapters):
-            groups.setdefault(shared(a), []).append(i)
+            groups.setdefault((self.batch_key(a), resume[a]), []).append(i)
         for group in groups.values():
             model = self.model(adapters[group[0]])
             model.eval()
@@ -298,13 +331,8 @@ class AdapterBank:
         """Mean-pooled last states of one batch, row i through adapter names[i], going on from
         the bottom half's states where given."""
         batch = self.base.pad(ids)
-        mixed, per_row, resumed = {}, contextlib.nullcontext(), contextlib.nullcontext()
-        if not self.mixed_batch[names[0]]:
-            self.activate(names[0])
-        elif lora_batch.covers(model):  # cheaper than peft's adapter_names (see lora_batch)
-            per_row = lora_batch.rows(model, names)
-        else:
-            mixed = {"adapter_names": names}
+        per_row, mixed = self.batch_routing(model, names)
+        resumed = contextlib.nullcontext()
         if states is not None:
             hidden = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
             resumed = self.base.resumed_after(self.base.middle, hidden, model.get_base_model())
@@ -340,41 +368,84 @@ def route_texts(bank, router, texts: list[str], top_k: int):
 def answer_routes(bank, texts: list[str], routes: list, states, adapters: dict[str, str],
                   versions: dict[str, int], broken: dict[str, str]) -> list[dict]:
     """predict's answers: each routed (text, adapter) pair through the bank in shared batches,
-    then each text's answer; a text routed to a broken adapter gets its "error" instead."""
-    pairs = [(row, t) for row, r in enumerate(routes) for t in r.tasks if t in adapters]
+    then each text's answer; a text routed to a broken adapter gets its "error" instead. A
+    text whose first routed task generates is answered with a completion (generate_answers)."""
+    labels = {t: bank.labels[name] for t, name in adapters.items()}
+    labels.update({t: [] for t in broken})  # unknown kind: never mixed into a label's answer
+    failed = [[broken[t] for t in r.tasks if t in broken] for r in routes]
+    mixtures = [generation_mixture(r, labels) if not f else [] for r, f in zip(routes, failed)]
+    pairs = [(row, t) for row, r in enumerate(routes) for t in r.tasks
+             if t in adapters and labels[t] and not mixtures[row]]
     probs = bank.probabilities([texts[row] for row, _ in pairs], [adapters[t] for _, t in pairs],
                                states=states and [states[row] for row, _ in pairs])
     by_row: list[dict] = [{} for _ in texts]
     for (row, t), p in zip(pairs, probs):
         by_row[row][t] = p
-    labels = {t: bank.labels[name] for t, name in adapters.items()}
+    completions = generate_answers(bank, texts, mixtures, adapters)
     results = []
-    for text, route, row_probs in zip(texts, routes, by_row):
-        failed = [broken[t] for t in route.tasks if t in broken]
-        result = answer(route, row_probs, labels) if not failed else {
-            "task": None, "label": None, "score": 0.0}
-        results.append({"text": text, "task": result["task"], "label": result["label"],
+    for row, (text, route, row_probs) in enumerate(zip(texts, routes, by_row)):
+        if failed[row]:
+            result = {"task": None, "label": None, "score": 0.0}
+        elif mixtures[row]:
+            result = completions[row]
+            result = {"task": route.tasks[0], "completion": result.text,
+                      "score": route.confidence * result.score}
+        else:
+            result = answer(route, row_probs, labels)
+        results.append({"text": text, "task": result["task"],
+                        **({"completion": result["completion"]} if "completion" in result
+                           else {"label": result["label"]}),
                         "score": result["score"],
                         "adapters": [{"task": t, "version": versions[t], "weight": w}
                                      for t, w in zip(route.tasks, route.weights)],
                         **({"reason": route.reason} if route.reason else {}),
-                        **({"error": failed[0]} if failed else {})})
+                        **({"error": failed[row][0]} if failed[row] else {})})
     return results
+
+
+def generation_mixture(route, labels: dict[str, list[str]]) -> list[tuple[str, float]]:
+    """The routed generate tasks (those without labels) that answer an input together, with
+    their route weights: when the first routed task is one; otherwise ([]) a label answers."""
+    if not route.tasks or labels[route.tasks[0]]:
+        return []
+    return [(t, w) for t, w in zip(route.tasks, route.weights) if not labels[t]]
+
+
+def generate_answers(bank, texts: list[str], mixtures: list, adapters: dict[str, str]) -> dict:
+    """{row: generation.Generated} for the rows with a mixture of generate tasks, decoded
+    together per decoding budget (the largest of a row's adapters')."""
+    from adapterhub_local.generation import greedy, prompt_ids
+
+    by_budget: dict[int, list[int]] = {}
+    for row, mixture in enumerate(mixtures):
+        if mixture:
+            budget = max(bank.generate[adapters[t]]["max_new_tokens"] for t, _ in mixture)
+            by_budget.setdefault(budget, []).append(row)
+    out = {}
+    for budget, rows in by_budget.items():
+        total = [sum(w for _, w in mixtures[row]) for row in rows]
+        decoded = greedy(bank, prompt_ids(bank.base, [texts[row] for row in rows]),
+                         [[(adapters[t], w / s) for t, w in mixtures[row]]
+                          for row, s in zip(rows, total)], budget)
+        out.update(zip(rows, decoded))
+    return out
 
 
 def answer(route, probs: dict[str, torch.Tensor], labels: dict[str, list[str]]) -> dict:
     """One input's answer from its route and the routed adapters' label probabilities.
 
     Routed tasks that share a label set answer together: their probabilities are mixed by the
-    route's weights. Tasks with different label sets cannot be mixed; the group whose best label
-    has the highest weighted probability answers. With one routed task this is that task's label.
+    route's weights (generate tasks, without labels, take no part). Tasks with different label
+    sets cannot be mixed; the group whose best label has the highest weighted probability
+    answers. With one routed task this is that task's label.
     score = the router's confidence times the (mixed) probability of the label.
     """
     if not route.tasks:
         return {"task": None, "label": None, "score": 0.0, "tasks": []}
     groups: dict[tuple, list[tuple[str, float]]] = {}
     for task, weight in zip(route.tasks, route.weights):
-        groups.setdefault(tuple(labels[task]), []).append((task, weight))
+        if labels[task]:
+            groups.setdefault(tuple(labels[task]), []).append((task, weight))
     best = None
     for label_set, members in groups.items():
         mixture = members[0][1] * probs[members[0][0]]  # as sum() would, without its 0 + tensor

@@ -3,13 +3,16 @@ will record of where it came from."""
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from adapterhub_local import __version__
 from adapterhub_local.base import fingerprint, load_base, resolve_base
-from adapterhub_local.data import TaskData, check_task_name, load_spec, load_task_data
+from adapterhub_local.data import (KINDS, TaskData, check_task_name, load_generate_data, load_spec,
+                                   load_task_data)
 from adapterhub_local.device import resolve_device
 from adapterhub_local.errors import AhlError
 from adapterhub_local.router import ROUTER_FEATURES
+from adapterhub_local.scoring import DEFAULT_METRIC, check_metric
 from adapterhub_local.methods import get_method, method_options
 from adapterhub_local.store import TAG
 from adapterhub_local.trainer import TrainOptions
@@ -30,18 +33,31 @@ class Plan:
     """What the store's router reads (router.FEATURES): this task's statistics must match."""
     device: str = "cpu"
     """Where it trains (device.resolve_device)."""
+    generate: dict | None = None
+    """A generate task's decoding settings (template digest, max_new_tokens, metric), kept with
+    its adapter; None for classify."""
 
 
 def plan_add_task(store, name, train, test, spec, text_column, label_column, method, method_args,
-                  base, train_args, device: str | None = None) -> Plan:
+                  base, train_args, device: str | None = None, kind: str | None = None,
+                  prompt_column: str | None = None, completion_column: str | None = None) -> Plan:
     """Validate every input; raises AhlError before anything is written."""
     defaults = {}
+    if kind is not None and kind not in KINDS:
+        raise AhlError(f"unknown task kind {kind!r}: use one of {', '.join(KINDS)}")
     if spec is not None:
         task_spec = load_spec(spec)
+        if kind is not None and kind != task_spec.kind:
+            raise AhlError(f"task spec {Path(spec).name} describes a {task_spec.kind} task but "
+                           f"--kind {kind} was given: drop --kind, or set kind = \"{kind}\" in "
+                           "the spec with its prompt and completion columns")
         name, train, test = name or task_spec.name, train or task_spec.train, test or task_spec.test
         text_column = text_column or task_spec.text_column
         label_column = label_column or task_spec.label_column
-        defaults = task_spec.defaults
+        prompt_column = prompt_column or task_spec.prompt_column
+        completion_column = completion_column or task_spec.completion_column
+        kind, defaults = task_spec.kind, task_spec.defaults
+    kind = kind or "classify"
     if train is None:
         raise AhlError("no training data: pass --train FILE or --spec FILE")
     check_task_name(name)
@@ -53,22 +69,61 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
         raise AhlError(f"unknown training option {', '.join(unknown)}: use {', '.join(sorted(known))}")
     train_options = TrainOptions(**{**{k: v for k, v in defaults.items() if k in known},
                                     **{k: v for k, v in train_args.items() if v is not None}})
-    data = load_task_data(name, train, test, text_column or "text", label_column or "label",
-                          seed=train_options.seed)
-    base_name, base_path = resolve_base(base or (store.base_binding() or (None,))[0])
+    if kind == "generate":
+        metric = check_metric(defaults.get("metric", DEFAULT_METRIC))
+        data = load_generate_data(name, train, test, prompt_column or "prompt",
+                                  completion_column or "completion", seed=train_options.seed)
+        data.metric = metric
+    else:
+        data = load_task_data(name, train, test, text_column or "text", label_column or "label",
+                              seed=train_options.seed)
+    # The command line's base, else the store's, else the spec's (a store keeps its base).
+    base_name, base_path = resolve_base(base or (store.base_binding() or (None,))[0]
+                                        or defaults.get("base"))
     store.check_base(base_name, fingerprint(base_path))
     device = resolve_device(device)
     loaded = load_base(base_name, device)
     get_method(method).check_base(loaded)
+    generate = plan_generation(data, loaded, train_options, defaults) if kind == "generate" else None
     peft_config = get_method(method).build(options, loaded)  # bad combinations fail here
     return Plan(data, method, options, peft_config, train_options, base_name,
-                store.router_features(ROUTER_FEATURES), device)
+                store.router_features(ROUTER_FEATURES), device, generate)
+
+
+def plan_generation(data: TaskData, base, train: TrainOptions, defaults: dict) -> dict:
+    """A generate task's decoding settings, once its rows fit the base: the base has an output
+    layer for text, every prompt and completion fits --max-length and the base's context, and
+    decoding may run a quarter longer than the longest training completion (or the spec's
+    max_new_tokens)."""
+    from adapterhub_local.generation import completion_ids, prompt_ids, template_digest
+
+    if not base.generates:
+        raise AhlError(f"base {base.name!r} is an encoder ({base.model.config.model_type}) "
+                       "without an output layer for text: generate tasks need a causal LM "
+                       "base, e.g. --base smollm2")
+    context = getattr(base.model.config, "max_position_embeddings", None) or train.max_length
+    limit = min(train.max_length, context)
+    prompts = data.train_texts + data.test_texts
+    completions = completion_ids(base, data.train_targets + data.test_targets)
+    for prompt, ids, completion in zip(prompts, prompt_ids(base, prompts), completions):
+        if len(ids) + len(completion) > limit:
+            raise AhlError(f"the prompt {prompt[:40]!r}... and its completion are "
+                           f"{len(ids) + len(completion)} tokens, more than {limit} (--max-length "
+                           f"{train.max_length}, the base's context {context}): shorten it, or "
+                           "raise --max-length up to the context")
+    longest = max(len(c) for c in completions[: len(data.train_targets)])
+    budget = int(defaults.get("max_new_tokens", longest + (longest + 3) // 4))
+    if budget < 1:
+        raise AhlError(f"max_new_tokens = {budget} in the spec: give at least 1")
+    data.max_new_tokens = budget
+    return {"template": template_digest(base), "max_new_tokens": budget, "metric": data.metric}
 
 
 def run_params(plan: Plan, base) -> dict:
     """The add-task run's params: what was asked, flat."""
     data = plan.data
-    return {"task": data.name, "method": plan.method, **plan.train.as_dict(), "base": base.name,
+    return {"task": data.name, "kind": data.kind, "method": plan.method, **plan.train.as_dict(),
+            "base": base.name,
             "device": base.device,
             **{f"method.{k}": v for k, v in vars(plan.options).items()},
             "data.source": data.source, "data.rows": len(data.train_texts),
@@ -80,7 +135,10 @@ def lineage_tags(plan: Plan, base, parent, files: dict, accuracy: float) -> dict
     tasks that served before it (`after`) grow with the store and go to an artifact instead."""
     data = plan.data
     return {
-        f"{TAG}task": data.name, f"{TAG}method": plan.method,
+        f"{TAG}task": data.name, f"{TAG}kind": data.kind, f"{TAG}metric": data.metric,
+        f"{TAG}method": plan.method,
+        **({f"{TAG}template": plan.generate["template"],
+            f"{TAG}max_new_tokens": plan.generate["max_new_tokens"]} if plan.generate else {}),
         f"{TAG}method.config": json.dumps(vars(plan.options)),
         f"{TAG}train": json.dumps(plan.train.as_dict()),
         f"{TAG}base.name": base.name, f"{TAG}base.sha256": base.sha256,

@@ -20,6 +20,8 @@ from adapterhub_local.store import STEPS_TAG
 
 CACHE_FILE = "tasks.json"  # {namespace: {"fingerprint", "tasks"}}
 TEMPORARY = ".tasks."  # the prefix of a cache file being written
+# The answer's shape: a new field (kind and metric, in 2) makes answers kept before it stale.
+ANSWER_FORMAT = "2"
 # Each query lists rows that a task table depends on; :prefix starts the namespace's model names.
 OURS = "substr(name, 1, length(:prefix)) = :prefix"
 FINGERPRINTED = [
@@ -45,7 +47,7 @@ def fingerprint(store) -> str | None:
     except sqlite3.Error:
         return None
     try:
-        sha = hashlib.sha256(store.namespace.encode())
+        sha = hashlib.sha256(f"{ANSWER_FORMAT}:{store.namespace}".encode())
         for query in FINGERPRINTED:
             for row in db.execute(query, {"prefix": f"{store.namespace}."}):
                 sha.update(json.dumps(row).encode())

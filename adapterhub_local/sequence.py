@@ -35,6 +35,8 @@ Step *s* = the number of add-tasks so far. Metric sections:
 - `routed/…`: the router picks the adapter; a wrong pick is a wrong answer.
 - `composed/…`: the router's top 2 adapters answer together.
 - `routing/acc/TASK`: share of the task's test inputs routed to it.
+A generate task's `acc` is its own metric (exact match by default); its soft metric (chrF) is
+`MODE/chrf/TASK`.
 Each section has `acc/TASK` per task and `average_accuracy`, `bwt` (backward transfer: below 0
 means forgetting) and `forgetting` summaries. Images: the accuracy matrices (rows: tasks,
 columns: steps) and the router's confusion, one per step (use the step slider).
@@ -116,6 +118,8 @@ def step_metrics(record: dict, previous: dict) -> dict[str, float]:
         before = dict(zip(previous.get("tasks", []), previous.get("rows", {}).get(mode, [])))
         metrics.update({f"{mode}/acc/{t}": v for t, v in zip(record["tasks"], record["rows"][mode])
                         if v is not None and before.get(t) != v})
+    for task, soft in record.get("soft", {}).items():
+        metrics.update({f"{mode}/{soft['metric']}/{task}": soft[mode] for mode in MODES})
     for mode, summary in record.get("summaries", {}).items():
         metrics.update({f"{mode}/{k}": v for k, v in summary.items() if v is not None})
     return metrics

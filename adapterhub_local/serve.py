@@ -25,7 +25,7 @@ from adapterhub_local.store import PRODUCTION, TAG
 SERVING_MODEL = "_serving"  # the packages' registered model; task names cannot start with "_"
 MODEL_ARTIFACT, SERVING_FOLDER, SERVING_META = "model", "serving", "serving.json"
 PACKAGE_DIGEST = f"{TAG}package.versions.sha256"  # which serving set a package holds
-PACKAGE_FORMAT, FORMAT_TAG = "1", f"{TAG}package.format"  # raised when the model's interface changes
+PACKAGE_FORMAT, FORMAT_TAG = "2", f"{TAG}package.format"  # raised when the model's interface changes
 MODEL_CODE = '''"""The file MLflow runs to load a packaged adapterhub-local serving set."""
 import mlflow
 
@@ -33,9 +33,10 @@ from adapterhub_local.serve import ServingSetModel
 
 mlflow.models.set_model(ServingSetModel())
 '''
-ANSWER_FIELDS = ["text", "task", "label", "score", "adapters", "reason", "error"]
-ANSWER_SCHEMA = ("text string, task string, label string, score double, adapters array<struct<"
-                 "task: string, version: bigint, weight: double>>, reason string, error string")
+ANSWER_FIELDS = ["text", "task", "label", "completion", "score", "adapters", "reason", "error"]
+ANSWER_SCHEMA = ("text string, task string, label string, completion string, score double, "
+                 "adapters array<struct<task: string, version: bigint, weight: double>>, "
+                 "reason string, error string")
 REQUIRED = ["adapterhub-local", "torch", "transformers", "peft", "safetensors", "scikit-learn",
             "scipy", "mlflow", "pandas"]
 
@@ -177,10 +178,10 @@ class ServingSetModel(mlflow.pyfunc.PythonModel):
         texts = [cells[i] for i in good]
         routes, states = route_texts(self.bank, self.router, texts, 1 if mode == "pick" else top_k)
         answered = answer_routes(self.bank, texts, routes, states, self.adapters, self.versions, {})
-        rows = [{"text": None, "task": None, "label": None, "score": 0.0, "adapters": [],
-                 "reason": None, "error": cell_error(i, c)} for i, c in enumerate(cells)]
+        rows = [{"text": None, "task": None, "label": None, "completion": None, "score": 0.0,
+                 "adapters": [], "reason": None, "error": cell_error(i, c)} for i, c in enumerate(cells)]
         for i, result in zip(good, answered):
-            rows[i] = {"reason": None, "error": None, **result}
+            rows[i] = {"label": None, "completion": None, "reason": None, "error": None, **result}
         if params.get("format") == "json":
             return pd.DataFrame({"answer": [json.dumps(row) for row in rows]})
         # Object columns: a missing field stays None (pandas would make it NaN, or a float).

@@ -76,7 +76,8 @@ def serving_set(store) -> dict:
 
 
 # What readers of a serving version use of its tags (the rest stays in the registry).
-MANIFEST_TAGS = [f"{TAG}{k}" for k in ("task", "method", "train", "files", "accuracy")]
+MANIFEST_TAGS = [f"{TAG}{k}" for k in ("task", "kind", "metric", "method", "train", "files",
+                                        "accuracy")]
 
 
 def manifest_of(versions: dict) -> dict:
@@ -249,9 +250,12 @@ class Loader:
             version.run_id, TEST_ARTIFACT))
 
     def labels(self, bank, task: str, version) -> list[str]:
-        """The labels of the version's head, without loading its adapter."""
+        """The labels of the version's head, without loading its adapter ([] for a generate
+        task: it has no head)."""
         from adapterhub_local.inference import LABELS_FILE, adapter_name
 
+        if kind_of(version) == "generate":
+            return []
         name = adapter_name(task, version.run_id)
         if name in bank:
             return bank.labels[name]
@@ -276,8 +280,8 @@ class Loader:
         return bank.digest(name)
 
     def scores(self, bank, task: str, version) -> tuple:
-        """(features, probs) of the version's test split: the bare base's features (what the
-        router reads) and the adapter's label probabilities (its oracle answers). A score is
+        """(features, outputs) of the version's test split (compute_scores): the bare base's
+        features (what the router reads) and the adapter's oracle answers. A score is
         reused only for the very weights that produced it (self.digest): from memory, or from
         the store's scores file (eval/scores.safetensors, written with the version) when its
         recorded digest is theirs and its checksum holds. An adapter changed in memory is
@@ -285,12 +289,12 @@ class Loader:
         bottom half once for both."""
         digest = self.digest(bank, task, version)
         return self.cached((version.run_id, "scores", digest),
-                           lambda: self.stored_scores(version, digest) or compute_scores(
+                           lambda: self.stored_scores(bank, version, digest) or compute_scores(
                                bank, self.load_version(bank, task, version),
                                self.test_split(version)["texts"], max_length_of(version),
                                self.task_stats(version).features))
 
-    def stored_scores(self, version, digest: str) -> tuple | None:
+    def stored_scores(self, bank, version, digest: str) -> tuple | None:
         recorded = self.test_split(version).get("scores") or {}
         if recorded.get("adapter_digest") != digest:
             return None
@@ -304,6 +308,10 @@ class Loader:
         from safetensors.torch import load_file
 
         tensors = load_file(file)
+        if "tokens" in tensors:  # a generate task's completions
+            from adapterhub_local.generation import from_tensors
+
+            return tensors["features"], from_tensors(bank.base, tensors)
         return tensors["features"], list(tensors["probs"])
 
     def other_probs(self, bank, versions: dict, wanted: list[tuple[str, int, str]]) -> list:
@@ -414,10 +422,37 @@ def bank_for_base(base_name: str, device: str | None = None):
 
 
 def compute_scores(bank, adapter: str, texts: list[str], max_length: int, features: str) -> tuple:
-    """(features, probs) of texts through the bare base and the adapter, the bottom half run
-    once for both (the adapter goes on from its states where it leaves that half bare)."""
-    features, states = bank.encode(texts, max_length, features=features)
-    return features, bank.probabilities(texts, [adapter] * len(texts), max_length, states=states)
+    """(features, outputs) of texts: the bare base's features (what the router reads) and the
+    adapter's answers: label probabilities of a classify adapter, the bottom half run once for
+    both (the adapter goes on from its states where it leaves that half bare), or a generate
+    adapter's greedy completions (generation.Generated) of the texts as prompts."""
+    if adapter in bank.generate:
+        from adapterhub_local.generation import greedy, prompt_ids
+
+        found = bank.features(texts, max_length, features)
+        return found, greedy(bank, prompt_ids(bank.base, texts), [[(adapter, 1.0)]] * len(texts),
+                             bank.generate[adapter]["max_new_tokens"])
+    found, states = bank.encode(texts, max_length, features=features)
+    return found, bank.probabilities(texts, [adapter] * len(texts), max_length, states=states)
+
+
+def scores_tensors(features, outputs) -> dict:
+    """compute_scores' result as the tensors of a scores file (SCORES_ARTIFACT)."""
+    import torch
+
+    if outputs and not isinstance(outputs[0], torch.Tensor):
+        from adapterhub_local.generation import to_tensors
+
+        return {"features": features.contiguous(), **to_tensors(outputs)}
+    return {"features": features.contiguous(), "probs": torch.stack(outputs)}
+
+
+def kind_of(version) -> str:
+    return version.tags.get(f"{TAG}kind", "classify")
+
+
+def metric_of(version) -> str:
+    return version.tags.get(f"{TAG}metric", "accuracy")
 
 
 def max_length_of(version) -> int:

@@ -90,11 +90,14 @@ class TrackingWrites:
         from mlflow.data.pandas_dataset import from_pandas
         from mlflow.entities import DatasetInput, InputTag
 
-        frame = pd.DataFrame({"text": data.train_texts,
+        target = "completion" if data.kind == "generate" else "label"
+        frame = pd.DataFrame({"prompt": data.train_texts, "completion": data.train_targets}
+                             if data.kind == "generate" else
+                             {"text": data.train_texts,
                               "label": [data.labels[y] for y in data.train_labels]})
         with warnings.catch_warnings():  # mlflow registers the local-file source twice, says so
             warnings.simplefilter("ignore", UserWarning)
-            dataset = from_pandas(frame, source=data.source, targets="label", name=data.name,
+            dataset = from_pandas(frame, source=data.source, targets=target, name=data.name,
                                   digest=data.digest[:32])
         self.client.log_inputs(run_id, datasets=[DatasetInput(
             dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])])

@@ -181,59 +181,45 @@ def uses_bf16(precision: str, device: str = "cpu") -> bool:
 def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, method,
                   log: Callable[[dict, int], None] | None = None,
                   progress: Callable[[int, int], None] | None = None,
-                  router_features: str = ROUTER_FEATURES) -> TrainReport:
-    """Add adapter `name` (of `method`, a methods.Method) to the bank and train it with its
-    head on `data` (a TaskData). Where it runs the bottom half once for every epoch, it also
-    keeps the `router_features` (router.FEATURES) of the rows, in the report."""
+                  router_features: str = ROUTER_FEATURES, generate: dict | None = None) -> TrainReport:
+    """Add adapter `name` (of `method`, a methods.Method) to the bank and train it on `data`
+    (a TaskData): with its head for a classify task, for the completion-only loss of a generate
+    task (`generate`: its decoding settings, kept with the adapter). Where it runs the bottom
+    half once for every epoch, it also keeps the `router_features` (router.FEATURES) of the
+    rows, in the report."""
     # Setup: everything random is drawn from the seed, in a fixed order.
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
-    train_idx, val_idx = split_validation(data.train_labels, options.seed)
+    train_idx, val_idx = split_validation(data.strata(), options.seed)
     total = options.epochs * math.ceil(len(train_idx) / options.batch_size)
     if method.schedule is not None:  # AdaLoRA plans its rank budget over the run
         method.schedule(peft_config, total)
-    bank.add_adapter(name, peft_config, data.labels, method)
+    bank.add_adapter(name, peft_config, data.labels, method, generate)
     model = bank.model(name)
-    texts = [data.train_texts[i] for i in train_idx]
-    val_texts = [data.train_texts[i] for i in val_idx]
-    ids = bank.base.tokenize(texts, options.max_length)
-    labels = torch.tensor([data.train_labels[i] for i in train_idx], device=bank.base.device)
+    if data.kind == "generate":
+        from adapterhub_local.generation import GenerateObjective
+
+        task = GenerateObjective(bank, name, data, options, train_idx, val_idx)
+    else:
+        task = ClassifyObjective(bank, name, data, options, train_idx, val_idx, router_features)
     params = bank.trainable_parameters(name)
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     # AdaLoRA moves its rank budget between backward and zero_grad; without the call it never
     # prunes, silently.
     allocate = getattr(model.base_model, "update_and_allocate", None)
     schedule = warmup_then_linear_decay(optimizer, total, options.warmup)
-    lengths = [len(x) for x in ids]
-    features = states = val_states = None
-    if options.reuse_states and bank.resumes(name):
-        # One bottom-half pass per text serves every epoch, the validation and the router.
-        features, every = bank.encode(data.train_texts, options.max_length,
-                                      features=router_features)
-        # encode computes in inference mode; a clone is an ordinary tensor autograd can use,
-        # and frees the padded batch it viewed once all are cloned.
-        states = [every[i].clone() for i in train_idx]
-        val_states = [every[i].clone() for i in val_idx]
-        del every
     device = bank.base.device.split(":")[0]
     bf16 = uses_bf16(options.precision, bank.base.device)
-
-    def batch_logits(rows: list[int]) -> torch.Tensor:
-        batch = bank.base.pad([ids[i] for i in rows])
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            if states is None:
-                return bank.logits(name, batch)
-            hidden = torch.nn.utils.rnn.pad_sequence([states[i] for i in rows], batch_first=True)
-            with bank.base.resumed_after(bank.base.middle, hidden, model.get_base_model()):
-                return bank.logits(name, batch)
 
     # Train.
     step, loss_sum, loss_count, val_accuracy = 0, 0.0, 0, float("nan")
     with byte_dropout(model, options.byte_dropout):
         for epoch in range(options.epochs):
             model.train()
-            for rows in length_grouped_batches(lengths, options.batch_size, rng):
-                loss = torch.nn.functional.cross_entropy(batch_logits(rows).float(), labels[rows])
+            for rows in length_grouped_batches(task.lengths, options.batch_size, rng):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                    logits, targets = task.logits(rows)
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -249,10 +235,8 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
                 if progress:
                     progress(step, total)
             if val_idx:
-                probs = bank.probabilities(val_texts, [name] * len(val_texts), options.max_length,
-                                           states=val_states)
-                val_accuracy = sum(int(p.argmax()) == data.train_labels[i]
-                                   for p, i in zip(probs, val_idx)) / len(val_idx)
+                model.eval()
+                val_accuracy = task.validate()
                 if log:
                     log({"val_accuracy": val_accuracy, "epoch": epoch + 1}, step)
 
@@ -264,4 +248,49 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     return TrainReport(steps=step, final_loss=loss.item(), val_accuracy=val_accuracy,
                        trainable_params=sum(p.numel() for p in params),
                        train_rows=len(train_idx), val_rows=len(val_idx),
-                       precision="bf16" if bf16 else "fp32", features=features)
+                       precision="bf16" if bf16 else "fp32", features=task.features)
+
+
+class ClassifyObjective:
+    """A classify task's training rows: its head's logits against the labels, and the share of
+    validation rows labelled right. Where the adapter leaves the bottom half bare, that half
+    runs once per text (reuse_states) and every epoch goes on from its states."""
+
+    def __init__(self, bank, name: str, data, options: TrainOptions, train_idx: list[int],
+                 val_idx: list[int], router_features: str):
+        self.bank, self.name, self.options = bank, name, options
+        self.val_texts = [data.train_texts[i] for i in val_idx]
+        self.val_labels = [data.train_labels[i] for i in val_idx]
+        self.ids = bank.base.tokenize([data.train_texts[i] for i in train_idx], options.max_length)
+        self.labels = torch.tensor([data.train_labels[i] for i in train_idx],
+                                   device=bank.base.device)
+        self.lengths = [len(x) for x in self.ids]
+        self.features = self.states = self.val_states = None
+        if options.reuse_states and bank.resumes(name):
+            # One bottom-half pass per text serves every epoch, the validation and the router.
+            self.features, every = bank.encode(data.train_texts, options.max_length,
+                                               features=router_features)
+            # encode computes in inference mode; a clone is an ordinary tensor autograd can
+            # use, and frees the padded batch it viewed once all are cloned.
+            self.states = [every[i].clone() for i in train_idx]
+            self.val_states = [every[i].clone() for i in val_idx]
+            del every
+
+    def logits(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the head's logits, the labels) of a batch of training rows."""
+        bank, name = self.bank, self.name
+        batch = bank.base.pad([self.ids[i] for i in rows])
+        if self.states is None:
+            logits = bank.logits(name, batch)
+        else:
+            hidden = torch.nn.utils.rnn.pad_sequence([self.states[i] for i in rows],
+                                                     batch_first=True)
+            with bank.base.resumed_after(bank.base.middle, hidden,
+                                         bank.model(name).get_base_model()):
+                logits = bank.logits(name, batch)
+        return logits, self.labels[rows]
+
+    def validate(self) -> float:
+        probs = self.bank.probabilities(self.val_texts, [self.name] * len(self.val_texts),
+                                        self.options.max_length, states=self.val_states)
+        return sum(int(p.argmax()) == y for p, y in zip(probs, self.val_labels)) / len(probs)

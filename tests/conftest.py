@@ -66,18 +66,20 @@ def tiny_base(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_base, tmp_path_factory) -> str:
-    """A 2-layer, 32-wide random Llama (the decoder architecture; adaption prompt needs it),
-    with the tiny BERT's word-level tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+    """A 2-layer, 32-wide random causal Llama (the decoder architecture; adaption prompt and
+    generate tasks need it), with the tiny BERT's word-level tokenizer, [SEP] ending a
+    completion."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny_llama")
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    tokenizer.eos_token = "[SEP]"
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
                          max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
-    LlamaModel(config).save_pretrained(folder, safe_serialization=True)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return str(folder)
 
 

@@ -33,7 +33,9 @@ def test_two_tasks_then_a_second_version(store_dir, tiny_data, tiny_base):
     tasks = json.loads(ahl("tasks", "--json", "--store", store_dir).stdout)
     assert [(t["task"], t["version"], t["method"]) for t in tasks] == [
         ("colors", 1, "lora"), ("animals", 1, "lora")]
-    assert all(set(t) == {"task", "version", "method", "aliases", "accuracy"} for t in tasks)
+    assert all(set(t) == {"task", "version", "method", "aliases", "accuracy", "kind", "metric"}
+               for t in tasks)
+    assert {(t["kind"], t["metric"]) for t in tasks} == {("classify", "accuracy")}
 
     metrics = json.loads(ahl("metrics", "--json", "--store", store_dir).stdout)
     oracle = metrics["modes"]["oracle"]
