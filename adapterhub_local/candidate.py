@@ -4,9 +4,8 @@ for its commit (commit.py). Everything here needs no lock, so writers do it in p
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
 
-from adapterhub_local.scoring import SOFT_METRIC, row_scores
+from adapterhub_local.scoring import SOFT_METRIC, mean_score
 from adapterhub_local.serving import (ADAPTER_ARTIFACT, SCORES_ARTIFACT, STATS_ARTIFACT,
                                       TEST_ARTIFACT, compute_scores, scores_tensors)
 from adapterhub_local.store import sha256_file
@@ -40,13 +39,14 @@ def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: s
     test_features, outputs = compute_scores(bank, adapter, data.test_texts, plan.train.max_length,
                                             plan.features)
     if data.kind == "generate":
+        # A generate task's score is its metric's (candidate.accuracy, the accuracy tag).
         texts = [o.text for o in outputs]
-        accuracy = mean(row_scores(data.metric, texts, data.test_targets))
-        measured = {f"test_{data.metric}": accuracy,
-                    f"test_{SOFT_METRIC}": mean(row_scores(SOFT_METRIC, texts, data.test_targets))}
+        accuracy = mean_score(data.metric, texts, data.test_targets)
+        measured = {f"test_{SOFT_METRIC}": mean_score(SOFT_METRIC, texts, data.test_targets)}
     else:
         accuracy = sum(int(p.argmax()) == y for p, y in zip(outputs, data.test_labels)) / len(outputs)
-        measured = {"test_accuracy": accuracy}
+        measured = {}
+    measured[f"test_{data.metric}"] = accuracy  # test_accuracy for a classify task
     store.log_metrics(run_id, {**measured, "train_seconds": train_seconds,
                                "trainable_params": report.trainable_params}, report.steps)
     fit_rows, held_rows = split_validation(data.strata(), plan.train.seed)

@@ -389,11 +389,12 @@ def store_show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NA
                        ("base sha256", info["base"]["sha256"]), ("data", info["data"]["source"]),
                        ("data digest", info["data"]["digest"]),
                        ("rows", f"{info['data']['rows']} train, {info['data']['test_rows']} test"),
-                       ("labels", ", ".join(info["labels"])),
+                       ("kind", info["kind"]), ("labels", ", ".join(info["labels"]) or "-"),
                        ("parent", str(info["parent"] or "-")), ("after", after),
                        ("router version", str(info["router_version"] or "-")),
                        ("aliases", ", ".join(info["aliases"]) or "-"), ("run", info["run_id"]),
-                       ("test accuracy", percent(info["metrics"].get("test_accuracy")))]:
+                       (f"test {info['metric'].replace('_', ' ')}",
+                        percent(info["metrics"].get(f"test_{info['metric']}")))]:
         table.add_row(key, value)
     for file, sha in info["files"].items():
         table.add_row(file, sha[:16])
@@ -409,12 +410,12 @@ def store_versions(name: Annotated[str, typer.Argument(help="Task name.")],
         return print_json(rows)
     table = Table(title=f"{name} versions")
     for column in ("version", "method", "parent", "data digest", "aliases", "status",
-                   "test accuracy %"):
+                   "test score %"):
         table.add_column(column)
     for row in rows:
         table.add_row(str(row["version"]), row["method"], str(row["parent"] or "-"),
                       row["data"]["digest"][:12], ", ".join(row["aliases"]), row["status"],
-                      percent(row["metrics"].get("test_accuracy")))
+                      percent(row["metrics"].get(f"test_{row['metric']}")))
     out.print(table)
 
 

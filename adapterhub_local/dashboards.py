@@ -64,7 +64,8 @@ def log_images(store, run_id: str, step: int, tasks: list[str], matrices: dict[s
     rows = [t if metrics.get(t, "accuracy") == "accuracy" else f"{t} ({metrics[t]})" for t in tasks]
     for mode in MATRICES:
         by_task = [[row[j] for row in matrices[mode]] for j in range(len(tasks))]
-        what = "score" if mode != "routing" and len(set(metrics.values())) > 1 else "accuracy"
+        used = sorted({m.replace("_", " ") for m in metrics.values()} or {"accuracy"})
+        what = "accuracy" if mode == "routing" else used[0] if len(used) == 1 else "score"
         store.log_image(run_id, heatmap(f"{mode} {what} % (rows: tasks, columns: steps)",
                                         by_task, rows, steps), key=f"{mode}_matrix", step=step)
     shares = [[n / max(1, sum(row)) for n in row] for row in confusion["matrix"]]

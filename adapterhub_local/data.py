@@ -49,8 +49,6 @@ class TaskData:
     """The completions of a generate task (empty for classify)."""
     metric: str = "accuracy"
     """What its scores measure: accuracy for classify; for generate, scoring.METRICS' name."""
-    max_new_tokens: int = 0
-    """A generate task's decoding budget (0 for classify)."""
 
     def strata(self) -> list[int]:
         """What splits keep in proportion: the labels of classify rows, one class otherwise."""
@@ -64,10 +62,13 @@ def check_task_name(name: str) -> str:
     return name
 
 
-def read_table(path: str | Path, columns: dict[str, str]):
-    """A checked table from a file; columns maps each needed column to the option naming it."""
+def read_table(path: str | Path, columns: dict[str, str], as_text: bool = False):
+    """A checked table from a file; columns maps each needed column to the option naming it.
+    as_text: a CSV's cells of those columns are read as written (no "007" -> 7)."""
     path = Path(path)
-    table = load_table(path, check_data_file(path))
+    kind = check_data_file(path)
+    text = {"converters": {c: str for c in columns}} if as_text and kind == "csv" else {}
+    table = load_table(path, kind, **text)
     for column, option in columns.items():
         check_column(path, column, table.column_names, option)
     return table
@@ -126,12 +127,13 @@ def check_utf8(path: Path) -> None:
                        "e.g. iconv -f latin1 -t utf-8") from None
 
 
-def load_table(path: Path, kind: str, streaming: bool = False):
+def load_table(path: Path, kind: str, streaming: bool = False, **options):
     """The file through the datasets library: in memory, or read lazily as it is iterated."""
     import datasets
 
     datasets.disable_progress_bars()
-    options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if path.suffix.lower() == ".tsv":
+        options["delimiter"] = "\t"
     with parse_errors(path, kind):
         return datasets.load_dataset(kind, data_files=str(path), split="train",
                                      **({"streaming": True} if streaming else {"keep_in_memory": True}),
@@ -257,16 +259,17 @@ def read_pairs(path: str | Path, prompt_column: str, completion_column: str):
     with a prompt and no completion is an error (there is nothing to learn from it)."""
     path = Path(path)
     table = read_table(path, {prompt_column: "--prompt-column",
-                              completion_column: "--completion-column"})
+                              completion_column: "--completion-column"}, as_text=True)
     prompts, completions, dropped = [], [], 0
     for row, (prompt, completion) in enumerate(zip(table[prompt_column], table[completion_column])):
-        if not isinstance(prompt, str) or not prompt.strip():
+        prompt = None if prompt is None else str(prompt)
+        if not prompt or not prompt.strip():
             dropped += 1
             continue
         if completion is None or not str(completion).strip():
             raise AhlError(f"row {row + 1} of {path.name} has a prompt but an empty "
                            f"{completion_column!r}: fill it in or drop the row")
-        prompts.append(prompt.strip())
+        prompts.append(prompt.strip())  # a JSON number is its text
         completions.append(str(completion).strip())
     if not prompts:
         raise AhlError(f"{path.name} has no rows with a prompt: fill in the {prompt_column!r} "

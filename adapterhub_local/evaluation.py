@@ -10,13 +10,13 @@ the soft metric beside it.
 """
 
 from dataclasses import dataclass
-from statistics import mean
 
 import torch
 
 from adapterhub_local.inference import answer, generation_mixture
-from adapterhub_local.scoring import SOFT_METRIC, row_scores
+from adapterhub_local.scoring import SOFT_METRIC, mean_score
 from adapterhub_local.serving import kind_of, metric_of
+from adapterhub_local.store import TAG
 
 COMPOSE_TOP_K = 2
 ROUNDING = 1e-5  # settled() leaves closer calls than this to answer() itself
@@ -128,33 +128,32 @@ def score_generated(bank, router_tasks: list[str], loader, versions: dict, gener
                     label_sets: dict) -> dict[str, TaskEval]:
     """All modes for each generate task ({task: (routes, its oracle completions)}). A composed
     row decodes again only where the other routed generate adapters could change its output:
-    its own adapter's weight times its smallest margin (generation.Generated) must exceed
-    theirs, else the mixture decodes; all such rows in shared batches."""
-    from adapterhub_local.generation import greedy, prompt_ids
+    unless its own adapter's weight times its smallest margin (generation.Generated) exceeds
+    theirs, and its own output ended within a budget no other member extends, the mixture
+    decodes (generation.complete, as predict does); all such rows in shared batches."""
+    from adapterhub_local.generation import complete, prompt_ids
 
+    budgets = {t: int(v.tags.get(f"{TAG}max_new_tokens", 0)) for t, v in versions.items()}
     answers, reopen = {}, []  # (task, row) -> the composed completion (None: a wrong answer)
     for task, (routes, outputs) in generated.items():
         for row, route in enumerate(routes):
             mixture = dict(generation_mixture(route, label_sets))
             others = sum(w for t, w in mixture.items() if t != task)
+            ended = (len(outputs[row].tokens) < budgets[task]
+                     or all(budgets[t] <= budgets[task] for t in mixture))
             if task not in mixture:
                 answers[(task, row)] = None
-            elif mixture[task] * outputs[row].margin > others + ROUNDING:
+            elif ended and mixture[task] * outputs[row].margin > others + ROUNDING:
                 answers[(task, row)] = outputs[row].text
             else:
                 reopen.append((task, row, list(mixture.items())))
     names = {t: loader.load_version(bank, t, versions[t]) for *_, mixture in reopen
              for t, _ in mixture}
-    by_budget: dict[int, list] = {}
-    for item in reopen:
-        budget = max(bank.generate[names[t]]["max_new_tokens"] for t, _ in item[2])
-        by_budget.setdefault(budget, []).append(item)
-    for budget, items in by_budget.items():
-        prompts = prompt_ids(bank.base, [loader.test_split(versions[task])["texts"][row]
-                                         for task, row, _ in items])
-        mixtures = [[(names[t], w) for t, w in mixture] for *_, mixture in items]
-        for (task, row, _), out in zip(items, greedy(bank, prompts, mixtures, budget)):
-            answers[(task, row)] = out.text
+    prompts = prompt_ids(bank.base, [loader.test_split(versions[task])["texts"][row]
+                                     for task, row, _ in reopen])
+    mixtures = [[(names[t], w) for t, w in mixture] for *_, mixture in reopen]
+    for (task, row, _), out in zip(reopen, complete(bank, prompts, mixtures)):
+        answers[(task, row)] = out.text
     results = {}
     for task, (routes, outputs) in generated.items():
         targets = loader.test_split(versions[task])["targets"]
@@ -172,7 +171,3 @@ def score_generated(bank, router_tasks: list[str], loader, versions: dict, gener
     return results
 
 
-def mean_score(metric: str, texts: list, targets: list[str]) -> float:
-    """The mean of the rows' scores; a row answered by another task (None) scores 0."""
-    scores = row_scores(metric, [t or "" for t in texts], targets)
-    return mean(0.0 if t is None else s for t, s in zip(texts, scores))

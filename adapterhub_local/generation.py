@@ -14,11 +14,13 @@ completion-only loss, and greedy decoding in which every row may mix several ada
 """
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
 
 from adapterhub_local.errors import AhlError
+from adapterhub_local.inference import quiet_forward
 
 IGNORE = -100  # label of a position the loss skips
 DECODE_ROWS = 64  # rows decoded together: their KV caches are held at once
@@ -33,6 +35,11 @@ class Generated:
     margin: float
     """The smallest gap, over the steps, between the best and the second-best token's mixed
     probability: a mixture whose other members weigh less cannot change this output."""
+
+
+def context_of(base) -> int | None:
+    """The most positions the base reads (None where its config does not say)."""
+    return getattr(base.model.config, "max_position_embeddings", None)
 
 
 def template_of(base) -> str | None:
@@ -96,6 +103,26 @@ def completion_logits(model, base, batch: dict, labels: torch.Tensor):
     return base.lm_head(hidden[:, :-1][predicts]), labels[:, 1:][predicts]
 
 
+def complete(bank, prompts: list[list[int]], mixtures: list[list[tuple[str, float]]]
+             ) -> list[Generated]:
+    """greedy() with each row's budget the largest of its adapters' max_new_tokens (rows of
+    one budget decode together) and its weights scaled to sum to 1."""
+    by_budget: dict[int, list[int]] = {}
+    for row, mixture in enumerate(mixtures):
+        by_budget.setdefault(budget_of(bank, mixture), []).append(row)
+    out: list[Generated | None] = [None] * len(prompts)
+    for budget, rows in by_budget.items():
+        scaled = [[(a, w / sum(x for _, x in mixtures[row])) for a, w in mixtures[row]]
+                  for row in rows]
+        for row, made in zip(rows, greedy(bank, [prompts[row] for row in rows], scaled, budget)):
+            out[row] = made
+    return out
+
+
+def budget_of(bank, mixture: list[tuple[str, float]]) -> int:
+    return max(bank.generate[adapter]["max_new_tokens"] for adapter, _ in mixture)
+
+
 @torch.inference_mode()
 def greedy(bank, prompts: list[list[int]], mixtures: list[list[tuple[str, float]]],
            max_new_tokens: int) -> list[Generated]:
@@ -118,7 +145,7 @@ def _decode(bank, prompts, mixtures, max_new_tokens: int) -> list[Generated]:
     logp, margin = [0.0] * len(prompts), [1.0] * len(prompts)
     done = [False] * len(prompts)
     probs = [group.prefill() for group in groups]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         mixed = torch.zeros(len(prompts), base.lm_head.out_features)
         for group, p in zip(groups, probs):
             mixed.index_add_(0, group.rows, p * group.weights[:, None])
@@ -133,11 +160,11 @@ def _decode(bank, prompts, mixtures, max_new_tokens: int) -> list[Generated]:
                 done[row] = True
             else:
                 tokens[row].append(int(chosen[row]))
-        if all(done):
+        if all(done) or step == max_new_tokens - 1:
             break
         probs = [group.step(chosen) for group in groups]
-    return [Generated(decode(base, t), t,
-                      float(torch.tensor(lp / (len(t) + int(d))).exp()) if t or d else 0.0, m)
+    # The end token, where chosen, counts among the tokens scored.
+    return [Generated(decode(base, t), t, math.exp(lp / (len(t) + d)) if t or d else 0.0, m)
             for t, lp, m, d in zip(tokens, logp, margin, done)]
 
 
@@ -152,11 +179,9 @@ class _Lanes:
         self.ids = [prompts[row] for row, _, _ in members]
         self.model = bank.model(self.names[0])
         self.prompt_learning = self.model.peft_config[self.names[0]].is_prompt_learning
-        self.cache, self.mask, self.length = None, None, 0
+        self.cache = self.mask = self.next_position = None
 
     def _forward(self, model, **inputs):
-        from adapterhub_local.inference import quiet_forward
-
         context, extra = self.bank.batch_routing(self.model, self.names)
         with context, quiet_forward():
             return model(**inputs, **extra, use_cache=True)
@@ -213,7 +238,8 @@ class GenerateObjective:
     def logits(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch, labels = lm_batch(self.bank.base, [self.rows[i][0] for i in rows],
                                  [self.rows[i][1] for i in rows])
-        return completion_logits(self.bank.model(self.name), self.bank.base, batch, labels)
+        with quiet_forward():
+            return completion_logits(self.bank.model(self.name), self.bank.base, batch, labels)
 
     @torch.inference_mode()
     def validate(self) -> float:
@@ -221,8 +247,9 @@ class GenerateObjective:
         for start in range(0, len(self.val_rows), self.options.batch_size):
             chunk = self.val_rows[start: start + self.options.batch_size]
             batch, labels = lm_batch(self.bank.base, [p for p, _ in chunk], [c for _, c in chunk])
-            logits, targets = completion_logits(self.bank.model(self.name), self.bank.base,
-                                                batch, labels)
+            with quiet_forward():
+                logits, targets = completion_logits(self.bank.model(self.name), self.bank.base,
+                                                    batch, labels)
             right += int((logits.argmax(-1) == targets).sum())
             total += len(targets)
         return right / max(total, 1)

@@ -137,7 +137,8 @@ class Hub:
 
     def predict(self, texts: list[str], mode: str = "pick", top_k: int | None = None,
                 task: str | None = None) -> list[dict]:
-        """One answer per text: {"text", "task", "label", "score", "adapters"}. Without `task`
+        """One answer per text: {"text", "task", "label", "score", "adapters"}, with
+        "completion" instead of "label" where a generate task answers. Without `task`
         the router decides: "pick" one adapter, or "compose" the top_k (default: the k the
         composed matrix is measured with, evaluation.COMPOSE_TOP_K). task/label are None
         when it abstains ("reason" says why) or when the adapter it needs failed its checksum

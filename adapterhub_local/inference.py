@@ -157,6 +157,8 @@ class AdapterBank:
 
         if name in self:
             return
+        # What goes beside the PEFT files first: a bad one leaves the bank as it was.
+        head, labels, generate = self._read_answerer(Path(folder))
         method.register_with_peft()
         config = PeftConfig.from_pretrained(folder)
         key, model = self._group(str(config.peft_type), method)
@@ -170,17 +172,30 @@ class AdapterBank:
         self.group_of[name] = key
         lora_batch.install(self.groups[key])
         self.mixed_batch[name] = method.mixed_batch
-        if (Path(folder) / GENERATE_FILE).is_file():
-            self.generate[name] = json.loads((Path(folder) / GENERATE_FILE).read_text(encoding="utf-8"))
-            self.heads[name], self.labels[name] = None, []
-            return
-        weights = load_file(Path(folder) / HEAD_FILE)
-        labels = json.loads((Path(folder) / LABELS_FILE).read_text(encoding="utf-8"))
+        self.heads[name], self.labels[name] = head, labels
+        if generate is not None:
+            self.generate[name] = generate
+
+    def _read_answerer(self, folder: Path) -> tuple:
+        """(head, labels, None) of a classify adapter's folder, or (None, [], its settings) of a
+        generate adapter's, whose prompts must be templated as in its training."""
+        if (folder / GENERATE_FILE).is_file():
+            from adapterhub_local.errors import AhlError
+            from adapterhub_local.generation import template_digest
+
+            generate = json.loads((folder / GENERATE_FILE).read_text(encoding="utf-8"))
+            if generate.get("template") != template_digest(self.base):
+                raise AhlError(f"this generate adapter was trained with another chat template "
+                               f"than base {self.base.name!r} has now (sha256 "
+                               f"{str(generate.get('template'))[:12]}): restore the base's "
+                               "tokenizer files, or train the task again")
+            return None, [], generate
+        weights = load_file(folder / HEAD_FILE)
+        labels = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
         head = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
         head.load_state_dict(weights)
         head.requires_grad_(False)
-        head.to(self.base.device)
-        self.heads[name], self.labels[name] = head, labels
+        return head.to(self.base.device), labels, None
 
     def remove_adapter(self, name: str) -> None:
         if name in self.group_of:
@@ -237,7 +252,8 @@ class AdapterBank:
 
     def trainable_parameters(self, name: str) -> list[torch.nn.Parameter]:
         adapter = [p for p in self.model(name).parameters() if p.requires_grad]
-        return adapter + (list(self.heads[name].parameters()) if self.heads[name] else [])
+        head = self.heads[name]
+        return adapter + (list(head.parameters()) if head is not None else [])
 
     def logits(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Head logits for a padded batch through the named adapter (must be active)."""
@@ -381,15 +397,15 @@ def answer_routes(bank, texts: list[str], routes: list, states, adapters: dict[s
     by_row: list[dict] = [{} for _ in texts]
     for (row, t), p in zip(pairs, probs):
         by_row[row][t] = p
-    completions = generate_answers(bank, texts, mixtures, adapters)
+    completions = generate_answers(bank, texts, mixtures, adapters, failed)
     results = []
     for row, (text, route, row_probs) in enumerate(zip(texts, routes, by_row)):
         if failed[row]:
             result = {"task": None, "label": None, "score": 0.0}
         elif mixtures[row]:
-            result = completions[row]
-            result = {"task": route.tasks[0], "completion": result.text,
-                      "score": route.confidence * result.score}
+            made = completions[row]
+            result = {"task": route.tasks[0], "completion": made.text,
+                      "score": route.confidence * made.score}
         else:
             result = answer(route, row_probs, labels)
         results.append({"text": text, "task": result["task"],
@@ -411,24 +427,25 @@ def generation_mixture(route, labels: dict[str, list[str]]) -> list[tuple[str, f
     return [(t, w) for t, w in zip(route.tasks, route.weights) if not labels[t]]
 
 
-def generate_answers(bank, texts: list[str], mixtures: list, adapters: dict[str, str]) -> dict:
-    """{row: generation.Generated} for the rows with a mixture of generate tasks, decoded
-    together per decoding budget (the largest of a row's adapters')."""
-    from adapterhub_local.generation import greedy, prompt_ids
+def generate_answers(bank, texts: list[str], mixtures: list, adapters: dict[str, str],
+                     failed: list[list[str]]) -> dict:
+    """{row: generation.Generated} for the rows with a mixture of generate tasks (generation.
+    complete). A prompt too long for the base's context with its budget fails its row (an
+    "error" in `failed`) instead of the batch."""
+    from adapterhub_local.generation import budget_of, complete, context_of, prompt_ids
 
-    by_budget: dict[int, list[int]] = {}
-    for row, mixture in enumerate(mixtures):
-        if mixture:
-            budget = max(bank.generate[adapters[t]]["max_new_tokens"] for t, _ in mixture)
-            by_budget.setdefault(budget, []).append(row)
-    out = {}
-    for budget, rows in by_budget.items():
-        total = [sum(w for _, w in mixtures[row]) for row in rows]
-        decoded = greedy(bank, prompt_ids(bank.base, [texts[row] for row in rows]),
-                         [[(adapters[t], w / s) for t, w in mixtures[row]]
-                          for row, s in zip(rows, total)], budget)
-        out.update(zip(rows, decoded))
-    return out
+    rows = [row for row, mixture in enumerate(mixtures) if mixture]
+    named = {row: [(adapters[t], w) for t, w in mixtures[row]] for row in rows}
+    ids = dict(zip(rows, prompt_ids(bank.base, [texts[row] for row in rows])))
+    context = context_of(bank.base)
+    for row in rows:
+        needed = len(ids[row]) + budget_of(bank, named[row])
+        if context is not None and needed > context:
+            failed[row] = [f"the prompt is {len(ids[row])} tokens; with up to "
+                           f"{needed - len(ids[row])} new ones it exceeds the base's context of "
+                           f"{context}: shorten it"]
+    rows = [row for row in rows if not failed[row]]
+    return dict(zip(rows, complete(bank, [ids[row] for row in rows], [named[row] for row in rows])))
 
 
 def answer(route, probs: dict[str, torch.Tensor], labels: dict[str, list[str]]) -> dict:

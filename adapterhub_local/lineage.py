@@ -4,7 +4,7 @@ it was committed and its metrics."""
 
 import json
 
-from adapterhub_local.serving import serving_set
+from adapterhub_local.serving import kind_of, metric_of, serving_set
 from adapterhub_local.store import HELD, LINEAGE_ARTIFACT, REMOVED, TAG
 
 
@@ -57,6 +57,10 @@ def version_lineage(store, version, with_run: bool = True) -> dict:
                  "source": tags.get(f"{TAG}data.source"), "split": read("data.split", "{}"),
                  "dropped": int(tags.get(f"{TAG}data.dropped", 0))},
         "labels": read("labels", "[]"),
+        "kind": kind_of(version), "metric": metric_of(version),
+        **({"generate": {"template": tags.get(f"{TAG}template"),
+                         "max_new_tokens": int(tags.get(f"{TAG}max_new_tokens", 0))}}
+           if kind_of(version) == "generate" else {}),
         "parent": int(tags[f"{TAG}parent"]) if tags.get(f"{TAG}parent") else None,
         "after": after(store, version),
         "router_version": int(tags[f"{TAG}router.version"]) if tags.get(f"{TAG}router.version") else None,

@@ -45,6 +45,8 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
     defaults = {}
     if kind is not None and kind not in KINDS:
         raise AhlError(f"unknown task kind {kind!r}: use one of {', '.join(KINDS)}")
+    columns = {"--text-column": text_column, "--label-column": label_column,
+               "--prompt-column": prompt_column, "--completion-column": completion_column}
     if spec is not None:
         task_spec = load_spec(spec)
         if kind is not None and kind != task_spec.kind:
@@ -58,9 +60,12 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
         completion_column = completion_column or task_spec.completion_column
         kind, defaults = task_spec.kind, task_spec.defaults
     kind = kind or "classify"
+    check_column_options(kind, columns)
     if train is None:
         raise AhlError("no training data: pass --train FILE or --spec FILE")
     check_task_name(name)
+    check_same_kind(store, name, kind, defaults.get("metric", DEFAULT_METRIC)
+                    if kind == "generate" else "accuracy")
     method = method or defaults.get("method", "lora")
     options = method_options(method, {**defaults.get("method_args", {}), **(method_args or {})})
     known = set(TrainOptions.__dataclass_fields__)
@@ -90,18 +95,45 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
                 store.router_features(ROUTER_FEATURES), device, generate)
 
 
+def check_column_options(kind: str, columns: dict) -> None:
+    """A column option (given on the command line) of the other kind is a mistake, not
+    something to ignore."""
+    reads = (["--prompt-column", "--completion-column"] if kind == "generate"
+             else ["--text-column", "--label-column"])
+    wrong = [option for option, value in columns.items() if value is not None and option not in reads]
+    if wrong:
+        raise AhlError(f"{wrong[0]} does not apply to a {kind} task, which reads "
+                       f"{' and '.join(reads)}: drop it"
+                       + (", or pass --kind generate" if kind == "classify" else ""))
+
+
+def check_same_kind(store, name: str, kind: str, metric: str) -> None:
+    """A task keeps its kind and metric across versions: its matrix column and the forgetting
+    gate compare its scores step to step."""
+    from adapterhub_local.serving import kind_of, metric_of
+
+    current = store.current_version(name) if store.exists() else None
+    if current is None:
+        return
+    if (kind_of(current), metric_of(current)) != (kind, metric):
+        raise AhlError(f"task {name!r} is a {kind_of(current)} task scored by "
+                       f"{metric_of(current)}; this add-task makes a {kind} task scored by "
+                       f"{metric}: keep its kind and metric, or add it under a new name")
+
+
 def plan_generation(data: TaskData, base, train: TrainOptions, defaults: dict) -> dict:
     """A generate task's decoding settings, once its rows fit the base: the base has an output
     layer for text, every prompt and completion fits --max-length and the base's context, and
     decoding may run a quarter longer than the longest training completion (or the spec's
     max_new_tokens)."""
-    from adapterhub_local.generation import completion_ids, prompt_ids, template_digest
+    from adapterhub_local.generation import (completion_ids, context_of, prompt_ids,
+                                             template_digest)
 
     if not base.generates:
         raise AhlError(f"base {base.name!r} is an encoder ({base.model.config.model_type}) "
                        "without an output layer for text: generate tasks need a causal LM "
                        "base, e.g. --base smollm2")
-    context = getattr(base.model.config, "max_position_embeddings", None) or train.max_length
+    context = context_of(base) or train.max_length
     limit = min(train.max_length, context)
     prompts = data.train_texts + data.test_texts
     completions = completion_ids(base, data.train_targets + data.test_targets)
@@ -112,10 +144,10 @@ def plan_generation(data: TaskData, base, train: TrainOptions, defaults: dict) -
                            f"{train.max_length}, the base's context {context}): shorten it, or "
                            "raise --max-length up to the context")
     longest = max(len(c) for c in completions[: len(data.train_targets)])
-    budget = int(defaults.get("max_new_tokens", longest + (longest + 3) // 4))
-    if budget < 1:
-        raise AhlError(f"max_new_tokens = {budget} in the spec: give at least 1")
-    data.max_new_tokens = budget
+    budget = defaults.get("max_new_tokens", longest + (longest + 3) // 4)
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise AhlError(f"max_new_tokens = {budget!r} in the spec is not a whole number of "
+                       "tokens: give e.g. max_new_tokens = 32")
     return {"template": template_digest(base), "max_new_tokens": budget, "metric": data.metric}
 
 

@@ -119,7 +119,9 @@ def step_metrics(record: dict, previous: dict) -> dict[str, float]:
         metrics.update({f"{mode}/acc/{t}": v for t, v in zip(record["tasks"], record["rows"][mode])
                         if v is not None and before.get(t) != v})
     for task, soft in record.get("soft", {}).items():
-        metrics.update({f"{mode}/{soft['metric']}/{task}": soft[mode] for mode in MODES})
+        before = previous.get("soft", {}).get(task, {})
+        metrics.update({f"{mode}/{soft['metric']}/{task}": soft[mode] for mode in MODES
+                        if before.get(mode) != soft[mode]})
     for mode, summary in record.get("summaries", {}).items():
         metrics.update({f"{mode}/{k}": v for k, v in summary.items() if v is not None})
     return metrics

@@ -76,8 +76,8 @@ def serving_set(store) -> dict:
 
 
 # What readers of a serving version use of its tags (the rest stays in the registry).
-MANIFEST_TAGS = [f"{TAG}{k}" for k in ("task", "kind", "metric", "method", "train", "files",
-                                        "accuracy")]
+MANIFEST_TAGS = [f"{TAG}{k}" for k in ("task", "kind", "metric", "max_new_tokens", "method",
+                                        "train", "files", "accuracy")]
 
 
 def manifest_of(versions: dict) -> dict:
@@ -427,11 +427,10 @@ def compute_scores(bank, adapter: str, texts: list[str], max_length: int, featur
     both (the adapter goes on from its states where it leaves that half bare), or a generate
     adapter's greedy completions (generation.Generated) of the texts as prompts."""
     if adapter in bank.generate:
-        from adapterhub_local.generation import greedy, prompt_ids
+        from adapterhub_local.generation import complete, prompt_ids
 
         found = bank.features(texts, max_length, features)
-        return found, greedy(bank, prompt_ids(bank.base, texts), [[(adapter, 1.0)]] * len(texts),
-                             bank.generate[adapter]["max_new_tokens"])
+        return found, complete(bank, prompt_ids(bank.base, texts), [[(adapter, 1.0)]] * len(texts))
     found, states = bank.encode(texts, max_length, features=features)
     return found, bank.probabilities(texts, [adapter] * len(texts), max_length, states=states)
 

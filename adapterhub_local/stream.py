@@ -84,7 +84,7 @@ def answer_writer(suffix: str, path: Path):
 
     adapter = pa.struct([("task", pa.string()), ("version", pa.int64()), ("weight", pa.float64())])
     schema = pa.schema([("text", pa.string()), ("task", pa.string()), ("label", pa.string()),
-                        ("score", pa.float64()), ("adapters", pa.list_(adapter)),
+                        ("completion", pa.string()), ("score", pa.float64()), ("adapters", pa.list_(adapter)),
                         ("reason", pa.string()), ("error", pa.string())])
     with pq.ParquetWriter(path, schema) as writer:
         yield lambda answers: writer.write_table(pa.Table.from_pylist(

@@ -151,7 +151,8 @@ def test_mixed_batch_generation_equals_one_row_at_a_time(tiny_llama):
 
 
 @pytest.mark.parametrize("case", ["encoder base", "no prompt column", "empty completion",
-                                  "too long", "classify spec"])
+                                  "too long", "classify spec", "label column", "budget",
+                                  "kind change"])
 def test_bad_generate_input_is_one_line_and_changes_nothing(case, store_dir, tmp_path, gen_data,
                                                             tiny_base, tiny_llama):
     train = gen_data["animals"][0]
@@ -170,15 +171,55 @@ def test_bad_generate_input_is_one_line_and_changes_nothing(case, store_dir, tmp
         train = write_csv(tmp_path / "long.csv", rows, ("prompt", "completion"))
         args += ["--max-length", "16"]
         message = "are 22 tokens, more than 16 (--max-length 16"
+    elif case == "label column":
+        args += ["--label-column", "completion"]
+        message = "--label-column does not apply to a generate task"
+    elif case == "kind change":  # animals_gen is a classify task already
+        Hub(store_dir).add_task("animals_gen", *gen_data["moods"], base=tiny_llama, epochs=1)
+        message = "task 'animals_gen' is a classify task scored by accuracy"
     else:
-        spec = tmp_path / "moods.toml"
-        spec.write_text(f'train = "{gen_data["moods"][0]}"\n', encoding="utf-8")
-        args = ["add-task", "--spec", spec, "--kind", "generate", "--base", tiny_llama]
-        message = "describes a classify task but --kind generate was given"
-    if case != "classify spec":
+        spec = tmp_path / "task.toml"
+        if case == "budget":
+            spec.write_text(f'kind = "generate"\ntrain = "{train}"\nmax_new_tokens = "ten"\n',
+                            encoding="utf-8")
+            message = "max_new_tokens = 'ten' in the spec is not a whole number"
+            args = ["add-task", "--spec", spec, "--base", tiny_llama]
+        else:
+            spec.write_text(f'train = "{gen_data["moods"][0]}"\n', encoding="utf-8")
+            args = ["add-task", "--spec", spec, "--kind", "generate", "--base", tiny_llama]
+            message = "describes a classify task but --kind generate was given"
+    if "--spec" not in args:
         args += ["--train", train]
     before = file_digest(store_dir)
     result = ahl(*args, "--store", store_dir, ok=False)
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr, result.stderr
     assert file_digest(store_dir) == before
+
+
+def test_completions_stream_to_files_and_come_from_the_packaged_model(mixed_store, tmp_path):
+    import shutil
+
+    import mlflow
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    store = tmp_path / "store"
+    shutil.copytree(mixed_store, store)
+    texts = ["the crimson here today", "a puppy near the nest", "very sad gloom here", "blue"]
+    expected = [(a["task"], a.get("label"), a.get("completion")) for a in Hub(store).predict(texts)]
+    assert {e[2] is not None for e in expected} == {True, False}  # both kinds answered
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts), encoding="utf-8")
+    for output in (tmp_path / "out.jsonl", tmp_path / "out.parquet"):
+        ahl("predict", "--file", source, "--output", output, "--store", store)
+        written = ([json.loads(line) for line in output.read_text().splitlines()]
+                   if output.suffix == ".jsonl" else pq.read_table(output).to_pylist())
+        assert [(a["task"], a.get("label"), a.get("completion")) for a in written] == expected
+
+    ahl("store", "package", "--store", store)
+    version = Hub(store).store.alias_version("_serving", "production")
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=version.source,
+                                                 dst_path=str(tmp_path / "model"))
+    served = mlflow.pyfunc.load_model(folder).predict(pd.DataFrame({"text": texts}))
+    assert list(zip(served["task"], served["label"], served["completion"])) == expected
