@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test bench install
+.PHONY: demo test bench install cli-docs
 
 install: $(INSTALLED)
 
@@ -33,3 +33,8 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/forgetting_baselines.py
 	$(BIN)/python bench/step_cost.py
 	$(BIN)/python bench/inference.py
+
+# The command reference, from the Typer app, as plain text (Typer escapes it for HTML).
+cli-docs: $(INSTALLED)
+	$(BIN)/python -m typer adapterhub_local.cli utils docs --name ahl --title "ahl command reference" --output cli/README.md
+	$(BIN)/python -c "import html, pathlib; p = pathlib.Path('cli/README.md'); p.write_text(html.unescape(p.read_text()))"

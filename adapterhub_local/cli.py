@@ -65,6 +65,8 @@ WaitOption = Annotated[float, typer.Option(
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 SEQUENCES = {"classify": TASKS_DIR, "generate": TASKS_DIR / "generate"}
 GATE_HELD_EXIT = 3
+# The MLflow UI (3.x) opens in its GenAI view unless a link asks for model training.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
 
 
 def command(group: typer.Typer, name: str):
@@ -546,6 +548,7 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     import time
 
     from adapterhub_local.dashboards import serve_ui, server_log, stop_ui, wait_for_ui
+    from adapterhub_local.sequence import sequence_run
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -555,7 +558,9 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 
     hub = Hub(store)
     server = serve_ui(hub.store, port)  # dies with this process, however it ends
+    hub.store.mark_model_training()
     url = f"http://127.0.0.1:{port}"
+    run = sequence_run(hub.store)
     # Ctrl-C and SIGTERM stop the UI, for this command only. Set even over an inherited "ignore"
     # (a background job of a non-interactive shell starts with SIGINT ignored, and Python then
     # never raises KeyboardInterrupt: the UI would ignore Ctrl-C for good).
@@ -565,8 +570,9 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
             reason = last_line() if server.poll() is not None else "no answer within 60 s"
             raise AhlError(f"the MLflow UI did not start ({reason}): try another --port")
         typer.echo(f"MLflow UI: {url}  (store {hub.store.location})")  # plain: never wrapped
-        typer.echo(f"The forgetting dashboards: experiment '{hub.store.namespace}', run 'sequence' "
-                   "(Model metrics, Artifacts). Ctrl-C stops it.")
+        typer.echo(f"The forgetting dashboards (experiment '{hub.store.namespace}', run "
+                   f"'sequence': Model metrics, Artifacts): {url}/#/experiments/"
+                   f"{hub.store.experiment_id()}/runs/{run}{MODEL_TRAINING_VIEW}  Ctrl-C stops it.")
         while server.poll() is None:  # short sleeps: a signal is handled at once, never deferred
             time.sleep(0.5)
         raise AhlError(f"the MLflow UI stopped by itself (exit {server.returncode}: {last_line()})")

@@ -32,6 +32,9 @@ PENDING = f"{TAG}pending"  # version tag: made by a commit that has not complete
 STEP_TAG = f"{TAG}step"  # pending version tag: the step its commit will be recorded as
 SEQUENCE_RUN = "sequence"  # the run that holds the sequence record (sequence.py)
 STEPS_TAG = f"{TAG}steps"  # its tag: the number of committed steps
+# What the MLflow UI (3.x) opens a store's experiment as: model training (its runs, charts and
+# artifacts), not the GenAI view (traces, evaluation runs) it guesses for an unmarked one.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 LEASE = "_lease"  # the registered model whose existence is the store's write lease
 PAGE = 1000  # MLflow's largest page for searches
 LINEAGE_ARTIFACT = "lineage.json"  # per add-task run: what served when it was committed
@@ -127,11 +130,19 @@ class AdapterStore(TrackingWrites):
         try:
             return self.client.create_experiment(self.namespace,
                                                  artifact_location=self.artifact_root,
-                                                 tags={f"{TAG}store": "true"})
+                                                 tags={f"{TAG}store": "true",
+                                                       EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
         except Exception as e:
             if error_code(e) != "RESOURCE_ALREADY_EXISTS":
                 raise
             return self.client.get_experiment_by_name(self.namespace).experiment_id
+
+    def mark_model_training(self) -> None:
+        """Mark the store's experiment as model training where it is not yet (stores made
+        before the mark existed; `ahl ui` calls this before it serves them)."""
+        experiment = self.client.get_experiment(self.experiment_id())
+        if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            self.client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
 
     # -- base binding -------------------------------------------------------------------------
 

@@ -29,6 +29,10 @@ def test_the_sequence_run_shows_the_forgetting_metrics_in_chromium(store_dir, ti
         url = f"http://127.0.0.1:{port}"
         assert url in ui.stdout.readline()  # printed once the server answers
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        # The link ahl ui prints opens model training (the runs table), not the GenAI view
+        # (traces, judges, evaluation runs) that MLflow 3 opens by default.
+        runs = page_showing(f"{url}/#/experiments/{experiment}?workflowType=machine_learning",
+                            ARTIFACTS / "ui_experiment.png", "matching runs")
         page = f"{url}/#/experiments/{experiment}/runs/{run}"
         overview = page_showing(page, ARTIFACTS / "ui_sequence_run.png", "oracle/bwt")
         charts = page_showing(f"{page}/model-metrics", ARTIFACTS / "ui_model_metrics.png",
@@ -36,11 +40,12 @@ def test_the_sequence_run_shows_the_forgetting_metrics_in_chromium(store_dir, ti
     finally:
         ui.send_signal(signal.SIGINT)
         ui.wait(timeout=30)
+    assert "matching runs" in runs and "Evaluation runs" not in runs and "Judges" not in runs
     assert "sequence" in overview and "How each earlier task held up" in overview
     for metric in ("oracle/bwt", "oracle/acc/colors", "routed/acc/animals", "routing/acc/colors"):
         assert metric in overview, metric
     assert "composed/acc" in charts and "forgetting" in charts  # the charts, sectioned by prefix
-    for shot in ("ui_sequence_run.png", "ui_model_metrics.png"):
+    for shot in ("ui_experiment.png", "ui_sequence_run.png", "ui_model_metrics.png"):
         assert (ARTIFACTS / shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -73,10 +73,16 @@ def test_ui_serves_the_store_and_stops_on_a_signal(store_dir, tiny_data, tiny_ba
     ui = start_ui(store_dir, port)
     try:
         assert wait_until(lambda: experiment(url), 120)
-        assert experiment(url)["experiment"]["name"] == "ahl"
+        found = experiment(url)["experiment"]
+        assert found["name"] == "ahl"
+        # Marked as model training: the UI opens its runs, not the GenAI view.
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in found["tags"]
         with urllib.request.urlopen(url, timeout=5) as response:
             assert response.status == 200 and b"<html" in response.read().lower()
         assert url in ui.stdout.readline()
+        run = Hub(store_dir).store.sequence_run_id()
+        link = f"{url}/#/experiments/{found['experiment_id']}/runs/{run}?workflowType=machine_learning"
+        assert link in ui.stdout.readline()
         ui.send_signal(stop)
         assert ui.wait(timeout=60) == 0
         assert "stopped" in ui.stdout.read()
