@@ -43,6 +43,7 @@ for _logger in ("mlflow", "alembic"):
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from adapterhub_local import query_cache  # noqa: E402
+from adapterhub_local.card import percent, signed  # noqa: E402
 from adapterhub_local.dashboards import wait_for_drawings  # noqa: E402
 from adapterhub_local.errors import AhlError  # noqa: E402
 from adapterhub_local.hub import MODE_NAMES, Hub  # noqa: E402
@@ -115,14 +116,6 @@ def clean_floats(value):
     if isinstance(value, list):
         return [clean_floats(v) for v in value]
     return value
-
-
-def percent(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
-
-
-def signed(value) -> str:
-    return "-" if value is None else f"{100 * value:+.1f}"
 
 
 @contextlib.contextmanager

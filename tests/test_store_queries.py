@@ -63,6 +63,28 @@ def test_export_loads_with_peft_and_gives_the_same_outputs(store_with_versions, 
     assert json.loads((out / "labels.json").read_text()) == ["blue", "red"]
 
 
+def test_export_carries_a_model_card_filled_from_the_store(store_with_versions, tmp_path):
+    import yaml
+
+    store = store_with_versions
+    out = tmp_path / "card"
+    ahl("store", "export", "colors@2", out, "--store", store)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    meta = yaml.safe_load(front)  # valid YAML front matter, as a model hub reads it
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-classification"
+    assert {"adapterhub-local", "lora", "classify"} <= set(meta["tags"])
+    assert "base_model" not in meta  # a local folder base has no public id to name
+    shown = json.loads(ahl("store", "show", "colors@2", "--json", "--store", store).stdout)
+    for fact in ("# colors, version 2: a lora adapter", "blue, red", shown["base"]["sha256"],
+                 shown["data"]["digest"], "colors_train.csv + colors_test.csv",
+                 f"test accuracy: {100 * shown['metrics']['test_accuracy']:.1f}%",
+                 "at step 3 of the store's sequence", "| animals |", "parent version: 1",
+                 "before it: animals@1", "PeftModel.from_pretrained", "[More Information"):
+        assert (fact in body) == (fact != "[More Information"), fact  # not peft's empty template
+    assert str(tmp_path.parent) not in card and "/tmp/" not in card  # no local paths
+
+
 def test_export_refuses_a_non_empty_folder_unless_forced(store_with_versions, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
