@@ -223,3 +223,27 @@ def test_completions_stream_to_files_and_come_from_the_packaged_model(mixed_stor
                                                  dst_path=str(tmp_path / "model"))
     served = mlflow.pyfunc.load_model(folder).predict(pd.DataFrame({"text": texts}))
     assert list(zip(served["task"], served["label"], served["completion"])) == expected
+
+
+def test_a_generate_adapter_refuses_another_chat_template(tiny_llama, tmp_path):
+    from adapterhub_local.errors import AhlError
+    from adapterhub_local.generation import template_digest
+
+    base = load_base(tiny_llama)
+    bank = bank_for(base)
+    method = get_method("lora")
+    bank.add_adapter("gen-template", method.build(method.options(), base), [], method,
+                     {"template": template_digest(base), "max_new_tokens": 4})
+    try:
+        bank.save_adapter("gen-template", tmp_path)
+    finally:
+        bank.remove_adapter("gen-template")
+    settings = json.loads((tmp_path / "generate.json").read_text())
+    (tmp_path / "generate.json").write_text(json.dumps({**settings, "template": "0" * 64}))
+    with pytest.raises(AhlError, match="trained with another chat template"):
+        bank.load_adapter("gen-template-again", tmp_path, method)
+    assert "gen-template-again" not in bank  # the bank is as it was
+    (tmp_path / "generate.json").write_text(json.dumps(settings))
+    bank.load_adapter("gen-template-again", tmp_path, method)
+    assert bank.generate["gen-template-again"]["max_new_tokens"] == 4
+    bank.remove_adapter("gen-template-again")
