@@ -221,11 +221,11 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
         # GGUF: tensors and tokenizer in one file, dequantized to fp32.
         with quiet_gguf() if gguf else contextlib.nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(folder, **where)
-            config = AutoConfig.from_pretrained(folder, **where)
             # A causal LM keeps its output layer for generate tasks; its backbone is the module
-            # AutoModel would load, which every kind of task reads. (A GGUF file is an LLM; its
-            # config names no architectures.)
-            causal = gguf or any(a.endswith("ForCausalLM") for a in config.architectures or [])
+            # AutoModel would load, which every kind of task reads. (A GGUF file is an LLM: its
+            # config names no architectures, and is not parsed twice to find that out.)
+            causal = gguf or any(a.endswith("ForCausalLM") for a in
+                                 AutoConfig.from_pretrained(folder).architectures or [])
             loader = AutoModelForCausalLM if causal else AutoModel
             loaded = loader.from_pretrained(folder, **where, **({} if gguf else {"use_safetensors": True}))
     except (OSError, ValueError) as e:

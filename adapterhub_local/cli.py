@@ -217,7 +217,7 @@ def add_task(
 
 def print_step(result: dict) -> None:
     out.print(f"[bold]{result['task']}[/bold] version {result['version']} ({result['method']}): "
-              f"test {result.get('metric', 'accuracy').replace('_', ' ')} "
+              f"test {result['metric'].replace('_', ' ')} "
               f"{percent(result['accuracy'])}%, {result['train_rows']} rows, "
               f"{result['steps']} steps in {result['train_seconds']:.0f}s"
               + (f", {result['dropped_rows']} empty rows dropped" if result["dropped_rows"] else ""))

@@ -51,7 +51,7 @@ def score_task(router_tasks: list[str], task: str, labels: list[int], routes: li
     other the other routed adapters' on its open rows ({(row, task): probabilities})."""
     n = len(labels)
     oracle_right = [int(p.argmax()) == y for p, y in zip(oracle_probs, labels)]
-    first = [r.tasks[0] if r.tasks else None for r in routes]
+    first, routing = routing_of(router_tasks, task, routes)
     # A settled input is right when its task was routed, a classify task answers (the first
     # routed task is one) and its own adapter is right.
     composed_right = [task in r.tasks and bool(label_sets[r.tasks[0]]) and ok
@@ -65,9 +65,15 @@ def score_task(router_tasks: list[str], task: str, labels: list[int], routes: li
         oracle=sum(oracle_right) / n,
         routed=sum(f == task and ok for f, ok in zip(first, oracle_right)) / n,
         composed=sum(composed_right) / n,
-        routing=first.count(task) / n,
-        confusion=[first.count(t) for t in router_tasks] + [first.count(None)],
+        **routing,
     )
+
+
+def routing_of(router_tasks: list[str], task: str, routes: list) -> tuple[list, dict]:
+    """(each input's first routed task, {"routing", "confusion"}) of one task's test split."""
+    first = [r.tasks[0] if r.tasks else None for r in routes]
+    return first, {"routing": first.count(task) / len(first),
+                   "confusion": [first.count(t) for t in router_tasks] + [first.count(None)]}
 
 
 def settled(route, task: str, own: torch.Tensor, label_sets: dict[str, list[str]]) -> bool:
@@ -157,7 +163,7 @@ def score_generated(bank, router_tasks: list[str], loader, versions: dict, gener
     results = {}
     for task, (routes, outputs) in generated.items():
         targets = loader.test_split(versions[task])["targets"]
-        first = [r.tasks[0] if r.tasks else None for r in routes]
+        first, routing = routing_of(router_tasks, task, routes)
         modes = {"oracle": [o.text for o in outputs],
                  "routed": [o.text if f == task else None for o, f in zip(outputs, first)],
                  "composed": [answers[(task, row)] for row in range(len(outputs))]}
@@ -165,8 +171,7 @@ def score_generated(bank, router_tasks: list[str], loader, versions: dict, gener
                   for metric in (metric_of(versions[task]), SOFT_METRIC)}
         main = scored[metric_of(versions[task])]
         results[task] = TaskEval(oracle=main["oracle"], routed=main["routed"],
-                                 composed=main["composed"], routing=first.count(task) / len(first),
-                                 confusion=[first.count(t) for t in router_tasks] + [first.count(None)],
+                                 composed=main["composed"], **routing,
                                  soft={"metric": SOFT_METRIC, **scored[SOFT_METRIC]})
     return results
 

@@ -13,6 +13,7 @@ from adapterhub_local.device import resolve_device
 from adapterhub_local.errors import AhlError
 from adapterhub_local.router import ROUTER_FEATURES
 from adapterhub_local.scoring import DEFAULT_METRIC, check_metric
+from adapterhub_local.serving import kind_of, metric_of
 from adapterhub_local.methods import get_method, method_options
 from adapterhub_local.store import TAG
 from adapterhub_local.trainer import TrainOptions
@@ -59,12 +60,13 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
         prompt_column = prompt_column or task_spec.prompt_column
         completion_column = completion_column or task_spec.completion_column
         kind, defaults = task_spec.kind, task_spec.defaults
-    kind = kind or "classify"
-    check_column_options(kind, columns)
     if train is None:
         raise AhlError("no training data: pass --train FILE or --spec FILE")
     check_task_name(name)
-    check_same_kind(store, name, kind, defaults.get("metric", DEFAULT_METRIC)
+    current = store.current_version(name) if store.exists() else None
+    kind = kind or (kind_of(current) if current is not None else "classify")  # a new version's
+    check_column_options(kind, columns)
+    check_same_kind(current, name, kind, defaults.get("metric", DEFAULT_METRIC)
                     if kind == "generate" else "accuracy")
     method = method or defaults.get("method", "lora")
     options = method_options(method, {**defaults.get("method_args", {}), **(method_args or {})})
@@ -107,12 +109,9 @@ def check_column_options(kind: str, columns: dict) -> None:
                        + (", or pass --kind generate" if kind == "classify" else ""))
 
 
-def check_same_kind(store, name: str, kind: str, metric: str) -> None:
-    """A task keeps its kind and metric across versions: its matrix column and the forgetting
-    gate compare its scores step to step."""
-    from adapterhub_local.serving import kind_of, metric_of
-
-    current = store.current_version(name) if store.exists() else None
+def check_same_kind(current, name: str, kind: str, metric: str) -> None:
+    """A task keeps its kind and metric across versions (`current`: its newest, or None): its
+    matrix column and the forgetting gate compare its scores step to step."""
     if current is None:
         return
     if (kind_of(current), metric_of(current)) != (kind, metric):

@@ -178,10 +178,11 @@ class ServingSetModel(mlflow.pyfunc.PythonModel):
         texts = [cells[i] for i in good]
         routes, states = route_texts(self.bank, self.router, texts, 1 if mode == "pick" else top_k)
         answered = answer_routes(self.bank, texts, routes, states, self.adapters, self.versions, {})
-        rows = [{"text": None, "task": None, "label": None, "completion": None, "score": 0.0,
-                 "adapters": [], "reason": None, "error": cell_error(i, c)} for i, c in enumerate(cells)]
+        empty = dict.fromkeys(ANSWER_FIELDS)  # a field an answer lacks is None
+        rows = [{**empty, "score": 0.0, "adapters": [], "error": cell_error(i, c)}
+                for i, c in enumerate(cells)]
         for i, result in zip(good, answered):
-            rows[i] = {"label": None, "completion": None, "reason": None, "error": None, **result}
+            rows[i] = {**empty, **result}
         if params.get("format") == "json":
             return pd.DataFrame({"answer": [json.dumps(row) for row in rows]})
         # Object columns: a missing field stays None (pandas would make it NaN, or a float).

@@ -114,6 +114,22 @@ def store_dir(store_template, tmp_path) -> Path:
 FAST = {"epochs": 6, "lr": 5e-3, "batch_size": 16}
 
 
+def perturbed_adapter(bank, name: str, method: str, labels: list[str], seed: int, scale: float,
+                      generate: dict | None = None) -> str:
+    """Add a frozen adapter of `method` to the bank with seeded noise on its weights: most
+    methods start as the identity, and tests of mixed batches need adapters that differ."""
+    from adapterhub_local.methods import get_method
+
+    torch.manual_seed(seed)
+    config = get_method(method).build(get_method(method).options(), bank.base)
+    bank.add_adapter(name, config, labels, get_method(method), generate)
+    with torch.no_grad():
+        for param in bank.trainable_parameters(name):
+            param.add_(scale * torch.randn_like(param))
+            param.requires_grad_(False)
+    return name
+
+
 def colors_store(folder: Path, store_template: Path, tiny_data, tiny_base) -> Path:
     """A store at `folder` holding one trained task, colors: what module-scoped fixtures build
     once and their tests read or copy."""

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from adapterhub_local import Hub
 from adapterhub_local.base import load_base
@@ -16,7 +15,7 @@ from adapterhub_local.generation import greedy, prompt_ids
 from adapterhub_local.inference import bank_for
 from adapterhub_local.methods import METHODS, get_method
 from adapterhub_local.scoring import exact_match
-from conftest import file_digest, tiny_rows, write_csv
+from conftest import file_digest, perturbed_adapter, tiny_rows, write_csv
 from test_cli import ahl
 
 GENERATE = {"epochs": 15, "lr": 1e-2, "batch_size": 16, "method_args": {"layers": "all", "r": 16}}
@@ -119,15 +118,8 @@ def test_mixed_batch_generation_equals_one_row_at_a_time(tiny_llama):
     methods = ["lora", "prefix-tuning", "prompt-tuning", "ia3", "bottleneck", "adaption-prompt",
                "loha", "lora"]
     for seed, method in enumerate(methods):
-        name = f"gen-mix-{seed}-{method}"
-        torch.manual_seed(seed)
-        config = get_method(method).build(get_method(method).options(), base)
-        bank.add_adapter(name, config, [], get_method(method), {"max_new_tokens": 6})
-        with torch.no_grad():  # most methods start as the identity: move them off it
-            for param in bank.trainable_parameters(name):
-                param.add_(0.5 * torch.randn_like(param))
-                param.requires_grad_(False)
-        made.append(name)
+        made.append(perturbed_adapter(bank, f"gen-mix-{seed}-{method}", method, [], seed, 0.5,
+                                      {"max_new_tokens": 6}))
     try:
         texts = ["the red here", "a very long prompt of the cat near the nest today",
                  "dog", "blue and azure near here today"]

@@ -13,7 +13,7 @@ from adapterhub_local import Hub
 from adapterhub_local.base import load_base
 from adapterhub_local.inference import bank_for
 from adapterhub_local.methods import METHODS, get_method
-from conftest import FAST, file_digest
+from conftest import FAST, file_digest, perturbed_adapter
 from test_cli import ahl
 from test_inference import TEXTS
 
@@ -96,15 +96,8 @@ def test_a_mixed_batch_over_methods_equals_one_adapter_at_a_time(tiny_base):
     made = []
     for seed, method in enumerate(["lora", "bottleneck", "ia3", "loha", "prompt-tuning",
                                    "prefix-tuning", "lokr", "qlora"]):
-        name = f"mix-{method}"
-        torch.manual_seed(seed)
-        config = get_method(method).build(get_method(method).options(), bank.base)
-        bank.add_adapter(name, config, ["x", "y", "z"][: 2 + seed % 2], get_method(method))
-        with torch.no_grad():  # most methods start as the identity: move them off it
-            for param in bank.trainable_parameters(name):
-                param.add_(0.3 * torch.randn_like(param))
-                param.requires_grad_(False)
-        made.append(name)
+        made.append(perturbed_adapter(bank, f"mix-{method}", method,
+                                      ["x", "y", "z"][: 2 + seed % 2], seed, 0.3))
     try:
         adapters = [made[i % len(made)] for i in range(2 * len(made))]
         texts = [TEXTS[i % len(TEXTS)] for i in range(len(adapters))]
