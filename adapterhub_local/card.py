@@ -62,7 +62,8 @@ def model_card(info: dict, step: dict | None) -> str:
              f"- made by adapterhub-local {info.get('package_version') or '?'} (run "
              f"`{info['run_id']}`)",
              "", "## Loading it without ahl", "",
-             *loading_lines(info, kind, hub_id or f"PATH/TO/{Path(base['name']).name}")]
+             "Set `base` to the base model's id or folder and `texts` to yours; run it in this "
+             "folder.", "", *loading_lines(info, kind, hub_id or f"PATH/TO/{Path(base['name']).name}")]
     return "\n".join(lines) + "\n"
 
 
@@ -101,31 +102,86 @@ def forgetting_lines(step: dict | None) -> list[str]:
     return lines
 
 
+# Loads a bottleneck export onto `model` (card.loading_lines): each adapted module's output h
+# becomes h + up(act(down(h))), as in ahl (bottleneck.py).
+BOTTLENECK_LOADER = [
+    'config = json.load(open(f"{folder}/bottleneck_config.json"))',
+    'weights = load_file(f"{folder}/bottleneck.safetensors")',
+    'act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}'
+    '[config["non_linearity"]]', "",
+    "def bottleneck(name):",
+    '    down, up = [(weights[f"{name}.{p}.weight"], weights[f"{name}.{p}.bias"]) '
+    'for p in ("down", "up")]',
+    "    return lambda module, args, h: h + F.linear(act(F.linear(h, *down)), *up)", "",
+    'for name in config["modules"]:  # named inside the backbone (model.base_model)',
+    "    model.base_model.get_submodule(name).register_forward_hook(bottleneck(name))"]
+NF4_BASE = ['nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",',
+            "                         bnb_4bit_use_double_quant=True, "
+            "bnb_4bit_compute_dtype=torch.float32)"]
+CLASSIFY_USE = [
+    'labels = json.load(open(f"{folder}/labels.json"))',
+    'head = load_file(f"{folder}/head.safetensors")',
+    'tokenizer.padding_side = "right"',
+    "tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token",
+    'batch = tokenizer(texts, truncation=True, max_length=128, padding=True, return_tensors="pt")',
+    "with torch.no_grad():",
+    "    hidden = model(**batch).last_hidden_state",
+    'mask = batch["attention_mask"].unsqueeze(-1)',
+    "hidden = hidden[:, -mask.shape[1]:]  # without prompt tuning's virtual tokens",
+    "pooled = (hidden * mask).sum(1) / mask.sum(1)",
+    'probs = (pooled @ head["weight"].T + head["bias"]).softmax(-1)',
+    "print([labels[i] for i in probs.argmax(-1)])"]
+# Greedy decoding as ahl's, token by token without a cache: peft's `generate` starts prefix
+# tuning's positions where its training did not.
+GENERATE_USE = [
+    'settings = json.load(open(f"{folder}/generate.json"))',
+    "completions = []",
+    "for text in texts:",
+    "    if tokenizer.chat_template:  # the prompt as the adapter was trained on it",
+    '        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],',
+    "                                             tokenize=False, add_generation_prompt=True)",
+    "    start = [] if tokenizer.chat_template or tokenizer.bos_token_id is None "
+    "else [tokenizer.bos_token_id]",
+    '    ids, new = start + tokenizer(text, add_special_tokens=False)["input_ids"], []',
+    '    for _ in range(settings["max_new_tokens"]):',
+    "        x = torch.tensor([ids + new])",
+    "        with torch.no_grad():",
+    "            token = int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax())",
+    "        if token == tokenizer.eos_token_id:",
+    "            break",
+    "        new.append(token)",
+    "    completions.append(tokenizer.decode(new, skip_special_tokens=True).strip())",
+    "print(completions)"]
+
+
 def loading_lines(info: dict, kind: str, base: str) -> list[str]:
-    if kind == "generate":
-        return ["```python", "from peft import PeftModel",
-                "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
-                f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), '
-                '"THIS_FOLDER")',
-                'messages = [{"role": "user", "content": "YOUR PROMPT"}]',
-                "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, "
-                'return_tensors="pt")',
-                "out = model.generate(ids, max_new_tokens=32, do_sample=False)",
-                "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```"]
-    return ["```python", "import json, torch", "from peft import PeftModel",
-            "from safetensors.torch import load_file",
-            "from transformers import AutoModel, AutoTokenizer", "",
-            f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
-            f'model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}"), "THIS_FOLDER")',
-            'head = load_file("THIS_FOLDER/head.safetensors")',
-            'labels = json.load(open("THIS_FOLDER/labels.json"))', "",
-            'batch = tokenizer(["YOUR TEXT"], return_tensors="pt", padding=True)',
-            "hidden = model(**batch).last_hidden_state",
-            'mask = batch["attention_mask"].unsqueeze(-1)',
-            "pooled = (hidden * mask).sum(1) / mask.sum(1)",
-            'logits = pooled @ head["weight"].T + head["bias"]',
-            "print(labels[int(logits.argmax())])", "```"]
+    """Python that loads the export without ahl and answers as ahl does: the base (4-bit NF4 for
+    QLoRA and LoftQ, as ahl quantizes it), the adapter (peft, or the bottleneck loader), then
+    the head or greedy decoding."""
+    from adapterhub_local.methods import get_method
+
+    auto = "AutoModelForCausalLM" if kind == "generate" else "AutoModel"
+    quantized = get_method(info["method"]).quantized
+    peft = info["method"] != "bottleneck"
+    imports = ["import json", "", "import torch",
+               "from peft import PeftModel" if peft else "import torch.nn.functional as F",
+               "from safetensors.torch import load_file",
+               f"from transformers import {auto}, AutoTokenizer"
+               + (", BitsAndBytesConfig" if quantized else ""), ""]
+    setup = [f'base = "{base}"', 'folder = "."  # this folder',
+             'texts = ["YOUR TEXT"]' if kind == "classify" else 'texts = ["YOUR PROMPT"]',
+             "tokenizer = AutoTokenizer.from_pretrained(base)"]
+    if quantized:
+        setup += NF4_BASE + [f"model = {auto}.from_pretrained(base, quantization_config=nf4).eval()",
+                             "for module in model.modules():  # ahl's CPU layout of 4-bit weights",
+                             '    if hasattr(module, "support_avx512bf16_for_cpu"):',
+                             "        module.support_avx512bf16_for_cpu = False"]
+    else:
+        setup += [f"model = {auto}.from_pretrained(base).eval()"]
+    adapter = (["model = PeftModel.from_pretrained(model, folder).eval()"] if peft
+               else BOTTLENECK_LOADER)
+    use = GENERATE_USE if kind == "generate" else CLASSIFY_USE
+    return ["```python", *imports, *setup, *adapter, "", *use, "```"]
 
 
 def yaml_lines(values: dict) -> list[str]:

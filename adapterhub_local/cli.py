@@ -477,10 +477,12 @@ def store_promote(name: Annotated[str, typer.Argument(help="Task name.")],
 
 @command(store_app, "export")
 def store_export(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS.")],
-                 folder: Annotated[Path, typer.Argument(help="Where to write the PEFT folder.")],
+                 folder: Annotated[Path, typer.Argument(help="Where to write the export.")],
                  force: Annotated[bool, typer.Option(help="Overwrite files in a non-empty folder.")] = False,
                  store: StoreOption = None, as_json: JsonOption = False):
-    """Write a version as a plain PEFT folder (PeftModel.from_pretrained loads it) plus head."""
+    """Write a version as a folder that loads without ahl: a plain PEFT folder
+    (PeftModel.from_pretrained; a bottleneck adapter as safetensors and a few lines), its head
+    or decoding settings, and a model card (README.md) saying what it is and how to load it."""
     info = Hub(store).export(ref, folder, force)
     if as_json:
         return print_json(info)

@@ -23,10 +23,10 @@ from adapterhub_local.dashboards import draw_in_background
 from adapterhub_local.device import check_device_name
 from adapterhub_local.errors import AhlError
 from adapterhub_local.lineage import lineage_tree, version_lineage
-from adapterhub_local.sequence import (MODES, last_step, matrices_of, read_step, read_steps,
+from adapterhub_local.sequence import (MODES, last_step, matrices_of, read_steps,
                                        step_summary)
 from adapterhub_local.serving import Loader, check_gate, kind_of, metric_of, serving_set
-from adapterhub_local.store import PRODUCTION, STEP_TAG, TAG, AdapterStore, parse_ref
+from adapterhub_local.store import PRODUCTION, TAG, AdapterStore, parse_ref
 
 PREDICT_MODES = ("pick", "compose")
 MODE_NAMES = {"routed": "pick", "composed": "compose"}  # the CLI's (and the matrices') names
@@ -313,11 +313,13 @@ class Hub:
     # -- files --------------------------------------------------------------------------------
 
     def export(self, ref: str, folder: str | Path, force: bool = False) -> dict:
-        """Copy a version's adapter into a plain PEFT folder (adapter_config.json and
-        adapter_model.safetensors, plus head.safetensors and labels.json) that
-        `PeftModel.from_pretrained(base, folder)` loads, with a model card (README.md, card.py)
-        and the base named by its public id where it has one. Refuses a non-empty folder
-        unless force."""
+        """Write a version into a folder that its users load without ahl (export.py): a plain
+        PEFT folder for `PeftModel.from_pretrained` (a bottleneck adapter: safetensors and a
+        loader of a few lines), with head.safetensors and labels.json or generate.json, and a
+        model card (README.md) that says what it is and how to load it. Refuses a non-empty
+        folder unless force."""
+        from adapterhub_local.export import export_version
+
         version = self.store.resolve(ref)
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
@@ -325,9 +327,7 @@ class Hub:
         if folder.exists() and any(folder.iterdir()) and not force:
             raise AhlError(f"{folder} is not an empty folder: pass --force to overwrite, or "
                            "export into a new folder")
-        files = self.loader.copy_version(version, folder)  # checked against their checksums
-        write_card(folder, version_lineage(self.store, version),
-                   read_step(self.store, int(version.tags.get(STEP_TAG, 0))))
+        files = export_version(self.store, self.loader, version, folder)
         return {"task": version.tags.get(f"{TAG}task"), "version": int(version.version),
                 "folder": str(folder), "files": files}
 
@@ -373,19 +373,3 @@ def check_texts(texts) -> list[str]:
         raise AhlError(f"item {wrong[0]} is a {type(texts[wrong[0]]).__name__}, not a string: "
                        "pass texts as strings")
     return texts
-
-
-def write_card(folder: Path, info: dict, step: dict | None) -> None:
-    """An export's README.md from the store's record, and its adapter_config.json naming the
-    base by its public id where it has one (not the exporting machine's path)."""
-    import json
-
-    from adapterhub_local.card import model_card, public_id
-
-    (folder / "README.md").write_text(model_card(info, step), encoding="utf-8")
-    config_file = folder / "adapter_config.json"
-    hub_id = public_id(info["base"]["name"])
-    if hub_id and config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        config["base_model_name_or_path"] = hub_id
-        config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")

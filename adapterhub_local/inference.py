@@ -17,11 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from adapterhub_local import lora_batch
 from adapterhub_local.router import FEATURES, ROUTER_FEATURES
+from adapterhub_local.store import GENERATE_FILE, HEAD_FILE, LABELS_FILE
 
 
-HEAD_FILE = "head.safetensors"
-LABELS_FILE = "labels.json"
-GENERATE_FILE = "generate.json"  # a generate adapter's decoding settings, instead of a head
 EVAL_BATCH_SIZE = 64
 
 

@@ -147,7 +147,8 @@ def plan_generation(data: TaskData, base, train: TrainOptions, defaults: dict) -
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise AhlError(f"max_new_tokens = {budget!r} in the spec is not a whole number of "
                        "tokens: give e.g. max_new_tokens = 32")
-    return {"template": template_digest(base), "max_new_tokens": budget, "metric": data.metric}
+    return {"template": template_digest(base), "max_new_tokens": budget, "metric": data.metric,
+            "backbone": base.backbone}
 
 
 def run_params(plan: Plan, base) -> dict:

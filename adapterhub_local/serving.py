@@ -20,7 +20,7 @@ from adapterhub_local import __version__
 from adapterhub_local.errors import AhlError
 from adapterhub_local.forgetting import drops
 from adapterhub_local.methods import get_method
-from adapterhub_local.store import (PRODUCTION, ROUTER, TAG, serving_version,
+from adapterhub_local.store import (LABELS_FILE, PRODUCTION, ROUTER, TAG, serving_version,
                                     sha256_file)
 
 if TYPE_CHECKING:
@@ -252,7 +252,7 @@ class Loader:
     def labels(self, bank, task: str, version) -> list[str]:
         """The labels of the version's head, without loading its adapter ([] for a generate
         task: it has no head)."""
-        from adapterhub_local.inference import LABELS_FILE, adapter_name
+        from adapterhub_local.inference import adapter_name
 
         if kind_of(version) == "generate":
             return []

@@ -172,3 +172,36 @@ def file_digest(folder: Path) -> dict[str, str]:
         return {}
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# Runs each export's model card code, verbatim but for its `base` and `texts` lines, in a fresh
+# process where adapterhub_local cannot be imported: what a user without ahl gets.
+CARD_RUNNER = """
+import json, os, re, sys
+sys.modules["adapterhub_local"] = None  # importing ahl fails here: the export stands alone
+answers = []
+for job in json.loads(sys.argv[1]):
+    card = open(os.path.join(job["folder"], "README.md"), encoding="utf-8").read()
+    code = card.split("```python\\n", 1)[1].split("```", 1)[0]
+    for name in ("base", "texts"):
+        code, found = re.subn(rf"^{name} = .*$", f"{name} = {job[name]!r}", code, 1, flags=re.M)
+        assert found == 1, (job["folder"], name)
+    os.chdir(job["folder"])
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    answers.append(scope["probs"].tolist() if "probs" in scope else scope["completions"])
+print(json.dumps(answers))
+"""
+
+
+def run_export_cards(jobs: list[dict]) -> list:
+    """What each export's card code answers ({"folder", "base", "texts"} per job): a list of
+    label probabilities per text (classify) or of completions (generate), per job."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CARD_RUNNER, json.dumps(jobs)],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.splitlines()[-1])

@@ -15,7 +15,7 @@ from adapterhub_local.generation import greedy, prompt_ids
 from adapterhub_local.inference import bank_for
 from adapterhub_local.methods import METHODS, get_method
 from adapterhub_local.scoring import exact_match
-from conftest import file_digest, perturbed_adapter, tiny_rows, write_csv
+from conftest import file_digest, perturbed_adapter, run_export_cards, tiny_rows, write_csv
 from test_cli import ahl
 
 GENERATE = {"epochs": 15, "lr": 1e-2, "batch_size": 16, "method_args": {"layers": "all", "r": 16}}
@@ -86,14 +86,25 @@ def test_a_store_mixing_kinds_routes_each_input_to_its_adapter(mixed_store, gen_
         assert set(answers[0]) >= {"text", "task", "completion", "score", "adapters"}
 
 
-def test_every_causal_lm_method_learns_a_generate_task_and_reloads(store_dir, gen_data,
-                                                                   tiny_llama):
-    hub = Hub(store_dir)
+@pytest.fixture(scope="module")
+def causal_store(tmp_path_factory, store_template, gen_data, tiny_llama):
+    """Every causal-LM method trained on animals as a generate task named after it."""
+    import shutil
+
+    store = tmp_path_factory.mktemp("causal") / "store"
+    shutil.copytree(store_template, store)
+    hub = Hub(store)
     for method in CAUSAL_METHODS:
         result = hub.add_task(method.replace("-", "_"), *gen_data["animals"], kind="generate",
                               base=tiny_llama, method=method, epochs=3, lr=2e-2)
         assert result["kind"] == "generate" and result["method"] == method
         assert hub.show(result["task"])["method"] == method
+    return store
+
+
+def test_every_causal_lm_method_learns_a_generate_task_and_reloads(causal_store):
+    store_dir = causal_store
+    hub = Hub(store_dir)
     prompt = "the kitten near the nest"
     here = {m: hub.predict([prompt], task=m.replace("-", "_"))[0] for m in CAUSAL_METHODS}
     code = ("import json, sys\nfrom adapterhub_local import Hub\nhub = Hub(sys.argv[1])\n"
@@ -109,6 +120,28 @@ def test_every_causal_lm_method_learns_a_generate_task_and_reloads(store_dir, ge
         # The same weights decode the same tokens; AdaLoRA's saved files prune its ranks.
         if get_method(method).reloads_exactly:
             assert again["completion"] == answer["completion"], method
+
+
+def test_every_generate_export_decodes_without_ahl_as_ahl_does(causal_store, tiny_llama,
+                                                                gen_data, tmp_path):
+    """The card's code (AutoModelForCausalLM, the adapter, greedy `generate`), run where ahl
+    cannot be imported, writes the completions ahl writes from the store's files."""
+    from adapterhub_local.inference import adapter_name
+
+    hub = Hub(causal_store)
+    bank = bank_for(load_base(tiny_llama))
+    prompts = [text for text, _ in tiny_rows("animals", 1, seed=2)]
+    jobs, wanted = [], []
+    tasks = [method.replace("-", "_") for method in CAUSAL_METHODS]
+    for task in tasks:  # ahl answers from the stored files, as exported
+        bank.remove_adapter(adapter_name(task, hub.store.resolve(task).run_id))
+    for task in tasks:
+        hub.export(task, tmp_path / task)
+        wanted.append([answer["completion"] for answer in hub.predict(prompts, task=task)])
+        jobs.append({"folder": str(tmp_path / task), "base": tiny_llama, "texts": prompts})
+    got = run_export_cards(jobs)
+    assert got == wanted
+    assert len({tuple(c) for c in got}) > 1  # the adapters differ, so their loading is seen
 
 
 def test_mixed_batch_generation_equals_one_row_at_a_time(tiny_llama):

@@ -3,6 +3,7 @@ fresh process and answers; mixed batches over methods equal one adapter at a tim
 (AdaLoRA's budget, LoftQ's start, QLoRA's 4-bit base, prefix tuning on BERT) are handled."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ import torch
 
 from adapterhub_local import Hub
 from adapterhub_local.base import load_base
-from adapterhub_local.inference import bank_for
+from adapterhub_local.inference import adapter_name, bank_for, mean_pool
 from adapterhub_local.methods import METHODS, get_method
-from conftest import FAST, file_digest, perturbed_adapter
+from conftest import FAST, file_digest, perturbed_adapter, run_export_cards, tiny_rows
 from test_cli import ahl
 from test_inference import TEXTS
 
@@ -69,26 +70,71 @@ def test_methods_json_lists_all_eleven_with_their_options():
     assert r_option["default"] == 8 and r_option["help"]
 
 
-def test_every_method_trains_stores_reloads_and_answers(store_dir, tmp_path, tiny_data, tiny_base,
-                                                       tiny_llama):
-    hub = Hub(store_dir)
-    for method in ENCODER_METHODS:
-        result = hub.add_task(method.replace("-", "_"), tiny_data["animals"]["train"],
-                              tiny_data["animals"]["test"], base=tiny_base, method=method, **FAST)
-        assert result["method"] == method and hub.show(result["task"])["method"] == method
-    llama_store = tmp_path / "llama_store"
-    for method in DECODER_ONLY + ["lora"]:
-        Hub(llama_store).add_task(method.replace("-", "_"), tiny_data["animals"]["train"],
-                                  tiny_data["animals"]["test"], base=tiny_llama, method=method,
-                                  **FAST)
-    assert json.loads(ahl("store", "verify", "--json", "--store", store_dir).stdout)["ok"]
+@pytest.fixture(scope="module")
+def method_stores(tmp_path_factory, store_template, tiny_data, tiny_base, tiny_llama) -> list:
+    """Every method trained on animals through add-task, each as a task named after it: the
+    encoder methods on the tiny BERT, the decoder-only ones (and LoRA) on the tiny Llama.
+    [(store, base, methods)]."""
+    folder = tmp_path_factory.mktemp("methods")
+    stores = [(folder / "bert", tiny_base, ENCODER_METHODS),
+              (folder / "llama", tiny_llama, DECODER_ONLY + ["lora"])]
+    for store, base, methods in stores:
+        shutil.copytree(store_template, store)
+        for method in methods:
+            result = Hub(store).add_task(method.replace("-", "_"), tiny_data["animals"]["train"],
+                                         tiny_data["animals"]["test"], base=base, method=method,
+                                         **FAST)
+            assert result["method"] == method and Hub(store).show(result["task"])["method"] == method
+    return stores
 
+
+def test_every_method_trains_stores_reloads_and_answers(method_stores):
     labels = {"cat", "dog", "bird"}
-    for store, methods in ((store_dir, ENCODER_METHODS), (llama_store, DECODER_ONLY + ["lora"])):
+    for store, _, methods in method_stores:
+        assert json.loads(ahl("store", "verify", "--json", "--store", store).stdout)["ok"]
         tasks = [m.replace("-", "_") for m in methods]
         answers = predict_in_fresh_process(store, tasks, "the kitten near the nest")
         assert set(answers) == set(tasks)
         assert all(a["label"] in labels and a["task"] == t for t, a in answers.items())
+
+
+def test_every_method_exports_a_folder_that_loads_without_ahl(method_stores, tmp_path):
+    """The card's code, run where ahl cannot be imported, answers as ahl does from the store:
+    peft's methods through PeftModel.from_pretrained (QLoRA and LoftQ on a base that
+    transformers quantizes to NF4), bottleneck adapters through the card's loader."""
+    texts = [t for t, _ in tiny_rows("animals", 2, seed=5)]
+    jobs, wanted, bare = [], [], []
+    for store, base, methods in method_stores:
+        hub = Hub(store)
+        bank = bank_for(load_base(base))
+        for method in methods:
+            task = method.replace("-", "_")
+            folder = tmp_path / f"{store.name}_{task}"
+            files = hub.export(task, folder)["files"]
+            assert ("bottleneck.safetensors" in files) == (method == "bottleneck")
+            assert ("adapter_model.safetensors" in files) == (method != "bottleneck")
+            version = hub.store.resolve(task)
+            name = adapter_name(task, version.run_id)
+            bank.remove_adapter(name)  # ahl's answers from the stored files, as exported
+            hub.loader.load_version(bank, task, version)
+            wanted.append(torch.stack(bank.probabilities(texts, [name] * len(texts))))
+            bare.append(bare_probabilities(bank, name, texts))
+            jobs.append({"folder": str(folder), "base": base, "texts": texts})
+    for job, got, want, plain in zip(jobs, run_export_cards(jobs), wanted, bare):
+        torch.testing.assert_close(torch.tensor(got), want, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{job['folder']}: {m}")
+        # The adapter moves the answers by more than that tolerance (adaption prompts, gated
+        # from zero, least): an export whose weights did not load could not pass.
+        assert (want - plain).abs().max() > 1e-4, job["folder"]
+
+
+def bare_probabilities(bank, name: str, texts: list[str]) -> torch.Tensor:
+    """The label probabilities of an adapter's head over the bare base: what an export whose
+    adapter weights did not load would answer."""
+    batch = bank.base.pad(bank.base.tokenize(texts, 128))
+    with torch.no_grad(), bank.bare():
+        return bank.heads[name](mean_pool(bank.base.model(**batch).last_hidden_state,
+                                          batch)).softmax(-1)
 
 
 def test_a_mixed_batch_over_methods_equals_one_adapter_at_a_time(tiny_base):

@@ -1,0 +1,101 @@
+"""An exported version: a folder that its users load without ahl, with a model card.
+
+peft's own methods export as a plain PEFT folder for `PeftModel.from_pretrained` on the model a
+user loads: AutoModel for a classify task, AutoModelForCausalLM for a generate task. ahl trains
+generate adapters on the causal LM's backbone, so their weight names gain the backbone's prefix
+and their config the CAUSAL_LM task type (peft's `generate` then handles soft prompts too).
+
+Bottleneck adapters have no peft type outside ahl, and the AdapterHub `adapters` library, which
+has them, pins transformers 4 (it does not import beside ours): they export as plain safetensors,
+a down and an up projection per adapted module, which the card's loader of a few lines hooks
+onto the base (card.BOTTLENECK_LOADER).
+"""
+
+import json
+import struct
+from pathlib import Path
+
+BOTTLENECK_WEIGHTS = "bottleneck.safetensors"
+BOTTLENECK_CONFIG = "bottleneck_config.json"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+WRAPPED = "base_model.model."  # where peft's saved weight names start from the wrapped model
+
+
+def export_version(store, loader, version, folder: Path) -> list[str]:
+    """Write `version` into `folder` (the version's files checked against their checksums, then
+    made loadable outside ahl) with its model card; the names of the folder's files."""
+    from adapterhub_local.card import model_card, public_id
+    from adapterhub_local.lineage import version_lineage
+    from adapterhub_local.sequence import read_step
+    from adapterhub_local.store import GENERATE_FILE, STEP_TAG
+
+    info = version_lineage(store, version)
+    files = set(loader.copy_version(version, folder))
+    backbone = ""
+    if info["kind"] == "generate":  # versions made before it was recorded are all Llama's
+        settings = json.loads((folder / GENERATE_FILE).read_text(encoding="utf-8"))
+        backbone = settings.get("backbone") or "model"
+    if info["method"] == "bottleneck":
+        files = plain_bottleneck(folder, files)
+    else:
+        peft_for_users(folder, public_id(info["base"]["name"]), backbone)
+    (folder / "README.md").write_text(
+        model_card(info, read_step(store, int(version.tags.get(STEP_TAG, 0)))), encoding="utf-8")
+    return sorted(files | {"README.md"})
+
+
+def peft_for_users(folder: Path, hub_id: str | None, backbone: str) -> None:
+    """Name the base by its public id where it has one (not the exporting machine's path); for
+    a generate adapter, name its weights from the causal LM that holds the backbone."""
+    config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+    if hub_id:
+        config["base_model_name_or_path"] = hub_id
+    if backbone:
+        config["task_type"] = "CAUSAL_LM"
+        if config.get("rank_pattern"):  # AdaLoRA's kept ranks, by name inside the model
+            config["rank_pattern"] = {f"{backbone}.{k}": v
+                                      for k, v in config["rank_pattern"].items()}
+        rename_tensors(folder / PEFT_WEIGHTS, lambda name: causal_name(name, backbone))
+    (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def causal_name(name: str, backbone: str) -> str:
+    """A weight name under the backbone, as seen from the causal LM (soft prompts, which belong
+    to no module, keep theirs)."""
+    return name.replace(WRAPPED, f"{WRAPPED}{backbone}.", 1) if name.startswith(WRAPPED) else name
+
+
+def plain_bottleneck(folder: Path, files: set[str]) -> set[str]:
+    """Replace the PEFT files of a bottleneck adapter by bottleneck_config.json (width,
+    non-linearity, the adapted modules by their names in the backbone) and bottleneck.safetensors
+    (MODULE.down.weight, MODULE.down.bias, MODULE.up.weight, MODULE.up.bias)."""
+    config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+
+    def plain(name: str) -> str:
+        module, projection, kind = name.removeprefix(WRAPPED).rsplit(".", 2)
+        return f"{module}.{projection.removeprefix('bottleneck_')}.{kind}"
+
+    (folder / PEFT_WEIGHTS).rename(folder / BOTTLENECK_WEIGHTS)
+    names = rename_tensors(folder / BOTTLENECK_WEIGHTS, plain)
+    modules = sorted({name.rsplit(".", 2)[0] for name in names})
+    (folder / BOTTLENECK_CONFIG).write_text(json.dumps(
+        {"r": config["r"], "non_linearity": config["non_linearity"], "modules": modules,
+         "adapter": "h + up(non_linearity(down(h))), h = the module's output"}, indent=2),
+        encoding="utf-8")
+    (folder / PEFT_CONFIG).unlink()
+    return files - {PEFT_CONFIG, PEFT_WEIGHTS} | {BOTTLENECK_CONFIG, BOTTLENECK_WEIGHTS}
+
+
+def rename_tensors(path: Path, rename) -> list[str]:
+    """Rename the tensors of a safetensors file in place: a new header (8-byte length, JSON,
+    padded to 8 bytes), the data bytes as they were (offsets count from the data, so they hold;
+    no tensor library needed, every dtype kept). The new names."""
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8: 8 + size])
+    header = {k if k == "__metadata__" else rename(k): v for k, v in header.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size:])
+    return [k for k in header if k != "__metadata__"]
