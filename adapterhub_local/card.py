@@ -44,7 +44,10 @@ def model_card(info: dict, step: dict | None) -> str:
              f"- base: {hub_id or Path(base['name']).name + ' (a local model folder)'} (sha256 "
              f"of its weights `{base['sha256']}`; ahl "
              "refuses to load the adapter on any other)",
-             f"- training: `{json.dumps(info['train'])}`",
+             f"- training: `{json.dumps(info['train'])}`" if not info.get("origin") else
+             f"- training: elsewhere; imported from `{info['origin']['folder']}` (peft type "
+             f"{info['origin']['peft_type']}, weights sha256 "
+             f"`{info['origin']['weights_sha256']}`)",
              "", "## Training data", "",
              f"- source: {source_names(info['data']['source'])}; digest (sha256 of the rows) "
              f"`{info['data']['digest']}`",

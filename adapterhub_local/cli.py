@@ -204,6 +204,12 @@ def add_task(
         print_json(result)
     else:
         print_step(result)
+    exit_if_held(result)
+
+
+def exit_if_held(result: dict) -> None:
+    """Exit 3, saying why and how to promote anyway, when the forgetting gate held the new
+    version back."""
     check = result.get("gate")
     if check and not check["passed"]:
         worst = ", ".join(f"{r['task']} {percent(r['before'])}% -> {percent(r['after'])}%"
@@ -219,7 +225,8 @@ def print_step(result: dict) -> None:
     out.print(f"[bold]{result['task']}[/bold] version {result['version']} ({result['method']}): "
               f"test {result['metric'].replace('_', ' ')} "
               f"{percent(result['accuracy'])}%, {result['train_rows']} rows, "
-              f"{result['steps']} steps in {result['train_seconds']:.0f}s"
+              + (f"imported from {result['origin']['folder']}" if result.get("origin") else
+                 f"{result['steps']} steps in {result['train_seconds']:.0f}s")
               + (f", {result['dropped_rows']} empty rows dropped" if result["dropped_rows"] else ""))
     table = Table(title=f"after step {result['step']}: oracle score % per task (accuracy, or a "
                         "generate task's metric)")
@@ -487,6 +494,43 @@ def store_export(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or 
     if as_json:
         return print_json(info)
     out.print(f"{info['task']}@{info['version']} -> {info['folder']}: {', '.join(info['files'])}")
+
+
+@command(store_app, "import")
+def store_import(
+    name: Annotated[str, typer.Argument(help="Task name: a new task, or the next version of one.")],
+    folder: Annotated[Path, typer.Argument(help="A PEFT adapter folder (adapter_config.json, adapter_model.safetensors; for classify, head.safetensors and labels.json or neither).")],
+    train: Annotated[Optional[Path], typer.Option(help="The task's rows: the router learns the task from them, and a head is fitted on them when the folder has none.")] = None,
+    test: Annotated[Optional[Path], typer.Option(help="Test rows; default: a seeded stratified 80/20 split.")] = None,
+    spec: Annotated[Optional[Path], typer.Option(help="A task spec (TOML) naming files and columns.")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Column with the text [default: text].")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Column with the label [default: label].")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="classify, or generate for a causal-LM adapter [default: classify, or the task's kind].")] = None,
+    prompt_column: Annotated[Optional[str], typer.Option(help="Column with the prompt of a generate task [default: prompt].")] = None,
+    completion_column: Annotated[Optional[str], typer.Option(help="Column with the completion of a generate task [default: completion].")] = None,
+    method: Annotated[Optional[str], typer.Option(help="For a LORA folder: lora, qlora or loftq (its base 4-bit NF4) [default: from the peft type].")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per text [default: 128].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the split and the head's fitting rows [default: 0].")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model of an empty store [default: the store's, else the one the adapter names].")] = None,
+    gate: Annotated[Optional[float], typer.Option(help="Forgetting gate, as for add-task [default: the store's].")] = None,
+    device: DeviceOption = None,
+    store: StoreOption = None,
+    wait: WaitOption = 300.0,
+    as_json: JsonOption = False,
+):
+    """Make a PEFT adapter trained elsewhere the next version of a task: checked against the
+    store's base, evaluated, routed and gated like one add-task trains. Exits 3 when the
+    forgetting gate holds it back."""
+    hub = Hub(store, wait=wait, device=device)
+    result = hub.import_adapter(name, folder, train, test, spec=spec, text_column=text_column,
+                                label_column=label_column, kind=kind, prompt_column=prompt_column,
+                                completion_column=completion_column, method=method, base=base,
+                                gate=gate, max_length=max_length, seed=seed)
+    if as_json:
+        print_json(result)
+    else:
+        print_step(result)
+    exit_if_held(result)
 
 
 @command(store_app, "package")

@@ -13,6 +13,7 @@ sequence (the matrices).
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 from adapterhub_local import query_cache
@@ -73,28 +74,111 @@ class Hub:
         only if no earlier task's routed accuracy dropped by more than the gate; otherwise it is
         kept as a candidate and result["gate"]["passed"] is False.
         """
-        from adapterhub_local.base import load_base
-        from adapterhub_local.inference import adapter_name, bank_for
         from adapterhub_local.methods import get_method
-        from adapterhub_local.plan import plan_add_task, run_params
+        from adapterhub_local.plan import plan_add_task
         from adapterhub_local.trainer import train_adapter
 
         plan = plan_add_task(self.store, name, train, test, spec, text_column, label_column,
                              method, method_args, base, train_args, self.device, kind,
                              prompt_column, completion_column)
         gate = self.store.gate() if gate is None else check_gate(gate)
+
+        def train_it(bank, adapter: str, log):
+            return train_adapter(bank, adapter, plan.peft_config, plan.data, plan.train,
+                                 get_method(plan.method), progress=progress,
+                                 router_features=plan.features, generate=plan.generate, log=log)
+
+        return self._new_version(plan, gate, train_it)
+
+    def import_adapter(self, name: str, folder: str | Path, train: str | Path | None = None,
+                       test: str | Path | None = None, spec: str | Path | None = None,
+                       text_column: str | None = None, label_column: str | None = None,
+                       kind: str | None = None, prompt_column: str | None = None,
+                       completion_column: str | None = None, method: str | None = None,
+                       base: str | None = None, gate: float | None = None, **train_args) -> dict:
+        """Make a PEFT adapter trained elsewhere (`folder`: what save_pretrained writes, with
+        head.safetensors and labels.json or without: then a head is fitted on the frozen adapter)
+        the next version of task `name`, as add-task does with one it trains: the task's rows
+        (`train`, `test`, `spec`, the columns, `kind`) give its test split and the router's
+        statistics; it is evaluated, gated and recorded as a step. `method` tells QLoRA or LoftQ
+        from LoRA; train_args: max_length, seed. Everything is checked before the store is
+        touched (importer.py)."""
+        import tempfile
+
+        from adapterhub_local.base import load_base
+        from adapterhub_local.importer import (check_named_base, check_weights, fit_head,
+                                               in_label_order, read_adapter_folder, read_head,
+                                               stage)
+        from adapterhub_local.inference import bank_for
+        from adapterhub_local.methods import get_method
+        from adapterhub_local.plan import plan_add_task
+        from adapterhub_local.trainer import TrainReport
+
+        source = read_adapter_folder(folder, method)
+        unused = sorted(k for k, v in train_args.items() if v is not None
+                        and k not in ("max_length", "seed"))
+        if unused:
+            raise AhlError(f"an import trains nothing: drop {', '.join(unused)} (it takes "
+                           "max_length and seed)")
+        if base is None and self.store.base_binding() is None:  # an empty store: the adapter's
+            base = source.config.get("base_model_name_or_path")
+        plan = plan_add_task(self.store, name, train, test, spec, text_column, label_column,
+                             source.method, None, base, train_args, self.device, kind,
+                             prompt_column, completion_column)
+        loaded = load_base(plan.base, plan.device)
+        check_named_base(source, loaded)
+        head = read_head(source, loaded, plan.data.labels) if plan.data.kind == "classify" else None
+        if head is not None:
+            plan.data = in_label_order(plan.data, head[1])
+        plan.options = SimpleNamespace(**{k: v for k, v in source.config.items()
+                                          if isinstance(v, (int, float, str, bool, list))})
+        plan.origin = source.origin
+        gate = self.store.gate() if gate is None else check_gate(gate)
+        bank = bank_for(loaded)
+        staging = f"import-{source.origin['weights_sha256'][:16]}"
+        with tempfile.TemporaryDirectory() as tmp:  # checked in full before the store is touched
+            stage(source, Path(tmp) / "adapter", loaded, plan, head)
+            bank.remove_adapter(staging)
+            try:
+                bank.load_adapter(staging, Path(tmp) / "adapter", get_method(source.method))
+            except (RuntimeError, ValueError, KeyError) as e:
+                bank.remove_adapter(staging)
+                raise AhlError(f"{source.folder}'s adapter does not load on base "
+                               f"{loaded.name!r}: {str(e).splitlines()[0][:200]}") from None
+            try:
+                params = check_weights(bank, staging, Path(tmp) / "adapter")
+                val = (fit_head(bank, staging, plan.data, plan.train)
+                       if head is None and plan.data.kind == "classify" else None)
+            except BaseException:
+                bank.remove_adapter(staging)
+                raise
+
+        def imported(bank, adapter: str, log):
+            return TrainReport(steps=0, final_loss=0.0, val_accuracy=val, trainable_params=params,
+                               train_rows=len(plan.data.train_texts), val_rows=0)
+
+        try:
+            return self._new_version(plan, gate, imported, adapter=staging)
+        finally:
+            bank.remove_adapter(staging)  # the version serves from its stored files
+
+    def _new_version(self, plan, gate: float | None, make: Callable, adapter: str | None = None) -> dict:
+        """The run of a new version: `make(bank, adapter, log)` trains (or stages) the adapter
+        and reports; then it is measured, committed under the lease (registration, router,
+        evaluation of every task, the step, the gate) and its heatmaps drawn after."""
+        from adapterhub_local.base import load_base
+        from adapterhub_local.inference import adapter_name, bank_for
+        from adapterhub_local.plan import run_params
+
         loaded = load_base(plan.base, plan.device)
         bank = bank_for(loaded)
         run_id = self.store.start_run(plan.data.name, params=run_params(plan, loaded),
                                       tags={f"{TAG}base.sha256": loaded.sha256})
-        adapter = adapter_name(plan.data.name, run_id)
+        adapter = adapter or adapter_name(plan.data.name, run_id)
         try:
             self.store.log_dataset(run_id, plan.data)
             started = time.time()
-            report = train_adapter(bank, adapter, plan.peft_config, plan.data, plan.train,
-                                   get_method(plan.method), progress=progress,
-                                   router_features=plan.features, generate=plan.generate,
-                                   log=lambda m, step: self.store.log_metrics(run_id, m, step))
+            report = make(bank, adapter, lambda m, step: self.store.log_metrics(run_id, m, step))
             train_seconds = time.time() - started
             self.store.set_run_tag(run_id, f"{TAG}precision", report.precision)
             candidate = measure_candidate(self.store, self.loader, plan, loaded, bank, run_id,
@@ -104,7 +188,8 @@ class Hub:
                 record = commit_add_task(self.store, self.loader, candidate, gate, lease)
                 commit_seconds = time.time() - committing
         except BaseException as e:
-            bank.remove_adapter(adapter)
+            if plan.origin is None:  # an import's staged adapter is its caller's to remove
+                bank.remove_adapter(adapter)
             self.store.finish_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         self.drawing = draw_in_background(self.store)  # the step's heatmaps, after its commit
@@ -120,6 +205,7 @@ class Hub:
                 "run_id": run_id, "router_version": record["router"],
                 "lock_wait_seconds": round(lease.waited, 2), "commit_seconds": round(commit_seconds, 2),
                 "serving": serving is not None and int(serving.version) == record["version"],
+                **({"origin": plan.origin} if plan.origin else {}),
                 **step_summary(record)}
 
     # -- predicting ---------------------------------------------------------------------------

@@ -340,6 +340,20 @@ class AdapterBank:
                             out[row] = p
         return out
 
+    @torch.inference_mode()
+    def pooled(self, name: str, texts: list[str], max_length: int = 128,
+               batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
+        """What adapter `name`'s head reads of each text: its mean-pooled last states."""
+        ids = self.base.tokenize(texts, max_length)
+        out = torch.zeros(len(texts), self.base.hidden_size)
+        model = self.model(name)
+        model.eval()
+        with lora_batch.frozen():
+            for rows in length_batches(ids, range(len(ids)), batch_size):
+                pooled = self._pooled(model, [ids[i] for i in rows], [name] * len(rows), None)
+                out[rows] = pooled.float().cpu()
+        return out
+
     def _pooled(self, model, ids: list[list[int]], names: list[str],
                 states: list[torch.Tensor] | None) -> torch.Tensor:
         """Mean-pooled last states of one batch, row i through adapter names[i], going on from

@@ -70,4 +70,5 @@ def version_lineage(store, version, with_run: bool = True) -> dict:
         "status": "removed" if REMOVED in tags else "held" if HELD in tags else "live",
         "held": read("gate.held", "null"),
         "package_version": tags.get(f"{TAG}package_version"),
+        "origin": read("origin", "null"),
     }

@@ -37,6 +37,8 @@ class Plan:
     generate: dict | None = None
     """A generate task's decoding settings (template digest, max_new_tokens, metric), kept with
     its adapter; None for classify."""
+    origin: dict | None = None
+    """An imported adapter's source (importer.AdapterFolder.origin); None for one ahl trained."""
 
 
 def plan_add_task(store, name, train, test, spec, text_column, label_column, method, method_args,
@@ -180,4 +182,5 @@ def lineage_tags(plan: Plan, base, parent, files: dict, accuracy: float) -> dict
         f"{TAG}parent": parent.version if parent else "",
         f"{TAG}labels": json.dumps(data.labels), f"{TAG}files": json.dumps(files),
         f"{TAG}accuracy": f"{accuracy:.6f}", f"{TAG}package_version": __version__,
+        **({f"{TAG}origin": json.dumps(plan.origin)} if plan.origin else {}),
     }
