@@ -10,6 +10,7 @@ its head outside ahl.
 import json
 from pathlib import Path
 
+GGUF_BASES = ("smollm2-135m",)  # packaged as a quantized GGUF file, named by its full hub id
 PIPELINES = {"classify": "text-classification", "generate": "text-generation"}
 # The packaged bases' ids on the Hugging Face hub (base.PACKAGED_BASES), which a card names.
 PUBLIC_IDS = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
@@ -126,7 +127,8 @@ CLASSIFY_USE = [
     'head = load_file(f"{folder}/head.safetensors")',
     'tokenizer.padding_side = "right"',
     "tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token",
-    'batch = tokenizer(texts, truncation=True, max_length=128, padding=True, return_tensors="pt")',
+    'batch = tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=True, '
+    'return_tensors="pt")',
     "with torch.no_grad():",
     "    hidden = model(**batch).last_hidden_state",
     'mask = batch["attention_mask"].unsqueeze(-1)',
@@ -171,7 +173,11 @@ def loading_lines(info: dict, kind: str, base: str) -> list[str]:
                "from safetensors.torch import load_file",
                f"from transformers import {auto}, AutoTokenizer"
                + (", BitsAndBytesConfig" if quantized else ""), ""]
-    setup = [f'base = "{base}"', 'folder = "."  # this folder',
+    gguf = info["base"]["name"] in GGUF_BASES
+    setup = [f'base = "{base}"' + ("  # ahl ran its GGUF file (Q4_1, dequantized): "
+                                   "from_pretrained(folder, gguf_file=...) for its exact weights"
+                                   if gguf else ""),
+             'folder = "."  # this folder',
              'texts = ["YOUR TEXT"]' if kind == "classify" else 'texts = ["YOUR PROMPT"]',
              "tokenizer = AutoTokenizer.from_pretrained(base)"]
     if quantized:
@@ -183,7 +189,8 @@ def loading_lines(info: dict, kind: str, base: str) -> list[str]:
         setup += [f"model = {auto}.from_pretrained(base).eval()"]
     adapter = (["model = PeftModel.from_pretrained(model, folder).eval()"] if peft
                else BOTTLENECK_LOADER)
-    use = GENERATE_USE if kind == "generate" else CLASSIFY_USE
+    use = GENERATE_USE if kind == "generate" else [
+        line.replace("MAX_LENGTH", str(info["train"].get("max_length", 128))) for line in CLASSIFY_USE]
     return ["```python", *imports, *setup, *adapter, "", *use, "```"]
 
 

@@ -137,16 +137,12 @@ class Hub:
         bank = bank_for(loaded)
         staging = f"import-{source.origin['weights_sha256'][:16]}"
         with tempfile.TemporaryDirectory() as tmp:  # checked in full before the store is touched
-            stage(source, Path(tmp) / "adapter", loaded, plan, head)
+            staged = Path(tmp) / "adapter"
+            stage(source, staged, loaded, plan, head)
+            params = check_weights(bank, staged, get_method(source.method))
             bank.remove_adapter(staging)
+            bank.load_adapter(staging, staged, get_method(source.method))
             try:
-                bank.load_adapter(staging, Path(tmp) / "adapter", get_method(source.method))
-            except (RuntimeError, ValueError, KeyError) as e:
-                bank.remove_adapter(staging)
-                raise AhlError(f"{source.folder}'s adapter does not load on base "
-                               f"{loaded.name!r}: {str(e).splitlines()[0][:200]}") from None
-            try:
-                params = check_weights(bank, staging, Path(tmp) / "adapter")
                 val = (fit_head(bank, staging, plan.data, plan.train)
                        if head is None and plan.data.kind == "classify" else None)
             except BaseException:

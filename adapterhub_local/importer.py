@@ -53,15 +53,18 @@ def read_adapter_folder(folder: str | Path, method: str | None = None) -> Adapte
                            "loads: save the adapter with save_pretrained(..., "
                            "safe_serialization=True) and import that")
         raise AhlError(f"no {PEFT_WEIGHTS} in {folder}: save the adapter with save_pretrained")
-    try:
-        config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AhlError(f"{folder / PEFT_CONFIG} is not JSON ({e}): save the adapter again") from None
+    config = read_json(folder / PEFT_CONFIG, dict, "the adapter's config")
+    tensor_shapes(folder / PEFT_WEIGHTS)  # a readable safetensors file, or one line
     peft_type = str(config.get("peft_type"))
     if peft_type not in PEFT_TYPES:
         raise AhlError(f"{folder}'s adapter is of peft type {peft_type!r}, which ahl does not run: "
                        f"import one of {', '.join(PEFT_TYPES)}")
     kind = PEFT_TYPES[peft_type]
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.split("_")[0] in ("pissa", "olora", "corda"):
+        raise AhlError(f"{folder}'s LoRA was initialised with {init}, which changes the base's "
+                       "weights: save it converted to a plain LoRA (save_pretrained(..., "
+                       "path_initial_model_for_weight_conversion=...)) and import that")
     if method is not None and (method != kind and not (kind == "lora" and method in LORA_METHODS)):
         raise AhlError(f"{folder}'s adapter is {peft_type}, not a {method} adapter: drop --method"
                        + (" or pick lora, qlora or loftq" if kind == "lora" else ""))
@@ -69,6 +72,29 @@ def read_adapter_folder(folder: str | Path, method: str | None = None) -> Adapte
     origin = {"folder": folder.resolve().name, "peft_type": peft_type, "weights_sha256": digest,
               "base_model_name_or_path": config.get("base_model_name_or_path")}
     return AdapterFolder(folder, config, method or kind, origin)
+
+
+def read_json(path: Path, kind: type, what: str):
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AhlError(f"{path} is not JSON ({str(e)[:80]}): write {what} again") from None
+    if not isinstance(value, kind):
+        raise AhlError(f"{path} holds a {type(value).__name__}, not a JSON "
+                       f"{'object' if kind is dict else 'list'}: write {what} again")
+    return value
+
+
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, read from the safetensors header (nothing loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same mistake
+        raise AhlError(f"{path} is not a readable safetensors file ({str(e)[:80]}): save it "
+                       "again with safetensors") from None
 
 
 def check_named_base(source: AdapterFolder, base) -> None:
@@ -93,8 +119,6 @@ def check_named_base(source: AdapterFolder, base) -> None:
 def read_head(source: AdapterFolder, base, labels: list[str]) -> tuple | None:
     """(weights, label order) of the folder's head, checked against the base and the task's
     labels; None when the folder has none (one is fitted)."""
-    from safetensors import safe_open
-
     head, names = source.folder / HEAD_FILE, source.folder / LABELS_FILE
     if not head.is_file() and not names.is_file():
         return None
@@ -102,10 +126,12 @@ def read_head(source: AdapterFolder, base, labels: list[str]) -> tuple | None:
         raise AhlError(f"{source.folder} has {HEAD_FILE if head.is_file() else LABELS_FILE} "
                        f"without {LABELS_FILE if head.is_file() else HEAD_FILE}: give both, or "
                        "neither (a head is then fitted from the rows)")
-    order = json.loads(names.read_text(encoding="utf-8"))
-    with safe_open(head, framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    want = {"weight": (len(order), base.hidden_size), "bias": (len(order),)}
+    order = read_json(names, list, "the label order (a list of label names)")
+    if not all(isinstance(x, str) for x in order) or len(set(order)) != len(order):
+        raise AhlError(f"{names} must list each label name once, as strings: write it as "
+                       '["negative", "positive"], in the order of the head\'s rows')
+    shapes = tensor_shapes(head)
+    want = {"weight": [len(order), base.hidden_size], "bias": [len(order)]}
     if shapes != want:
         raise AhlError(f"{head} holds {shapes} but {len(order)} labels over base "
                        f"{base.name!r} (width {base.hidden_size}) need {want}: give the head "
@@ -137,6 +163,8 @@ def fit_head(bank, name: str, data, options) -> float:
     from adapterhub_local.trainer import split_validation
 
     fit, held = split_validation(data.strata(), options.seed)
+    if len({data.train_labels[i] for i in fit}) < 2:  # a label's only rows held out
+        fit, held = list(range(len(data.train_texts))), []
     features = bank.pooled(name, data.train_texts, options.max_length).numpy()
     labels = np.array(data.train_labels)
     model = LogisticRegression(max_iter=2000).fit(features[fit], labels[fit])
@@ -165,6 +193,9 @@ def stage(source: AdapterFolder, target: Path, base, plan, head: tuple | None) -
 
     target.mkdir(parents=True)
     config = dict(source.config, base_model_name_or_path=base.name, inference_mode=True)
+    for key in ("init_lora_weights", "init_weights"):  # the saved weights replace any init;
+        if key in config:  # an init that reads the base (LoftQ's) must not run again on load
+            config[key] = True
     config["task_type"] = "FEATURE_EXTRACTION" if source.method in (
         "prompt-tuning", "prefix-tuning", "adaption-prompt") else None
     prefix = getattr(base.model, "base_model_prefix", "")
@@ -188,18 +219,25 @@ def stage(source: AdapterFolder, target: Path, base, plan, head: tuple | None) -
         (target / LABELS_FILE).write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
 
 
-def check_weights(bank, name: str, folder: Path) -> int:
-    """Every weight in the folder went into the adapter, and the adapter has no weight the
-    folder lacks (peft only warns of either). The number of weights (its parameters)."""
+def check_weights(bank, folder: Path, method) -> int:
+    """The staged adapter loads on a copy of the bare base (a failure leaves the bank as it
+    was), every weight in the folder goes into it and it has none the folder lacks (peft only
+    warns of either). The number of weights (its parameters)."""
+    from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
 
-    with safe_open(folder / PEFT_WEIGHTS, framework="pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    given = set(shapes)
-    model = bank.model(name)
-    kept = set(get_peft_model_state_dict(model, adapter_name=name))
-    extra, missing = sorted(given - kept), sorted(kept - given)
+    shapes = tensor_shapes(folder / PEFT_WEIGHTS)
+    method.register_with_peft()
+    from adapterhub_local.inference import quiet_peft_wrap
+
+    try:
+        with quiet_peft_wrap():
+            trial = PeftModel.from_pretrained(bank.bare_copy(), folder, adapter_name="trial")
+        kept = set(get_peft_model_state_dict(trial, adapter_name="trial"))
+    except Exception as e:  # noqa: BLE001 - shapes, modules, peft's own checks: one answer
+        raise AhlError(f"the adapter does not load on base {bank.base.name!r}: "
+                       f"{' '.join(str(e).split())[:240]}") from None
+    extra, missing = sorted(set(shapes) - kept), sorted(kept - set(shapes))
     if extra or missing:
         raise AhlError(f"the adapter's weights do not fit base {bank.base.name!r}: "
                        + (f"{extra[0]} has no place in it" if extra else f"{missing[0]} is missing")

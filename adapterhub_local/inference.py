@@ -237,10 +237,12 @@ class AdapterBank:
 
     def digest(self, name: str) -> str:
         """sha256 of the adapter's weights and head as they are in memory now: a score computed
-        with these weights may be reused only while this stays the same."""
+        with these weights may be reused only while this stays the same. The name the adapter
+        is loaded under is left out (an import's weights are measured under a staging name)."""
         marker = f".{name}."
         h = hashlib.sha256()
-        tensors = [(k, p) for k, p in self.model(name).named_parameters() if marker in f"{k}."]
+        tensors = [(f"{k}.".replace(marker, "."), p) for k, p in self.model(name).named_parameters()
+                   if marker in f"{k}."]
         if self.heads[name] is not None:
             tensors += sorted(self.heads[name].state_dict().items())
         for key, tensor in tensors:

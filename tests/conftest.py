@@ -205,3 +205,20 @@ def run_export_cards(jobs: list[dict]) -> list:
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def plain_greedy(model, tokenizer, prompts: list[str], budget: int) -> list[str]:
+    """Greedy completions of a causal LM (peft-wrapped or not) in plain transformers, token by
+    token, as ahl decodes a base without a chat template: what ahl's answers are checked against."""
+    completions = []
+    for prompt in prompts:
+        start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids, new = start + tokenizer(prompt, add_special_tokens=False)["input_ids"], []
+        with torch.no_grad():
+            for _ in range(budget):
+                token = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                new.append(token)
+        completions.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return completions

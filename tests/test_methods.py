@@ -2,6 +2,7 @@
 fresh process and answers; mixed batches over methods equal one adapter at a time; the traps
 (AdaLoRA's budget, LoftQ's start, QLoRA's 4-bit base, prefix tuning on BERT) are handled."""
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -129,12 +130,16 @@ def test_every_method_exports_a_folder_that_loads_without_ahl(method_stores, tmp
 
 
 def bare_probabilities(bank, name: str, texts: list[str]) -> torch.Tensor:
-    """The label probabilities of an adapter's head over the bare base: what an export whose
-    adapter weights did not load would answer."""
+    """The label probabilities of an adapter's head over its group's base with adapters off
+    (4-bit for QLoRA and LoftQ): what an export whose adapter weights did not load answers."""
     batch = bank.base.pad(bank.base.tokenize(texts, 128))
-    with torch.no_grad(), bank.bare():
-        return bank.heads[name](mean_pool(bank.base.model(**batch).last_hidden_state,
-                                          batch)).softmax(-1)
+    model = bank.model(name)
+    if model.peft_config[name].is_prompt_learning:  # peft's disable_adapter fails on these
+        bare, off = model.get_base_model(), contextlib.nullcontext()
+    else:
+        bare, off = model, model.disable_adapter()
+    with torch.no_grad(), off:
+        return bank.heads[name](mean_pool(bare(**batch).last_hidden_state, batch)).softmax(-1)
 
 
 def test_a_mixed_batch_over_methods_equals_one_adapter_at_a_time(tiny_base):
