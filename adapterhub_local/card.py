@@ -54,7 +54,8 @@ def model_card(info: dict, step: dict | None) -> str:
              f"`{info['data']['digest']}`",
              f"- {info['data']['rows']} training rows, {info['data']['test_rows']} test rows "
              f"(split: `{json.dumps(split_of(info['data']['split']))}`)",
-             "- licence: that of the data's source (ahl does not record it)",
+             f"- licence: {info['data']['license']}" if info["data"].get("license") else
+             "- licence: not recorded (a task spec's `license = \"...\"` records it)",
              "", "## Evaluation", "",
              f"- test {metric.replace('_', ' ')}: "
              + (f"{100 * score:.1f}%" if score is not None else "not recorded"),

@@ -49,6 +49,8 @@ class TaskData:
     """The completions of a generate task (empty for classify)."""
     metric: str = "accuracy"
     """What its scores measure: accuracy for classify; for generate, scoring.METRICS' name."""
+    license: str = ""
+    """The data's licence where its task spec says it (`license = "..."`): model cards name it."""
 
     def strata(self) -> list[int]:
         """What splits keep in proportion: the labels of classify rows, one class otherwise."""
@@ -316,6 +318,8 @@ class TaskSpec:
     kind: str = "classify"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
+    license: str = ""
+    """The data's licence, for the model cards of its versions."""
     defaults: dict = field(default_factory=dict)
     """Training options (method, epochs, lr, ...) used unless the command line sets them."""
 
@@ -334,7 +338,7 @@ def load_spec(path: str | Path) -> TaskSpec:
         raise AhlError(f"task spec {path.name}: kind = {kind!r} is unknown: use one of "
                        f"{', '.join(KINDS)}")
     known = {"name", "train", "test", "text_column", "label_column", "description", "kind",
-             "prompt_column", "completion_column"}
+             "prompt_column", "completion_column", "license"}
     return TaskSpec(
         name=spec.get("name", path.stem),
         train=path.parent / spec["train"],
@@ -345,5 +349,6 @@ def load_spec(path: str | Path) -> TaskSpec:
         kind=kind,
         prompt_column=spec.get("prompt_column", "prompt"),
         completion_column=spec.get("completion_column", "completion"),
+        license=str(spec.get("license", "")),
         defaults={k: v for k, v in spec.items() if k not in known},
     )

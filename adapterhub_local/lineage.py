@@ -55,6 +55,7 @@ def version_lineage(store, version, with_run: bool = True) -> dict:
                  "rows": int(tags.get(f"{TAG}data.rows", 0)),
                  "test_rows": int(tags.get(f"{TAG}data.test_rows", 0)),
                  "source": tags.get(f"{TAG}data.source"), "split": read("data.split", "{}"),
+                 "license": tags.get(f"{TAG}data.license"),
                  "dropped": int(tags.get(f"{TAG}data.dropped", 0))},
         "labels": read("labels", "[]"),
         "kind": kind_of(version), "metric": metric_of(version),

@@ -45,7 +45,7 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
                   base, train_args, device: str | None = None, kind: str | None = None,
                   prompt_column: str | None = None, completion_column: str | None = None) -> Plan:
     """Validate every input; raises AhlError before anything is written."""
-    defaults = {}
+    defaults, license = {}, ""
     if kind is not None and kind not in KINDS:
         raise AhlError(f"unknown task kind {kind!r}: use one of {', '.join(KINDS)}")
     columns = {"--text-column": text_column, "--label-column": label_column,
@@ -61,7 +61,7 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
         label_column = label_column or task_spec.label_column
         prompt_column = prompt_column or task_spec.prompt_column
         completion_column = completion_column or task_spec.completion_column
-        kind, defaults = task_spec.kind, task_spec.defaults
+        kind, defaults, license = task_spec.kind, task_spec.defaults, task_spec.license
     if train is None:
         raise AhlError("no training data: pass --train FILE or --spec FILE")
     check_task_name(name)
@@ -86,6 +86,7 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
     else:
         data = load_task_data(name, train, test, text_column or "text", label_column or "label",
                               seed=train_options.seed)
+    data.license = license
     # The command line's base, else the store's, else the spec's (a store keeps its base).
     base_name, base_path = resolve_base(base or (store.base_binding() or (None,))[0]
                                         or defaults.get("base"))
@@ -178,6 +179,7 @@ def lineage_tags(plan: Plan, base, parent, files: dict, accuracy: float) -> dict
         f"{TAG}base.name": base.name, f"{TAG}base.sha256": base.sha256,
         f"{TAG}data.digest": data.digest, f"{TAG}data.rows": len(data.train_texts),
         f"{TAG}data.test_rows": len(data.test_texts), f"{TAG}data.source": data.source,
+        **({f"{TAG}data.license": data.license} if data.license else {}),
         f"{TAG}data.split": json.dumps(data.split), f"{TAG}data.dropped": data.dropped,
         f"{TAG}parent": parent.version if parent else "",
         f"{TAG}labels": json.dumps(data.labels), f"{TAG}files": json.dumps(files),

@@ -56,6 +56,19 @@ DESCRIPTIONS = {
     "wordnet_concepts": "WordNet noun definitions by lexicographer category (abstract concepts).",
 }
 
+WORDNET_LICENSE = ("WordNet 3.0 licence (Princeton University): use, copy, modify and distribute "
+                   "for any purpose, with the copyright notice kept")
+FORTUNES_LICENSE = "BSD (fortune-mod, Regents of the University of California)"
+CHATTERBOT_LICENSE = "BSD-3-Clause (chatterbot-corpus, Gunther Cox)"
+# What each task's spec says of its data's licence (LICENSES.md has the details).
+LICENSES = {
+    "wordnet_things": WORDNET_LICENSE, "fortune_topic": FORTUNES_LICENSE,
+    "chat_language": CHATTERBOT_LICENSE, "wordnet_actions": WORDNET_LICENSE,
+    "fortune_language": "BSD (English rows, fortune-mod); public domain (Spanish and Italian rows, "
+                        "Debian fortunes-es and fortunes-it)",
+    "wordnet_concepts": WORDNET_LICENSE,
+}
+
 
 def clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
@@ -113,7 +126,8 @@ def split_task(by_label: dict[str, list[str]], seen: set[str], rng: random.Rando
     return train, test
 
 
-def write_task(name: str, train, test, home: Path, description: str, builder: str) -> None:
+def write_task(name: str, train, test, home: Path, description: str, license: str,
+               builder: str) -> None:
     """Write a task's CSVs under home/data/<name>/ and its spec as home/<name>.toml."""
     folder = home / "data" / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,6 +140,7 @@ def write_task(name: str, train, test, home: Path, description: str, builder: st
         f'# {description} Built by {builder}.\n'
         f'name = "{name}"\n'
         f'description = "{description}"\n'
+        f'license = "{license}"\n'
         f'train = "data/{name}/train.csv"\n'
         f'test = "data/{name}/test.csv"\n'
         'text_column = "text"\n'
@@ -144,12 +159,13 @@ def builder_args(doc: str) -> argparse.Namespace:
 
 
 def write_sequence(sources: dict, sequence: list[str], seed: int, home: Path, comment: str,
-                   descriptions: dict, builder: str) -> None:
+                   descriptions: dict, licenses: dict, builder: str) -> None:
     """Split and write each task in order (texts deduplicated across the sequence), then
     home/sequence.toml."""
     rng, seen = random.Random(seed), set()
     for name in sequence:
-        write_task(name, *split_task(sources[name], seen, rng), home, descriptions[name], builder)
+        write_task(name, *split_task(sources[name], seen, rng), home, descriptions[name],
+                   licenses[name], builder)
     (home / "sequence.toml").write_text(f"# {comment}\ntasks = {sequence!r}\n".replace("'", '"'),
                                         encoding="utf-8")
 
@@ -162,7 +178,7 @@ def main() -> None:
     sources["fortune_language"] = {k: read_fortunes(v) for k, v in FORTUNE_LANGUAGES.items()}
     write_sequence(sources, SEQUENCE, args.seed, HERE,
                    "The bundled task sequence, in the order `ahl demo` adds it.",
-                   DESCRIPTIONS, "tasks/build_tasks.py")
+                   DESCRIPTIONS, LICENSES, "tasks/build_tasks.py")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,21 @@ def test_export_carries_a_model_card_filled_from_the_store(store_with_versions, 
                  shown["data"]["digest"], "colors_train.csv + colors_test.csv",
                  f"test accuracy: {100 * shown['metrics']['test_accuracy']:.1f}%",
                  "at step 3 of the store's sequence", "| animals |", "parent version: 1",
-                 "before it: animals@1", "PeftModel.from_pretrained", "[More Information"):
+                 "before it: animals@1", "PeftModel.from_pretrained", "licence: not recorded",
+                 "[More Information"):
         assert (fact in body) == (fact != "[More Information"), fact  # not peft's empty template
     assert str(tmp_path.parent) not in card and "/tmp/" not in card  # no local paths
+
+
+def test_a_cards_licence_comes_from_the_task_spec(store_dir, tiny_data, tiny_base, tmp_path):
+    spec = tmp_path / "colors.toml"
+    spec.write_text(f'name = "colors"\ntrain = "{tiny_data["colors"]["train"].as_posix()}"\n'
+                    'license = "CC-BY-4.0 (the colour survey)"\nepochs = 1\n')
+    Hub(store_dir).add_task(spec=spec, base=tiny_base)
+    assert Hub(store_dir).show("colors")["data"]["license"] == "CC-BY-4.0 (the colour survey)"
+    ahl("store", "export", "colors", tmp_path / "out", "--store", store_dir)
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert "- licence: CC-BY-4.0 (the colour survey)" in card
 
 
 def test_export_refuses_a_non_empty_folder_unless_forced(store_with_versions, tmp_path):

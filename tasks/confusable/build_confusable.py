@@ -29,7 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
-from build_tasks import builder_args, clean, read_chatterbot, read_fortunes, write_sequence  # noqa: E402
+from build_tasks import (CHATTERBOT_LICENSE, FORTUNES_LICENSE, builder_args, clean,  # noqa: E402
+                         read_chatterbot, read_fortunes, write_sequence)
 
 MAN = Path("/usr/share/man")
 # Topics shared by pydoc_topic and manual_topic: stdlib modules and C headers of each.
@@ -78,6 +79,15 @@ DESCRIPTIONS = {
     "fortune_life": "English fortune cookies by topic (art, education, food, law, literature).",
     "pydoc_topic": "Python standard library docstring sentences by topic.",
     "manual_topic": "C library man-page sentences by topic (same labels as pydoc_topic).",
+}
+MAN_PAGES_LICENSE = ("per page: Linux-man-pages-copyleft, BSD-2-Clause, BSD-3-Clause, "
+                     "BSD-4-Clause-UC or MIT (Linux man-pages 6.03; GPL pages left out)")
+LICENSES = {
+    "library_docs": "BSD-3-Clause (numpy, torch, scikit-learn docstrings), Apache-2.0 "
+                    "(transformers docstrings)",
+    "chat_topic": CHATTERBOT_LICENSE, "manual_section": MAN_PAGES_LICENSE,
+    "manual_topic": MAN_PAGES_LICENSE, "pydoc_topic": "PSF-2.0 (CPython 3.11 docstrings)",
+    "fortune_life": FORTUNES_LICENSE,
 }
 SECTION_HEADER = re.compile(r"\n\s*(Parameters|Returns|Args|Arguments|Example|Examples|Note|Notes|"
                             r"Attributes|Raises|See Also|References|Yields|Warning|\.\. )", re.I)
@@ -198,7 +208,7 @@ def main() -> None:
     }
     write_sequence(sources, SEQUENCE, args.seed, HERE,
                    "The confusable development sequence (`ahl demo --tasks-dir tasks/confusable`).",
-                   DESCRIPTIONS, "tasks/confusable/build_confusable.py")
+                   DESCRIPTIONS, LICENSES, "tasks/confusable/build_confusable.py")
 
 
 if __name__ == "__main__":
