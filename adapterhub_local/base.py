@@ -41,9 +41,6 @@ class Base:
     lm_head: torch.nn.Module | None = None
     """The frozen output layer of a causal LM base (hidden states -> token logits): generate
     tasks read it; None for encoder bases."""
-    backbone: str = ""
-    """The causal LM's attribute that holds `model` (its base_model_prefix, "model" for Llama):
-    an export names adapter weights as the causal LM that users load sees them; "" for encoders."""
     recent: dict = field(default_factory=dict, repr=False)
     """The last tokenized batch's ids by (text, max_length): prediction tokenizes a batch to
     route it, then the routed texts again for their adapters' pass."""
@@ -244,6 +241,6 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
             module.eval()
             module.to(device)
     base = Base(name=canonical, path=path, sha256=sha, model=model, tokenizer=tokenizer,
-                device=device, lm_head=lm_head, backbone=loaded.base_model_prefix if causal else "")
+                device=device, lm_head=lm_head)
     _loaded[key] = base
     return base

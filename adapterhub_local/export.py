@@ -53,17 +53,22 @@ def peft_for_users(folder: Path, hub_id: str | None, backbone: str) -> None:
         config["base_model_name_or_path"] = hub_id
     if backbone:
         config["task_type"] = "CAUSAL_LM"
-        if config.get("rank_pattern"):  # AdaLoRA's kept ranks, by name inside the model
-            config["rank_pattern"] = {f"{backbone}.{k}": v
-                                      for k, v in config["rank_pattern"].items()}
-        rename_tensors(folder / PEFT_WEIGHTS, lambda name: causal_name(name, backbone))
+        move_backbone(folder, config, backbone, outward=True)
     (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def causal_name(name: str, backbone: str) -> str:
-    """A weight name under the backbone, as seen from the causal LM (soft prompts, which belong
-    to no module, keep theirs)."""
-    return name.replace(WRAPPED, f"{WRAPPED}{backbone}.", 1) if name.startswith(WRAPPED) else name
+def move_backbone(folder: Path, config: dict, backbone: str, outward: bool) -> None:
+    """Rename a PEFT folder's weights, and AdaLoRA's rank pattern in `config`, from names inside
+    the backbone (ahl's layout) to names inside the model that holds it as `backbone`
+    (outward: a causal LM or a task model, as users load it), or back. Soft prompts belong to
+    no module and keep their names."""
+    inner, outer = WRAPPED, f"{WRAPPED}{backbone}."
+    old, new = (inner, outer) if outward else (outer, inner)
+    rename_tensors(folder / PEFT_WEIGHTS, lambda k: new + k[len(old):] if k.startswith(old) else k)
+    if config.get("rank_pattern"):  # by name inside the wrapped model
+        old, new = ("", f"{backbone}.") if outward else (f"{backbone}.", "")
+        config["rank_pattern"] = {new + k[len(old):] if k.startswith(old) else k: v
+                                  for k, v in config["rank_pattern"].items()}
 
 
 def plain_bottleneck(folder: Path, files: set[str]) -> set[str]:

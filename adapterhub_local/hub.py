@@ -184,8 +184,7 @@ class Hub:
                 record = commit_add_task(self.store, self.loader, candidate, gate, lease)
                 commit_seconds = time.time() - committing
         except BaseException as e:
-            if plan.origin is None:  # an import's staged adapter is its caller's to remove
-                bank.remove_adapter(adapter)
+            bank.remove_adapter(adapter)
             self.store.finish_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         self.drawing = draw_in_background(self.store)  # the step's heatmaps, after its commit

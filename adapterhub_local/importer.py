@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterhub_local.errors import AhlError
-from adapterhub_local.export import PEFT_CONFIG, PEFT_WEIGHTS, WRAPPED, rename_tensors
+from adapterhub_local.export import PEFT_CONFIG, PEFT_WEIGHTS, move_backbone
+from adapterhub_local.methods import get_method
 from adapterhub_local.store import GENERATE_FILE, HEAD_FILE, LABELS_FILE, sha256_file
 
 # The peft types ahl runs, as methods (a LORA folder may be QLoRA's or LoftQ's: --method says).
@@ -196,17 +197,11 @@ def stage(source: AdapterFolder, target: Path, base, plan, head: tuple | None) -
     for key in ("init_lora_weights", "init_weights"):  # the saved weights replace any init;
         if key in config:  # an init that reads the base (LoftQ's) must not run again on load
             config[key] = True
-    config["task_type"] = "FEATURE_EXTRACTION" if source.method in (
-        "prompt-tuning", "prefix-tuning", "adaption-prompt") else None
-    prefix = getattr(base.model, "base_model_prefix", "")
-    if config.get("rank_pattern"):  # AdaLoRA's kept ranks, by name inside the model
-        config["rank_pattern"] = {k.removeprefix(f"{prefix}."): v
-                                  for k, v in config["rank_pattern"].items()}
-    (target / PEFT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    soft = get_method(source.method).family == "soft-prompt"
+    config["task_type"] = "FEATURE_EXTRACTION" if soft else None  # as the method's builder
     shutil.copyfile(source.folder / PEFT_WEIGHTS, target / PEFT_WEIGHTS)
-    held = f"{WRAPPED}{prefix}."
-    rename_tensors(target / PEFT_WEIGHTS,
-                   lambda k: WRAPPED + k.removeprefix(held) if prefix and k.startswith(held) else k)
+    move_backbone(target, config, base.model.base_model_prefix, outward=False)
+    (target / PEFT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     if plan.generate is not None:
         (target / GENERATE_FILE).write_text(json.dumps(plan.generate), encoding="utf-8")
     elif head is not None:

@@ -151,7 +151,8 @@ def plan_generation(data: TaskData, base, train: TrainOptions, defaults: dict) -
         raise AhlError(f"max_new_tokens = {budget!r} in the spec is not a whole number of "
                        "tokens: give e.g. max_new_tokens = 32")
     return {"template": template_digest(base), "max_new_tokens": budget, "metric": data.metric,
-            "backbone": base.backbone}
+            # the causal LM's attribute holding the backbone: an export names weights from it
+            "backbone": base.model.base_model_prefix}
 
 
 def run_params(plan: Plan, base) -> dict:
