@@ -36,24 +36,34 @@ TASKS = Path(__file__).resolve().parent.parent / "tasks"
 
 
 def train_on(base, model, head, data, options: TrainOptions) -> None:
-    """The trainer's loop (seeded length-grouped batches, AdamW with warm-up and linear decay,
-    clipping) over a plain model and a head: every parameter of either that requires grad
-    trains."""
+    """The trainer's loop over a plain model and a head (train_loop): every parameter of either
+    that requires grad trains."""
     torch.manual_seed(options.seed)
     rows, _ = split_validation(data.train_labels, options.seed)
     ids = base.tokenize([data.train_texts[i] for i in rows], options.max_length)
     labels = torch.tensor([data.train_labels[i] for i in rows])
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
+
+    def loss_of(batch_rows):
+        batch = base.pad([ids[i] for i in batch_rows])
+        logits = head(mean_pool(model(**batch).last_hidden_state, batch))
+        return torch.nn.functional.cross_entropy(logits, labels[batch_rows])
+
+    train_loop(model, params, [len(x) for x in ids], options, loss_of)
+
+
+def train_loop(model, params, lengths: list[int], options: TrainOptions, loss_of) -> None:
+    """ahl's trainer loop for a baseline (also bench/generate_forgetting.py's): seeded
+    length-grouped batches of rows with these token lengths, AdamW with warm-up and linear
+    decay, clipping; loss_of(rows) is a batch's loss."""
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     schedule = warmup_then_linear_decay(
-        optimizer, options.epochs * math.ceil(len(ids) / options.batch_size), options.warmup)
+        optimizer, options.epochs * math.ceil(len(lengths) / options.batch_size), options.warmup)
     rng = random.Random(options.seed)
     model.train()
     for _ in range(options.epochs):
-        for batch_rows in length_grouped_batches([len(x) for x in ids], options.batch_size, rng):
-            batch = base.pad([ids[i] for i in batch_rows])
-            logits = head(mean_pool(model(**batch).last_hidden_state, batch))
-            torch.nn.functional.cross_entropy(logits, labels[batch_rows]).backward()
+        for batch_rows in length_grouped_batches(lengths, options.batch_size, rng):
+            loss_of(batch_rows).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()

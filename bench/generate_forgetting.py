@@ -18,9 +18,7 @@ not what a user adding tasks one at a time usually has.
     .venv/bin/python bench/generate_forgetting.py
 """
 
-import math
 import os
-import random
 import tempfile
 import time
 import tomllib
@@ -38,8 +36,8 @@ from adapterhub_local.forgetting import summarize  # noqa: E402
 from adapterhub_local.generation import completion_ids, lm_batch, prompt_ids  # noqa: E402
 from adapterhub_local.scoring import SOFT_METRIC, exact_match, row_scores  # noqa: E402
 from adapterhub_local.sequence import read_steps  # noqa: E402
-from adapterhub_local.trainer import (TrainOptions, length_grouped_batches,  # noqa: E402
-                                      split_validation, uses_bf16, warmup_then_linear_decay)
+from adapterhub_local.trainer import TrainOptions, split_validation, uses_bf16  # noqa: E402
+from forgetting_baselines import train_loop  # noqa: E402
 
 TASKS = Path(__file__).resolve().parent.parent / "tasks" / "generate"
 EVAL_BATCH = 32
@@ -54,33 +52,23 @@ def load_causal_lm():
 
 
 def train_on(base, model, data, options: TrainOptions) -> None:
-    """ahl's loop (seeded length-grouped batches, AdamW with warm-up and linear decay,
-    clipping, bf16 autocast where native) over a plain causal LM: every parameter that
-    requires grad trains, on the completion tokens' loss."""
+    """ahl's loop (forgetting_baselines.train_loop; bf16 autocast where native) over a plain
+    causal LM: every parameter that requires grad trains, on the completion tokens' loss."""
     torch.manual_seed(options.seed)
     rows, _ = split_validation(data.strata(), options.seed)
     prompts = prompt_ids(base, [data.train_texts[i] for i in rows])
     completions = completion_ids(base, [data.train_targets[i] for i in rows])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    schedule = warmup_then_linear_decay(
-        optimizer, options.epochs * math.ceil(len(rows) / options.batch_size), options.warmup)
-    rng = random.Random(options.seed)
     bf16 = uses_bf16(options.precision)
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    model.train()
-    for _ in range(options.epochs):
-        for batch_rows in length_grouped_batches(lengths, options.batch_size, rng):
-            batch, labels = lm_batch(base, [prompts[i] for i in batch_rows],
-                                     [completions[i] for i in batch_rows])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-    model.eval()
+
+    def loss_of(batch_rows):
+        batch, labels = lm_batch(base, [prompts[i] for i in batch_rows],
+                                 [completions[i] for i in batch_rows])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return model(**batch, labels=labels).loss
+
+    train_loop(model, params, [len(p) + len(c) for p, c in zip(prompts, completions)], options,
+               loss_of)
 
 
 @torch.inference_mode()
