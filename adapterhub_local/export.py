@@ -15,10 +15,10 @@ import json
 import struct
 from pathlib import Path
 
+from adapterhub_local.store import PEFT_CONFIG, PEFT_WEIGHTS
+
 BOTTLENECK_WEIGHTS = "bottleneck.safetensors"
 BOTTLENECK_CONFIG = "bottleneck_config.json"
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 WRAPPED = "base_model.model."  # where peft's saved weight names start from the wrapped model
 
 

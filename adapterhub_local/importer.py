@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterhub_local.errors import AhlError
-from adapterhub_local.export import PEFT_CONFIG, PEFT_WEIGHTS, move_backbone
+from adapterhub_local.export import move_backbone
 from adapterhub_local.methods import get_method
-from adapterhub_local.store import GENERATE_FILE, HEAD_FILE, LABELS_FILE, sha256_file
+from adapterhub_local.store import (GENERATE_FILE, HEAD_FILE, LABELS_FILE, PEFT_CONFIG, PEFT_WEIGHTS,
+                                    sha256_file)
 
 # The peft types ahl runs, as methods (a LORA folder may be QLoRA's or LoftQ's: --method says).
 PEFT_TYPES = {"PROMPT_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning",

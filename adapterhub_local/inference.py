@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterhub_local import lora_batch
 from adapterhub_local.router import FEATURES, ROUTER_FEATURES
-from adapterhub_local.store import GENERATE_FILE, HEAD_FILE, LABELS_FILE
+from adapterhub_local.store import GENERATE_FILE, HEAD_FILE, LABELS_FILE, PEFT_WEIGHTS
 
 
 EVAL_BATCH_SIZE = 64
@@ -165,7 +165,8 @@ class AdapterBank:
                 self.groups[key] = PeftModel.from_pretrained(self._base_for(key, config, method),
                                                              folder, adapter_name=name)
                 self.groups[key].eval()
-            else:
+            elif method.quantized or not lora_batch.load_frozen(
+                    model, name, config, Path(folder) / PEFT_WEIGHTS):
                 model.load_adapter(folder, adapter_name=name)
         self.group_of[name] = key
         lora_batch.install(self.groups[key])

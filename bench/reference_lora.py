@@ -12,7 +12,10 @@ row prints its training seconds too: the script adapts the bottom half, so it ca
 router's pass at prediction time, and its training cannot reuse the bottom half's states.
 
     .venv/bin/python bench/reference_lora.py [--tasks-dir tasks/confusable]
-        [--tasks wordnet_things,chat_language] [--ahl layers=all]
+        [--tasks wordnet_things,chat_language] [--ahl layers=all] [--seeds 0,1] [--script-epochs 5]
+
+With several seeds, every run is repeated per seed (the script's too) and the tables show means
+over the seeds; the per-seed lines are printed as they finish.
 """
 
 import argparse
@@ -55,29 +58,37 @@ def main() -> None:
     parser.add_argument("--tasks-dir", type=Path, default=TASKS, help="a sequence's folder [default: the bundled tasks/]")
     parser.add_argument("--tasks", help="comma-separated task names [default: the folder's sequence.toml]")
     parser.add_argument("--ahl", action="append", default=[], help="an ahl variant: k=v,k=v")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, each a full set of runs [default: 0]")
+    parser.add_argument("--script-epochs", default="5,3", help="the script's rows [default: 5,3]; 5 is the reference")
     args = parser.parse_args()
     options = TrainOptions()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    script_epochs = [int(e) for e in args.script_epochs.split(",")]
     variants = [("ahl default", {}, {})] + [ahl_variant(v) for v in args.ahl]
     warm_up(options)
-    results: dict[str, dict[str, tuple[float, float]]] = {}
+    results: dict = {}  # label -> task -> [(seconds, accuracy) per seed], then their means
     sequence = tomllib.loads((args.tasks_dir / "sequence.toml").read_text(encoding="utf-8"))["tasks"]
     tasks = args.tasks.split(",") if args.tasks else sequence
     for n, task in enumerate(tasks):
         spec = load_spec(args.tasks_dir / f"{task}.toml")
         data = load_task_data(spec.name, spec.train, spec.test)
         every_row = list(range(len(data.train_texts)))
-        runs = [(label, lambda t=train, lo=lora: run_ahl(data, dataclasses.replace(options, **t), lo))
-                for label, train, lora in variants]
-        runs += [(f"script, {e} epochs", lambda e=e: run_peer(
-            data, dataclasses.replace(options, epochs=e), every_row,
-            config=script_config())) for e in (5, 3)]
-        for label, run in (runs if n % 2 == 0 else runs[::-1]):
-            seconds, accuracy = run()
-            results.setdefault(label, {})[task] = (seconds, accuracy)
-            print(f"  {task:18}{label:30}{seconds:7.1f} s {100 * accuracy:6.1f} %", flush=True)
+        for seed in seeds:
+            seeded = dataclasses.replace(options, seed=seed)
+            runs = [(label, lambda t=train, lo=lora: run_ahl(data, dataclasses.replace(seeded, **t), lo))
+                    for label, train, lora in variants]
+            runs += [(f"script, {e} epochs", lambda e=e: run_peer(
+                data, dataclasses.replace(seeded, epochs=e), every_row,
+                config=script_config())) for e in script_epochs]
+            for label, run in (runs if (n + seed) % 2 == 0 else runs[::-1]):
+                seconds, accuracy = run()
+                results.setdefault(label, {}).setdefault(task, []).append((seconds, accuracy))
+                print(f"  {task:18}{label:30}seed {seed} {seconds:7.1f} s {100 * accuracy:6.1f} %", flush=True)
+    results = {label: {task: tuple(sum(x) / len(x) for x in zip(*runs)) for task, runs in by_task.items()}
+               for label, by_task in results.items()}
 
     reference = results["script, 5 epochs"]
-    print(f"\n{date.today()}, {platform.machine()}; test accuracy % (training seconds); "
+    print(f"\n{date.today()}, {platform.machine()}, seeds {args.seeds}: mean test accuracy % (training seconds); "
           "last column: mean and worst difference from the 5-epoch script, in points")
     print("| run | " + " | ".join(tasks) + " | mean | vs script (mean / worst) |")
     print("|---|" + "---:|" * (len(tasks) + 2))

@@ -211,3 +211,54 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
     torch.testing.assert_close(bare, disabled, rtol=0, atol=0)
     assert not torch.allclose(bare, gathered)  # the adapters do change the states
     torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_loaded_without_pefts_walks_answers_as_pefts_loader(bank, tmp_path, monkeypatch):
+    """lora_batch.load_frozen (each adapted layer visited once) gives the adapter peft's own
+    load_adapter gives: the same layers, ranks, scalings and config, frozen, in eval mode, the
+    same answers; and it declines, changing nothing, what it does not cover."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    from adapterhub_local import lora_batch
+
+    lean = []
+    load_frozen = lora_batch.load_frozen
+    monkeypatch.setattr(lora_batch, "load_frozen", lambda *a: lean.append(a[1]) or load_frozen(*a))
+    for source in ("ahl_b", "ahl_top"):  # every block, and the top block only
+        bank.save_adapter(source, tmp_path / source)
+        bank.load_adapter(f"{source}_lean", tmp_path / source, get_method("lora"))
+        with monkeypatch.context() as patch:
+            patch.setattr(lora_batch, "load_frozen", lambda *a: False)
+            bank.load_adapter(f"{source}_peft", tmp_path / source, get_method("lora"))
+    assert lean == ["ahl_b_lean", "ahl_top_lean"]
+    try:
+        model = bank.model("ahl_b")
+        for source in ("ahl_b", "ahl_top"):
+            lean_name, peft_name = f"{source}_lean", f"{source}_peft"
+            layers = [m for m in model.modules() if isinstance(m, LoraLayer) and peft_name in m.lora_A]
+            assert layers and all(lean_name in m.lora_A for m in layers)
+            assert sum(lean_name in m.lora_A for m in model.modules() if isinstance(m, LoraLayer)) == len(layers)
+            for m in layers:
+                assert (m.r[lean_name], m.scaling[lean_name]) == (m.r[peft_name], m.scaling[peft_name])
+                for part in (m.lora_A, m.lora_B, m.lora_dropout):
+                    assert not part[lean_name].training
+                for part in (m.lora_A, m.lora_B):
+                    assert torch.equal(part[lean_name].weight, part[peft_name].weight)
+                    assert not part[lean_name].weight.requires_grad
+            assert model.peft_config[lean_name].to_dict() == model.peft_config[peft_name].to_dict()
+            adapters = [source, lean_name, peft_name]
+            got = bank.probabilities(TEXTS * 3, [a for a in adapters for _ in TEXTS])
+            for own, lean_p, peft_p in zip(got[:6], got[6:12], got[12:]):
+                torch.testing.assert_close(lean_p, peft_p, rtol=0, atol=0)
+                torch.testing.assert_close(lean_p, own, rtol=1e-5, atol=1e-6)
+        # What it does not cover (here DoRA) is declined before anything changes.
+        dora = LoraConfig(r=4, lora_alpha=8, target_modules=["query"], use_dora=True)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert load_frozen(model, "ahl_dora", dora, tmp_path / "ahl_b" / "adapter_model.safetensors") is False
+        assert "ahl_dora" not in model.peft_config
+        assert model.state_dict().keys() == before.keys()
+    finally:
+        for source in ("ahl_b", "ahl_top"):
+            bank.remove_adapter(f"{source}_lean")
+            bank.remove_adapter(f"{source}_peft")
+    assert not any(n.endswith(("_lean", "_peft")) for n in model.peft_config)
