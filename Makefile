@@ -24,7 +24,7 @@ demo: $(INSTALLED)
 	$(BIN)/ahl demo --fresh
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/train_speed.py

@@ -121,7 +121,9 @@ class GaussianRouter:
         self.class_task_ = torch.cat([torch.full((len(s.counts),), t)
                                       for t, s in enumerate(stats.values())])
         means = sums / counts.clamp(min=1).unsqueeze(1)
-        scatter = sum(s.scatter.double() for s in stats.values())
+        scatter = torch.zeros(sums.shape[1], sums.shape[1], dtype=torch.float64)
+        for s in stats.values():
+            scatter += s.scatter  # in place: one D x D matrix in float64, not one per task
         within = (scatter - (means * counts.unsqueeze(1)).T @ means) / max(1.0, counts.sum() - len(counts))
         # Each task gets equal prior mass, shared among its classes by their frequency.
         task_totals = torch.stack([s.counts.sum() for s in stats.values()])
@@ -218,12 +220,15 @@ class GaussianRouter:
 def chi2_threshold(distances: torch.Tensor, rate: float) -> float:
     """The distance that a share `rate` of in-distribution inputs exceeds. Squared Mahalanobis
     distances are close to a scaled chi-square; matching its mean and variance on the held-out
-    rows gives a tail estimate that a few hundred rows could not give by counting."""
-    from scipy.stats import chi2
+    rows gives a tail estimate that a few hundred rows could not give by counting. The
+    chi-square quantile is 2 x the inverse regularized incomplete gamma at dof / 2, as
+    scipy.stats.chi2.ppf computes it (importing scipy.stats costs every add-task process about
+    half a second)."""
+    from scipy.special import gammaincinv
 
     mean, var = distances.double().mean().item(), distances.double().var().item()
     scale, dof = var / (2 * mean), 2 * mean**2 / var
-    return float(scale * chi2.ppf(1 - rate, dof))
+    return float(scale * 2 * gammaincinv(dof / 2, 1 - rate))
 
 
 def shrunk_precision(covariance: torch.Tensor, alpha: float) -> torch.Tensor:

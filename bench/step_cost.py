@@ -14,7 +14,7 @@ process could exit; "all but training" counts to the exit. Buckets:
   - dashboards: the heatmaps, drawn on a thread after the commit (add-task has answered by
     then; the process waits for the thread before it exits).
 
-    .venv/bin/python bench/step_cost.py [--sizes 1,10,30]
+    .venv/bin/python bench/step_cost.py [--sizes 1,10,30] [--keep DIR]
 
 100 tasks works too, but filling the store to 99 took 27 minutes on 2 cores: its synthetic tasks
 come from six sources, so most of them have twins the router cannot tell apart, and each step's
@@ -44,6 +44,7 @@ TASKS = Path(__file__).resolve().parent.parent / "tasks"
 BUNDLED = ["wordnet_things", "fortune_topic", "chat_language", "wordnet_actions",
            "fortune_language", "wordnet_concepts"]
 PROBE = "chat_language"
+WARM_PROBE = "wordnet_actions"  # the warm row's task: as many training rows, another domain
 BUCKETS = ["load", "training", "evaluation", "store", "dashboards"]
 
 
@@ -77,7 +78,9 @@ def fill(hub, start: int, stop: int, folder: Path) -> None:
 
 
 def probe(store: Path) -> dict:
-    """In this fresh process: add the probe task to `store`, timing each bucket."""
+    """In this fresh process: add the probe task to `store`, timing each bucket ("cold", as the
+    CLI runs it), then one more task in the same process ("warm", as in a Python session or
+    `ahl demo`: imports done, the base and the earlier adapters in memory)."""
     from adapterhub_local import Hub, candidate, dashboards, evaluation, plan, trainer
 
     seconds = dict.fromkeys(BUCKETS, 0.0)
@@ -100,21 +103,28 @@ def probe(store: Path) -> dict:
     timed(evaluation, "evaluate_step", "evaluation")
     timed(dashboards, "draw_steps", "dashboards")
     hub = Hub(store)
-    before = time.perf_counter() - STARTED  # imports and opening the store
-    started = time.perf_counter()
-    hub.add_task(PROBE, TASKS / "data" / PROBE / "train.csv", TASKS / "data" / PROBE / "test.csv")
-    inside = time.perf_counter() - started  # add-task's answer is printed here
-    hub.drawing.join()  # the heatmaps, drawn on a thread after the commit
-    seconds["store"] = inside - seconds["load"] - seconds["training"] - seconds["evaluation"]
-    seconds["load"] += before
-    seconds["answer"] = before + inside
-    seconds["total"] = time.perf_counter() - STARTED
-    return seconds
+    costs = {}
+    for row, task in (("cold", PROBE), ("warm", WARM_PROBE)):
+        for bucket in BUCKETS:
+            seconds[bucket] = 0.0
+        before = time.perf_counter() - STARTED if row == "cold" else 0.0  # imports, the store
+        started = time.perf_counter()
+        hub.add_task(task, TASKS / "data" / task / "train.csv", TASKS / "data" / task / "test.csv")
+        inside = time.perf_counter() - started  # add-task's answer is printed here
+        hub.drawing.join()  # the heatmaps, drawn on a thread after the commit
+        cost = dict(seconds, store=inside - seconds["load"] - seconds["training"] - seconds["evaluation"])
+        cost["load"] += before
+        cost["answer"] = before + inside
+        cost["total"] = before + time.perf_counter() - started
+        costs[row] = cost
+    return costs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,10,30")
+    parser.add_argument("--keep", type=Path, help="fill the store in this folder and keep it; "
+                        "a later run goes on from the tasks it holds")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: run the probe on a store
     args = parser.parse_args()
     if args.probe:
@@ -124,10 +134,13 @@ def main() -> None:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="ahl-step-cost-"))
-    store, hub, have, rows = work / "store", None, 0, []
+    store, rows = (args.keep or work) / "store", []
     try:
         hub = Hub(store)
+        have = len(hub.tasks()) if store.exists() else 0
         for size in sizes:
+            if size - 1 < have:
+                raise SystemExit(f"{store} holds {have} tasks already: give sizes above that")
             fill(hub, have, size - 1, work)  # the probe is the size-th task
             have = size - 1
             copy = work / f"probe{size}"
@@ -135,20 +148,22 @@ def main() -> None:
                 shutil.copytree(store, copy)
             out = subprocess.run([sys.executable, __file__, "--probe", str(copy)], check=True,
                                  capture_output=True, text=True).stdout
-            rows.append((size, json.loads(out.strip().splitlines()[-1])))
+            costs = json.loads(out.strip().splitlines()[-1])
             shutil.rmtree(copy, ignore_errors=True)
-            cost = rows[-1][1]
-            print(f"  {size:4d} tasks: " + ", ".join(f"{b} {cost[b]:.1f} s" for b in BUCKETS)
-                  + f"; answer {cost['answer']:.1f} s, exit {cost['total']:.1f} s", flush=True)
+            for row, cost in costs.items():
+                rows.append((size, row, cost))
+                print(f"  {size:4d} tasks, {row}: " + ", ".join(f"{b} {cost[b]:.1f} s" for b in BUCKETS)
+                      + f"; answer {cost['answer']:.1f} s, exit {cost['total']:.1f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{date.today()}, {platform.machine()}, {os.cpu_count()} cores; probe: {PROBE} "
-          "(full data, defaults) added as the last task, in a fresh process")
-    print("| tasks | " + " | ".join(BUCKETS) + " | answer | exit | all but training / training |")
-    print("|---:|" + "---:|" * (len(BUCKETS) + 3))
-    for size, cost in rows:
+    print(f"\n{date.today()}, {platform.machine()}, {os.cpu_count()} cores; cold: {PROBE} (full "
+          "data, defaults) added as the last task in a fresh process; warm: then "
+          f"{WARM_PROBE} in the same process")
+    print("| tasks | process | " + " | ".join(BUCKETS) + " | answer | exit | all but training / training |")
+    print("|---:|---|" + "---:|" * (len(BUCKETS) + 3))
+    for size, row, cost in rows:
         other = cost["total"] - cost["training"]
-        print(f"| {size} | " + " | ".join(f"{cost[b]:.1f}" for b in BUCKETS)
+        print(f"| {size} | {row} | " + " | ".join(f"{cost[b]:.1f}" for b in BUCKETS)
               + f" | {cost['answer']:.1f} | {cost['total']:.1f} | {other / cost['training']:.2f}x |")
 
 

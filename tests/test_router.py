@@ -118,3 +118,18 @@ def test_the_features_a_router_reads_travel_with_its_statistics(three_tasks, tmp
 def test_route_value():
     route = Route(["a"], [1.0], 0.9)
     assert route.reason is None and route.tasks == ["a"]
+
+
+def test_the_abstain_threshold_is_scipys_chi_square_quantile():
+    """chi2_threshold computes the quantile without importing scipy.stats: the same number."""
+    from scipy.stats import chi2
+
+    from adapterhub_local.router import chi2_threshold
+
+    torch.manual_seed(0)
+    for dof, rate in ((3.0, 0.002), (40.0, 0.01), (900.0, 0.3)):
+        distances = torch.distributions.Chi2(dof).sample((2000,)) * 1.7
+        mean, var = distances.double().mean().item(), distances.double().var().item()
+        scale, fitted = var / (2 * mean), 2 * mean**2 / var
+        assert chi2_threshold(distances, rate) == pytest.approx(
+            scale * chi2.ppf(1 - rate, fitted), rel=1e-12)
