@@ -4,6 +4,7 @@ its server down with it when it is killed outright."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,9 +15,15 @@ from pathlib import Path
 import pytest
 
 from adapterhub_local import Hub
-from conftest import FAST
 from services import free_port, wait_until
 from test_cli import ahl
+
+
+@pytest.fixture
+def ui_store(two_task_store, tmp_path) -> Path:
+    """A copy of the session's trained store (the UI only reads it; a copy keeps it so)."""
+    shutil.copytree(two_task_store, tmp_path / "store")
+    return tmp_path / "store"
 
 
 def ignore_sigint() -> None:
@@ -65,9 +72,8 @@ def live_processes() -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
-def test_ui_serves_the_store_and_stops_on_a_signal(store_dir, tiny_data, tiny_base, stop):
-    Hub(store_dir).add_task("colors", tiny_data["colors"]["train"], tiny_data["colors"]["test"],
-                            base=tiny_base, **FAST)
+def test_ui_serves_the_store_and_stops_on_a_signal(ui_store, stop):
+    store_dir = ui_store
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ui = start_ui(store_dir, port)
@@ -94,8 +100,8 @@ def test_ui_serves_the_store_and_stops_on_a_signal(store_dir, tiny_data, tiny_ba
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-def test_a_killed_ui_takes_its_server_down(store_dir, tiny_data, tiny_base):
-    Hub(store_dir).add_task("colors", tiny_data["colors"]["train"], base=tiny_base, **FAST)
+def test_a_killed_ui_takes_its_server_down(ui_store):
+    store_dir = ui_store
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ui, groups = start_ui(store_dir, port), set()
@@ -118,8 +124,8 @@ def test_a_killed_ui_takes_its_server_down(store_dir, tiny_data, tiny_base):
                 os.killpg(group, signal.SIGKILL)
 
 
-def test_ui_on_a_busy_port_says_so(store_dir, tiny_data, tiny_base):
-    Hub(store_dir).add_task("colors", tiny_data["colors"]["train"], base=tiny_base, **FAST)
+def test_ui_on_a_busy_port_says_so(ui_store):
+    store_dir = ui_store
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
