@@ -144,13 +144,25 @@ def colors_store(folder: Path, store_template: Path, tiny_data, tiny_base) -> Pa
 
 
 @pytest.fixture(scope="session")
-def two_task_store(tmp_path_factory, store_template, tiny_data, tiny_base) -> Path:
+def colors_only_store(tmp_path_factory, store_template, tiny_data, tiny_base) -> Path:
+    """colors alone, trained once a session; never written: tests copy it (copy_store)."""
+    return colors_store(tmp_path_factory.mktemp("colors_only") / "store", store_template,
+                        tiny_data, tiny_base)
+
+
+def copy_store(source: Path, folder: Path) -> Path:
+    """A copy of a store at `folder` (ahl relocates a copied store's paths when it opens it)."""
+    shutil.copytree(source, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def two_task_store(tmp_path_factory, colors_only_store, tiny_data) -> Path:
     """colors, then animals: trained once a session for the tests that only read a store (and
     those that copy it before they write)."""
     from adapterhub_local import Hub
 
-    folder = colors_store(tmp_path_factory.mktemp("two_tasks") / "store", store_template,
-                          tiny_data, tiny_base)
+    folder = copy_store(colors_only_store, tmp_path_factory.mktemp("two_tasks") / "store")
     hub = Hub(folder)
     hub.add_task("animals", tiny_data["animals"]["train"], tiny_data["animals"]["test"], **FAST)
     hub.drawing.join()

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from adapterhub_local import Hub
-from conftest import FAST, colors_store
+from conftest import FAST, copy_store
 from test_cli import FAST_ARGS
 
 # Runs `ahl ARGS...` after replacing one function of the add-task with a SIGKILL of the
@@ -82,10 +82,9 @@ def check_invariants(store) -> dict:
 
 
 @pytest.fixture(scope="module")
-def crashed_store(tmp_path_factory, store_template, tiny_data, tiny_base):
+def crashed_store(tmp_path_factory, colors_only_store):
     """One store that outlives a kill at every stage; each test checks one stage."""
-    return colors_store(tmp_path_factory.mktemp("crash") / "store", store_template, tiny_data,
-                        tiny_base)
+    return copy_store(colors_only_store, tmp_path_factory.mktemp("crash") / "store")
 
 
 @pytest.mark.parametrize("stage", ["training", "registered", "router_registered", "evaluating",
@@ -113,10 +112,9 @@ def test_a_kill_at_any_stage_leaves_a_consistent_store(stage, crashed_store, tin
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_roll_back_and_exit_cleanly(signum, store_dir, tiny_data, tiny_base,
-                                                       tmp_path):
-    Hub(store_dir).add_task("colors", tiny_data["colors"]["train"], tiny_data["colors"]["test"],
-                            base=tiny_base, **FAST)
+def test_sigterm_and_sigint_roll_back_and_exit_cleanly(signum, colors_only_store, tiny_data,
+                                                       tiny_base, tmp_path):
+    store_dir = copy_store(colors_only_store, tmp_path / "store")
     marker = tmp_path / "marker"
     process = ahl_process("pause", marker, *add_args("animals", tiny_data, tiny_base, store_dir))
     try:

@@ -11,16 +11,15 @@ import sys
 import pytest
 
 from adapterhub_local import Hub
-from conftest import colors_store
+from conftest import copy_store
 
 HEAVY = {"torch", "transformers", "peft"}
 
 
 @pytest.fixture(scope="module")
-def one_task_store(tmp_path_factory, store_template, tiny_data, tiny_base):
+def one_task_store(tmp_path_factory, colors_only_store):
     """A store with one trained task, shared by the read-only commands."""
-    return colors_store(tmp_path_factory.mktemp("imports") / "store", store_template, tiny_data,
-                        tiny_base)
+    return copy_store(colors_only_store, tmp_path_factory.mktemp("imports") / "store")
 
 
 def run_ahl(args: list, cwd) -> tuple[subprocess.CompletedProcess, set[str], str]:

@@ -13,24 +13,17 @@ import pytest
 from adapterhub_local import Hub
 from adapterhub_local.errors import AhlError
 from adapterhub_local.relocate import RELOCATED, STORE_TAG, relocate_if_moved
-from conftest import colors_store, file_digest
+from conftest import file_digest
 from test_cli import add, ahl
 
 TEXTS = ["red crimson", "navy azure"]
 
 
-@pytest.fixture(scope="module")
-def built_store(store_template, tiny_data, tiny_base, tmp_path_factory) -> Path:
-    """A store with one task (colors), built once; each test copies it before it changes it."""
-    return colors_store(tmp_path_factory.mktemp("portable") / "store", store_template, tiny_data,
-                        tiny_base)
-
-
 @pytest.fixture
-def store(built_store, tmp_path) -> Path:
+def store(colors_only_store, tmp_path) -> Path:
     """This test's own store, opened once where it is (so it records this folder as its home)."""
     folder = tmp_path / "store"
-    shutil.copytree(built_store, folder, symlinks=True)
+    shutil.copytree(colors_only_store, folder, symlinks=True)
     assert [t["task"] for t in tasks(folder)] == ["colors"]
     assert recorded_roots(folder) == {(folder / "artifacts").as_uri()}
     return folder
