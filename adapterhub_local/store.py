@@ -38,8 +38,9 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 LEASE = "_lease"  # the registered model whose existence is the store's write lease
 PAGE = 1000  # MLflow's largest page for searches
 LINEAGE_ARTIFACT = "lineage.json"  # per add-task run: what served when it was committed
-# A version's PEFT files, as save_pretrained writes them; beside them, its classification head and label order, or, for a generate
-# adapter, its decoding settings (inference.AdapterBank writes and reads them).
+# A version's PEFT files, as save_pretrained writes them; beside them, its classification head
+# and label order, or, for a generate adapter, its decoding settings (inference.AdapterBank
+# writes and reads them).
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 HEAD_FILE = "head.safetensors"

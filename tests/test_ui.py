@@ -4,7 +4,6 @@ its server down with it when it is killed outright."""
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,15 +14,15 @@ from pathlib import Path
 import pytest
 
 from adapterhub_local import Hub
+from conftest import copy_store
 from services import free_port, wait_until
 from test_cli import ahl
 
 
 @pytest.fixture
-def ui_store(two_task_store, tmp_path) -> Path:
+def trained_store(two_task_store, tmp_path) -> Path:
     """A copy of the session's trained store (the UI only reads it; a copy keeps it so)."""
-    shutil.copytree(two_task_store, tmp_path / "store")
-    return tmp_path / "store"
+    return copy_store(two_task_store, tmp_path / "store")
 
 
 def ignore_sigint() -> None:
@@ -72,11 +71,10 @@ def live_processes() -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
-def test_ui_serves_the_store_and_stops_on_a_signal(ui_store, stop):
-    store_dir = ui_store
+def test_ui_serves_the_store_and_stops_on_a_signal(trained_store, stop):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ui = start_ui(store_dir, port)
+    ui = start_ui(trained_store, port)
     try:
         assert wait_until(lambda: experiment(url), 120)
         found = experiment(url)["experiment"]
@@ -86,7 +84,7 @@ def test_ui_serves_the_store_and_stops_on_a_signal(ui_store, stop):
         with urllib.request.urlopen(url, timeout=5) as response:
             assert response.status == 200 and b"<html" in response.read().lower()
         assert url in ui.stdout.readline()
-        run = Hub(store_dir).store.sequence_run_id()
+        run = Hub(trained_store).store.sequence_run_id()
         link = f"{url}/#/experiments/{found['experiment_id']}/runs/{run}?workflowType=machine_learning"
         assert link in ui.stdout.readline()
         ui.send_signal(stop)
@@ -100,11 +98,10 @@ def test_ui_serves_the_store_and_stops_on_a_signal(ui_store, stop):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-def test_a_killed_ui_takes_its_server_down(ui_store):
-    store_dir = ui_store
+def test_a_killed_ui_takes_its_server_down(trained_store):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ui, groups = start_ui(store_dir, port), set()
+    ui, groups = start_ui(trained_store, port), set()
     try:
         assert wait_until(lambda: experiment(url), 120)
         # The groups of what `ahl ui` started: the server's (mlflow server and its uvicorn
@@ -124,12 +121,11 @@ def test_a_killed_ui_takes_its_server_down(ui_store):
                 os.killpg(group, signal.SIGKILL)
 
 
-def test_ui_on_a_busy_port_says_so(ui_store):
-    store_dir = ui_store
+def test_ui_on_a_busy_port_says_so(trained_store):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        result = ahl("ui", "--port", busy.getsockname()[1], "--store", store_dir, ok=False)
+        result = ahl("ui", "--port", busy.getsockname()[1], "--store", trained_store, ok=False)
     assert result.exit_code == 1 and "is busy" in result.stderr
 
 
