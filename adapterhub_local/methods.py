@@ -159,7 +159,7 @@ def linear_targets(base) -> list[str]:
 
 @dataclass
 class LoraOptions:
-    r: int = 8
+    r: int = 16
     """Rank of the low-rank update."""
     alpha: int = 16
     """Scaling numerator: the update is scaled by alpha / r."""

@@ -68,7 +68,7 @@ def test_methods_json_lists_all_eleven_with_their_options():
     assert [m for m, r in by_name.items() if r["mixed_batch"]] == ["lora", "qlora", "loftq",
                                                                    "bottleneck"]
     r_option = next(o for o in by_name["lora"]["options"] if o["name"] == "r")
-    assert r_option["default"] == 8 and r_option["help"]
+    assert r_option["default"] == 16 and r_option["help"]
 
 
 @pytest.fixture(scope="module")

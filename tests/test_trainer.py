@@ -67,6 +67,19 @@ def test_bf16_arithmetic_keeps_fp32_weights_and_learns(train, colors):
     assert bank.accuracy("ahl-colors", colors.test_texts, colors.test_labels) >= 0.9
 
 
+def test_without_validation_the_adapter_trains_on_every_row(train, colors):
+    _, held, _ = train(colors)
+    assert held.val_rows > 0 and held.train_rows + held.val_rows == len(colors.train_texts)
+    assert 0 <= held.val_accuracy <= 1
+
+    bank, every, _ = train(colors, validate=False)
+    assert (every.train_rows, every.val_rows) == (len(colors.train_texts), 0)
+    assert math.isnan(every.val_accuracy)
+    # The router's features still cover every row: it holds its calibration rows out itself.
+    assert len(every.features) == len(colors.train_texts)
+    assert bank.accuracy("ahl-colors", colors.test_texts, colors.test_labels) >= 0.9
+
+
 def test_an_unknown_precision_names_the_choices():
     with pytest.raises(AhlError, match="--precision must be one of auto, bf16, fp32"):
         TrainOptions(precision="fp8")
