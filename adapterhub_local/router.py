@@ -171,13 +171,16 @@ class GaussianRouter:
         """P(task | features), [n, T]."""
         return self._task_log_probs(x, self.coef_, self.intercept_).exp()
 
-    def distances(self, x: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance to the nearest class mean: large means no task fits."""
+    def class_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance to every class mean, [n, classes]."""
         x = x.to(self.precision_.dtype)
         xp = x @ self.precision_
-        d = ((xp * x).sum(1, keepdim=True) - 2 * xp @ self.means_.T
-             + ((self.means_ @ self.precision_) * self.means_).sum(1))
-        return d.min(1).values
+        return ((xp * x).sum(1, keepdim=True) - 2 * xp @ self.means_.T
+                + ((self.means_ @ self.precision_) * self.means_).sum(1))
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance to the nearest class mean: large means no task fits."""
+        return self.class_distances(x).min(1).values
 
     def route(self, x: torch.Tensor, top_k: int = 1) -> list[Route]:
         """The top_k tasks per input with weights summing to 1; abstains far from every task."""

@@ -137,14 +137,14 @@ class Sequence:
             scores[task] = (result.routing, result.routed, result.composed)
         return scores
 
-    def gaussian(self, names: list[str], transform) -> dict[str, tuple]:
-        """A Gaussian router fit from per-task statistics of the features that `transform`
-        makes of every layer's [n, layers, D]."""
+    def gaussian(self, names: list[str], transform, router=GaussianRouter) -> dict[str, tuple]:
+        """A Gaussian router (`router`: its class) fit from per-task statistics of the features
+        that `transform` makes of every layer's [n, layers, D]."""
         stats = {}
         for t in names:
             fit, held, _ = self.features["layers"][t]
             stats[t] = task_stats(transform(fit), self.fit_labels[t], self.data[t].labels, transform(held))
-        router = GaussianRouter().fit(stats)
+        router = router().fit(stats)
         return self.score(names, {t: router.route(transform(self.features["layers"][t][2]), COMPOSE_TOP_K)
                                   for t in names})
 
@@ -223,6 +223,58 @@ class Sequence:
         return scores
 
 
+class BiasCalibrated(GaussianRouter):
+    """The shipped router, then one log-prior offset per task fit on the calibration rows by
+    cross-entropy (the bias correction of BiC, Wu et al. 2019): for tasks that draw others'
+    inputs, or lose theirs, more than their Gaussians say."""
+
+    def fit(self, stats):
+        super().fit(stats)
+        x, task = self._calibration_rows(stats)
+        offset = torch.zeros(len(self.tasks_), requires_grad=True)
+        optimizer = torch.optim.LBFGS([offset], max_iter=200)
+
+        def loss():
+            optimizer.zero_grad()
+            value = torch.nn.functional.nll_loss(self._task_log_probs(
+                x.float(), self.coef_, self.intercept_ + offset[self.class_task_]), task)
+            value = value + 1e-3 * offset.square().sum()
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+        self.intercept_ = self.intercept_ + offset.detach()[self.class_task_]
+        return self
+
+
+class ScaledCovariance(GaussianRouter):
+    """The shared covariance scaled per task by how spread that task's own rows are under it
+    (trace(P S_t) / D): a one-parameter-per-task step from LDA towards QDA, whose full per-task
+    covariances would cost T D x D matrices at prediction."""
+
+    def fit(self, stats):
+        super().fit(stats)
+        precision, dim = self.precision_.double(), self.precision_.shape[0]
+        scales = []
+        for s in stats.values():
+            means = s.sums / s.counts.clamp(min=1).unsqueeze(1)
+            within = (s.scatter.double() - (means * s.counts.unsqueeze(1)).T @ means) / max(
+                1.0, s.counts.sum() - len(s.counts))
+            scales.append((precision * within).sum().item() / dim)
+        self.scale_ = torch.tensor(scales)[self.class_task_].float()
+        return self
+
+    def _task_log_probs(self, x, coef, intercept):
+        if not hasattr(self, "scale_"):  # still fitting: the shared covariance
+            return super()._task_log_probs(x, coef, intercept)
+        distances = self.class_distances(x)
+        per_task = torch.bincount(self.class_task_).float()[self.class_task_]
+        scores = (-0.5 * distances / self.scale_ - 0.5 * len(self.precision_) * self.scale_.log()
+                  - per_task.log()) / self.temperature_
+        return torch.stack([scores.log_softmax(1)[:, self.class_task_ == t].logsumexp(1)
+                            for t in range(len(self.tasks_))], 1)
+
+
 def entropy(probs: torch.Tensor) -> float:
     """Entropy of label probabilities over log(labels): 0 sure, 1 uniform."""
     return -(probs * probs.clamp(min=1e-12).log()).sum().item() / math.log(len(probs))
@@ -251,6 +303,10 @@ VARIANTS = {
     "Gaussian, all blocks (+ a bare top half)": lambda s, names: s.gaussian(
         names, lambda x: x[:, 1:].flatten(1)),
     "Gaussian, bottom-half blocks (ahl now)": lambda s, names: s.gaussian(names, s.blocks("bottom_half")),
+    "Gaussian, bottom-half blocks, per-task bias calibration": lambda s, names: s.gaussian(
+        names, s.blocks("bottom_half"), BiasCalibrated),
+    "Gaussian, bottom-half blocks, covariance scaled per task": lambda s, names: s.gaussian(
+        names, s.blocks("bottom_half"), ScaledCovariance),
     "the store's own router, as add-task fit it": Sequence.stored,
     "... then the top two re-weighed by adapter sureness": Sequence.second_stage,
     f"... composing only below {AUTO_SURE} confidence (auto)": Sequence.auto,
