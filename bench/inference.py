@@ -12,11 +12,11 @@ are the bundled tasks' test texts, mixed; adapter i mod N is each text's "given"
   routed    what Hub.predict computes once its store is open (inference.route_texts and
             answer_routes): route every text, then mixed-adapter passes that go on from the
             router's states, each layer's LoRA updates in two gathered products (lora_batch)
-Each row is the mean of two rounds, the order reversed in the second. The peers are told the
+Each row is the mean of --rounds rounds (two), the order reversed every other round. The peers are told the
 task; ahl works it out. Memory per extra adapter: its tensors' bytes, and the process's RSS
 growth per adapter from the first to the last count.
 
-    .venv/bin/python bench/inference.py [--counts 1,6,30,100] [--per-task 100]
+    .venv/bin/python bench/inference.py [--counts 1,6,30,100] [--per-task 100] [--lora r=8] [--rounds 2]
 """
 
 import argparse
@@ -47,7 +47,7 @@ BUNDLED = ["wordnet_things", "fortune_topic", "chat_language", "wordnet_actions"
 BATCH = 64
 
 
-def add_adapters(bank, data: list, start: int, stop: int) -> dict:
+def add_adapters(bank, data: list, start: int, stop: int, lora_args: dict) -> dict:
     """Adapters start..stop-1 with random LoRA weights and heads; {name: its task's stats}."""
     lora = get_method("lora")
     stats = {}
@@ -55,7 +55,7 @@ def add_adapters(bank, data: list, start: int, stop: int) -> dict:
         task = data[i % len(data)]
         name = f"ahl-bench{i}"
         torch.manual_seed(i)
-        bank.add_adapter(name, lora.build(method_options("lora"), bank.base), task.labels, lora)
+        bank.add_adapter(name, lora.build(method_options("lora", lora_args), bank.base), task.labels, lora)
         for key, p in bank.model(name).named_parameters():
             if f".{name}." in f"{key}." and "lora_B" in key:
                 p.data.normal_(0, 0.02)  # peft starts B at zero: an identity adapter
@@ -125,7 +125,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", default="1,6,30,100")
     parser.add_argument("--per-task", type=int, default=100)
+    parser.add_argument("--lora", default="", help="LoRA options other than the default, e.g. r=8")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds, the order reversed every other one")
     args = parser.parse_args()
+    lora_args = dict(item.split("=", 1) for item in args.lora.split(",") if item)
     data = [load_task_data(s.name, s.train, s.test)
             for s in (load_spec(TASKS / f"{t}.toml") for t in BUNDLED)]
     texts = [t for task in data for t in task.test_texts[: args.per_task]]
@@ -133,7 +136,7 @@ def main() -> None:
     bank = bank_for(load_base())
     stats, rows, memory = {}, [], []
     for count in [int(c) for c in args.counts.split(",")]:
-        stats.update(add_adapters(bank, data, len(stats), count))
+        stats.update(add_adapters(bank, data, len(stats), count, lora_args))
         memory.append((count, rss_mib()))
         router = GaussianRouter().fit(stats)
         adapters = {name: name for name in stats}  # the router's tasks are the adapters' names
@@ -147,17 +150,18 @@ def main() -> None:
         mixed(bank, texts[:BATCH], given[:BATCH])
         routed(bank, router, texts[:BATCH], adapters)
         seconds = dict.fromkeys(runs, 0.0)
-        for order in (list(runs), list(runs)[::-1]):
-            for name in order:
+        for round in range(args.rounds):
+            for name in list(runs)[:: 1 if round % 2 == 0 else -1]:
                 started = time.perf_counter()
                 runs[name]()
-                seconds[name] += (time.perf_counter() - started) / 2
+                seconds[name] += (time.perf_counter() - started) / args.rounds
         rows.append((count, {name: len(texts) / s for name, s in seconds.items()}))
         print(f"  {count:4d} adapters: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rows[-1][1].items()),
               flush=True)
 
     print(f"\n{date.today()}, {platform.machine()}, {torch.get_num_threads()} torch threads; "
-          f"{len(texts)} mixed texts; texts/s, and routed / floor")
+          f"{len(texts)} mixed texts; LoRA {args.lora or 'default'}; {args.rounds} rounds; "
+          "texts/s, and routed / floor")
     print("| adapters | bare forward (floor) | peft mixed batch, task given | per-adapter batches, "
           "task given | ahl routed | routed / floor |\n|---:|---:|---:|---:|---:|---:|")
     for count, tput in rows:
