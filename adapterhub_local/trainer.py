@@ -68,6 +68,11 @@ class TrainOptions:
                   (0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}"),
                   (self.precision in PRECISIONS,
                    f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")]
+        # A spec's TOML can set these: the string "false" would read as true.
+        checks += [(isinstance(getattr(self, name), bool),
+                    f"{name} must be true or false, got {getattr(self, name)!r}: write "
+                    f"{name} = false (no quotes) in the spec")
+                   for name in ("reuse_states", "byte_dropout", "validate")]
         for ok, message in checks:
             if not ok:
                 raise AhlError(message)

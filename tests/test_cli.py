@@ -60,12 +60,16 @@ def test_two_tasks_then_a_second_version(store_dir, tiny_data, tiny_base):
 def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_base, tmp_path):
     spec = tmp_path / "moods.toml"
     spec.write_text(f'name = "moods"\ntrain = "{tiny_data["moods"]["train"]}"\n'
-                    f'test = "{tiny_data["moods"]["test"]}"\nepochs = 2\n', encoding="utf-8")
+                    f'test = "{tiny_data["moods"]["test"]}"\nepochs = 2\nvalidate = false\n',
+                    encoding="utf-8")
     result = json.loads(ahl("add-task", "--spec", spec, "--base", tiny_base, "--store",
                             store_dir, "--json").stdout)
     assert result["task"] == "moods"
-    assert json.loads(ahl("store", "show", "moods", "--json", "--store",
-                          store_dir).stdout)["train"]["epochs"] == 2
+    # validate = false: the adapter trained on every row, so there is no validation accuracy.
+    rows = sum(1 for _ in open(tiny_data["moods"]["train"], encoding="utf-8")) - 1
+    assert result["train_rows"] == rows and result["val_accuracy"] is None
+    train = json.loads(ahl("store", "show", "moods", "--json", "--store", store_dir).stdout)["train"]
+    assert train["epochs"] == 2 and train["validate"] is False
 
 
 @pytest.mark.parametrize("args, message", [

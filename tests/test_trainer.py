@@ -85,6 +85,11 @@ def test_an_unknown_precision_names_the_choices():
         TrainOptions(precision="fp8")
 
 
+def test_a_switch_given_as_a_string_is_refused():
+    with pytest.raises(AhlError, match=r"validate must be true or false, got 'false': write validate = false"):
+        TrainOptions(validate="false")  # a spec's validate = "false" would read as true
+
+
 def test_byte_dropout_drops_at_rate_p_and_keeps_the_mean():
     from adapterhub_local.trainer import ByteDropout
 
