@@ -158,11 +158,15 @@ class GaussianRouter:
         return torch.cat(rows), torch.cat(tasks)
 
     def _task_log_probs(self, x, coef, intercept) -> torch.Tensor:
-        """log P(task | x), [n, T]: a logsumexp over each task's classes, all tasks at once."""
-        class_log_probs = (x.to(coef.dtype) @ coef + intercept).log_softmax(1)
-        n, index = len(x), self.class_task_.expand(len(x), -1)
-        top = torch.full((n, len(self.tasks_)), -torch.inf, dtype=coef.dtype).scatter_reduce(
-            1, index, class_log_probs, reduce="amax")
+        """log P(task | x), [n, T]."""
+        return self.per_task((x.to(coef.dtype) @ coef + intercept).log_softmax(1))
+
+    def per_task(self, class_log_probs: torch.Tensor) -> torch.Tensor:
+        """log P(task | x) from log P(class | x), [n, T]: a logsumexp over each task's classes,
+        all tasks at once."""
+        n, index = len(class_log_probs), self.class_task_.expand(len(class_log_probs), -1)
+        top = torch.full((n, len(self.tasks_)), -torch.inf, dtype=class_log_probs.dtype)
+        top = top.scatter_reduce(1, index, class_log_probs, reduce="amax")
         shifted = (class_log_probs - top.gather(1, index)).exp()
         sums = torch.zeros_like(top).index_add_(1, self.class_task_, shifted)
         return sums.log() + top

@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--lora", default="", help="LoRA options other than the default, e.g. r=8")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, the order reversed every other one")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     lora_args = dict(item.split("=", 1) for item in args.lora.split(",") if item)
     data = [load_task_data(s.name, s.train, s.test)
             for s in (load_spec(TASKS / f"{t}.toml") for t in BUNDLED)]
@@ -150,8 +152,8 @@ def main() -> None:
         mixed(bank, texts[:BATCH], given[:BATCH])
         routed(bank, router, texts[:BATCH], adapters)
         seconds = dict.fromkeys(runs, 0.0)
-        for round in range(args.rounds):
-            for name in list(runs)[:: 1 if round % 2 == 0 else -1]:
+        for timed in range(args.rounds):
+            for name in list(runs)[:: 1 if timed % 2 == 0 else -1]:
                 started = time.perf_counter()
                 runs[name]()
                 seconds[name] += (time.perf_counter() - started) / args.rounds

@@ -6,7 +6,7 @@ a mean-pool head, DataCollatorWithPadding, length-grouped batches, all the train
 epochs (and a 3-epoch row), with ahl's learning rate, batch size, warm-up share, weight decay and
 seed. ahl: its trainer with its defaults (LoRA r=16, alpha 16, on every linear layer of the top half of the
 blocks, 3 epochs, a tenth of the rows held out for the router's statistics), and any variants
-given with --ahl (LoRA options and training options, e.g. --ahl layers=all --ahl epochs=5,r=16).
+given with --ahl (LoRA options and training options, e.g. --ahl layers=all --ahl epochs=5,r=8).
 Everything is scored on each task's test split; per task the order of the runs alternates. Each
 row prints its training seconds too: the script adapts the bottom half, so it cannot share the
 router's pass at prediction time, and its training cannot reuse the bottom half's states.
@@ -95,9 +95,9 @@ def main() -> None:
     for label, by_task in results.items():
         cells = [f"{100 * by_task[t][1]:.1f} ({by_task[t][0]:.0f} s)" for t in tasks]
         mean = 100 * sum(by_task[t][1] for t in tasks) / len(tasks)
-        gaps = [100 * (by_task[t][1] - reference[t][1]) for t in tasks] if reference else [float("nan")]
-        print(f"| {label} | " + " | ".join(cells) + f" | {mean:.1f} | "
-              f"{sum(gaps) / len(gaps):+.1f} / {min(gaps):+.1f} |")
+        gaps = [100 * (by_task[t][1] - reference[t][1]) for t in tasks] if reference else []
+        versus = f"{sum(gaps) / len(gaps):+.1f} / {min(gaps):+.1f}" if gaps else "-"
+        print(f"| {label} | " + " | ".join(cells) + f" | {mean:.1f} | {versus} |")
 
 
 if __name__ == "__main__":

@@ -137,14 +137,14 @@ class Sequence:
             scores[task] = (result.routing, result.routed, result.composed)
         return scores
 
-    def gaussian(self, names: list[str], transform, router=GaussianRouter) -> dict[str, tuple]:
-        """A Gaussian router (`router`: its class) fit from per-task statistics of the features
+    def gaussian(self, names: list[str], transform, kind=GaussianRouter) -> dict[str, tuple]:
+        """A Gaussian router (`kind`: its class) fit from per-task statistics of the features
         that `transform` makes of every layer's [n, layers, D]."""
         stats = {}
         for t in names:
             fit, held, _ = self.features["layers"][t]
             stats[t] = task_stats(transform(fit), self.fit_labels[t], self.data[t].labels, transform(held))
-        router = router().fit(stats)
+        router = kind().fit(stats)
         return self.score(names, {t: router.route(transform(self.features["layers"][t][2]), COMPOSE_TOP_K)
                                   for t in names})
 
@@ -249,8 +249,10 @@ class BiasCalibrated(GaussianRouter):
 
 class ScaledCovariance(GaussianRouter):
     """The shared covariance scaled per task by how spread that task's own rows are under it
-    (trace(P S_t) / D): a one-parameter-per-task step from LDA towards QDA, whose full per-task
-    covariances would cost T D x D matrices at prediction."""
+    (trace(P S_t) / D, from the task's fitted rows): a one-parameter-per-task step from LDA
+    towards QDA, whose full per-task covariances would cost T D x D matrices at prediction.
+    Scored as log N(x; mean_k, s_t Sigma) with the classes of a task equally likely, over the
+    temperature fit for the unscaled router; the abstain threshold stays the unscaled one."""
 
     def fit(self, stats):
         super().fit(stats)
@@ -264,15 +266,11 @@ class ScaledCovariance(GaussianRouter):
         self.scale_ = torch.tensor(scales)[self.class_task_].float()
         return self
 
-    def _task_log_probs(self, x, coef, intercept):
-        if not hasattr(self, "scale_"):  # still fitting: the shared covariance
-            return super()._task_log_probs(x, coef, intercept)
-        distances = self.class_distances(x)
-        per_task = torch.bincount(self.class_task_).float()[self.class_task_]
-        scores = (-0.5 * distances / self.scale_ - 0.5 * len(self.precision_) * self.scale_.log()
-                  - per_task.log()) / self.temperature_
-        return torch.stack([scores.log_softmax(1)[:, self.class_task_ == t].logsumexp(1)
-                            for t in range(len(self.tasks_))], 1)
+    def task_probabilities(self, x):
+        classes_of_task = torch.bincount(self.class_task_).float()[self.class_task_]
+        scores = (-0.5 * self.class_distances(x) / self.scale_
+                  - 0.5 * len(self.precision_) * self.scale_.log() - classes_of_task.log())
+        return self.per_task((scores / self.temperature_).log_softmax(1)).exp()
 
 
 def entropy(probs: torch.Tensor) -> float:
