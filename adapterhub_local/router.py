@@ -120,11 +120,10 @@ class GaussianRouter:
         sums = torch.cat([s.sums for s in stats.values()])
         self.class_task_ = torch.cat([torch.full((len(s.counts),), t)
                                       for t, s in enumerate(stats.values())])
-        means = sums / counts.clamp(min=1).unsqueeze(1)
         scatter = torch.zeros(sums.shape[1], sums.shape[1], dtype=torch.float64)
         for s in stats.values():
             scatter += s.scatter  # in place: one D x D matrix in float64, not one per task
-        within = (scatter - (means * counts.unsqueeze(1)).T @ means) / max(1.0, counts.sum() - len(counts))
+        means, within = within_class(counts, sums, scatter)
         # Each task gets equal prior mass, shared among its classes by their frequency.
         task_totals = torch.stack([s.counts.sum() for s in stats.values()])
         log_prior = (counts / task_totals[self.class_task_] / len(stats)).clamp(min=1e-12).log()
@@ -236,6 +235,15 @@ def chi2_threshold(distances: torch.Tensor, rate: float) -> float:
     mean, var = distances.double().mean().item(), distances.double().var().item()
     scale, dof = var / (2 * mean), 2 * mean**2 / var
     return float(scale * 2 * gammaincinv(dof / 2, 1 - rate))
+
+
+def within_class(counts, sums, scatter) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class means [C, D], the pooled within-class covariance [D, D]) from class counts, class
+    sums and the scatter (sum of x x^T) of the rows."""
+    means = sums / counts.clamp(min=1).unsqueeze(1)
+    within = (scatter.double() - (means * counts.unsqueeze(1)).T @ means) / max(
+        1.0, counts.sum() - len(counts))
+    return means, within
 
 
 def shrunk_precision(covariance: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -199,9 +199,8 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     # Setup: everything random is drawn from the seed, in a fixed order.
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
-    train_idx, val_idx = split_validation(data.strata(), options.seed)
-    if not options.validate:
-        train_idx, val_idx = sorted(train_idx + val_idx), []
+    train_idx, val_idx = (split_validation(data.strata(), options.seed) if options.validate
+                          else (list(range(len(data.strata()))), []))
     total = options.epochs * math.ceil(len(train_idx) / options.batch_size)
     if method.schedule is not None:  # AdaLoRA plans its rank budget over the run
         method.schedule(peft_config, total)

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from adapterhub_local import lora_batch  # noqa: E402
 from adapterhub_local.base import load_base  # noqa: E402
+from adapterhub_local.cli import parse_method_args  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
 from adapterhub_local.inference import (answer_routes, bank_for, length_batches, mean_pool,  # noqa: E402
                                         route_texts)
@@ -130,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    lora_args = dict(item.split("=", 1) for item in args.lora.split(",") if item)
+    lora_args = parse_method_args([item for item in args.lora.split(",") if item])
     data = [load_task_data(s.name, s.train, s.test)
             for s in (load_spec(TASKS / f"{t}.toml") for t in BUNDLED)]
     texts = [t for task in data for t in task.test_texts[: args.per_task]]

@@ -40,7 +40,7 @@ from adapterhub_local import Hub  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
 from adapterhub_local.evaluation import COMPOSE_TOP_K, score_task  # noqa: E402
 from adapterhub_local.inference import length_batches, mean_pool  # noqa: E402
-from adapterhub_local.router import FEATURES, GaussianRouter, Route, task_stats  # noqa: E402
+from adapterhub_local.router import FEATURES, GaussianRouter, Route, task_stats, within_class  # noqa: E402
 from adapterhub_local.serving import TEST_ARTIFACT  # noqa: E402
 from adapterhub_local.trainer import split_validation  # noqa: E402
 
@@ -259,9 +259,7 @@ class ScaledCovariance(GaussianRouter):
         precision, dim = self.precision_.double(), self.precision_.shape[0]
         scales = []
         for s in stats.values():
-            means = s.sums / s.counts.clamp(min=1).unsqueeze(1)
-            within = (s.scatter.double() - (means * s.counts.unsqueeze(1)).T @ means) / max(
-                1.0, s.counts.sum() - len(s.counts))
+            _, within = within_class(s.counts, s.sums, s.scatter)
             scales.append((precision * within).sum().item() / dim)
         self.scale_ = torch.tensor(scales)[self.class_task_].float()
         return self
