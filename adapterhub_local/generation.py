@@ -189,7 +189,7 @@ class _Lanes:
     def prefill(self) -> torch.Tensor:
         """Next-token probabilities after each lane's prompt."""
         batch = self.base.pad(self.ids)
-        self.model.eval()
+        self.bank.evaluating(self.names[0])
         out = self._forward(self.model, **batch)
         self.cache = out.cache
         width = batch["input_ids"].shape[1]

@@ -82,6 +82,8 @@ class AdapterBank:
         metric."""
         self.mixed_batch: dict[str, bool] = {}
         """Whether the adapter's method honours peft's per-row adapter_names."""
+        self.settled: set[str] = set()
+        """Groups in eval mode throughout (see evaluating)."""
 
     def __contains__(self, name: str) -> bool:
         return name in self.group_of
@@ -89,6 +91,17 @@ class AdapterBank:
     def model(self, name: str):
         """The peft model that holds adapter `name`."""
         return self.groups[self.group_of[name]]
+
+    def evaluating(self, name: str):
+        """The peft model that holds adapter `name`, in eval mode. model.eval() walks every
+        module, thousands with a hundred adapters loaded (more than answering a text costs), so
+        it is skipped for a model set to eval since it last gained modules and not set to train
+        since."""
+        key = self.group_of[name]
+        if self.groups[key].training or key not in self.settled:
+            self.groups[key].eval()
+            self.settled.add(key)
+        return self.groups[key]
 
     def _group(self, peft_type: str, method) -> tuple[str, object | None]:
         key = f"{peft_type}/{'nf4' if method.quantized else 'fp32'}"
@@ -138,6 +151,7 @@ class AdapterBank:
         else:
             model.add_adapter(name, peft_config)
         self.group_of[name] = key
+        self.settled.discard(key)  # the new adapter's modules may be in training mode
         lora_batch.install(self.groups[key])
         if method.initialise is not None:
             method.initialise(self.model(name), name, self.base.model)
@@ -169,6 +183,7 @@ class AdapterBank:
                     model, name, config, Path(folder) / PEFT_WEIGHTS):
                 model.load_adapter(folder, adapter_name=name)
         self.group_of[name] = key
+        self.settled.discard(key)  # the new adapter's modules may be in training mode
         lora_batch.install(self.groups[key])
         self.mixed_batch[name] = method.mixed_batch
         self.heads[name], self.labels[name] = head, labels
@@ -329,9 +344,9 @@ class AdapterBank:
         for i, a in enumerate(adapters):
             groups.setdefault((self.batch_key(a), resume[a]), []).append(i)
         for group in groups.values():
-            model = self.model(adapters[group[0]])
-            model.eval()
-            with lora_batch.frozen():  # the weights hold still: layers stack adapters once
+            model = self.evaluating(adapters[group[0]])
+            # The weights hold still: layers stack the group's adapters once.
+            with lora_batch.frozen({adapters[i] for i in group}):
                 for rows in length_batches(ids, group, batch_size):
                     names = [adapters[i] for i in rows]
                     given = [states[i] for i in rows] if resume[names[0]] else None
@@ -349,9 +364,8 @@ class AdapterBank:
         """What adapter `name`'s head reads of each text: its mean-pooled last states."""
         ids = self.base.tokenize(texts, max_length)
         out = torch.zeros(len(texts), self.base.hidden_size)
-        model = self.model(name)
-        model.eval()
-        with lora_batch.frozen():
+        model = self.evaluating(name)
+        with lora_batch.frozen([name]):
             for rows in length_batches(ids, range(len(ids)), batch_size):
                 pooled = self._pooled(model, [ids[i] for i in rows], [name] * len(rows), None)
                 out[rows] = pooled.float().cpu()

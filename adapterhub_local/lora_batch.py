@@ -24,7 +24,10 @@ _BATCH = threading.local()  # the adapter of each row of the forward running now
 
 
 def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):
-    names = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
+    distinct = dict.fromkeys(adapter_names)
+    names = [n for n in distinct if n in layer.lora_A]
+    if len(distinct) == 1 and names and not layer.training and plain(layer, names):
+        return one_adapter_forward(layer, x, names[0], *args, **kwargs)
     weights = None if layer.training or x.dim() != 3 else stacked(layer, names)
     if weights is None:
         return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=adapter_names,
@@ -37,10 +40,36 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
     if not names:  # none of the batch's adapters adapts this layer
         return result
     index, a, b = weights
-    # Rows of "__base__" (or of an adapter this layer lacks) get the zero adapter, stacked last.
-    rows = torch.tensor([index.get(n, len(a) - 1) for n in adapter_names], device=x.device)
-    update = torch.bmm(torch.bmm(x.to(a.dtype), a[rows].transpose(1, 2)), b[rows].transpose(1, 2))
-    return result + update.to(result.dtype)
+    rows = row_indices(adapter_names, index, len(a) - 1, a.device)
+    update = torch.bmm(x.to(a.dtype), a[rows].transpose(1, 2))
+    if result.dtype != b.dtype or result.requires_grad:
+        return result + torch.bmm(update, b[rows].transpose(1, 2)).to(result.dtype)
+    return result.baddbmm_(update, b[rows].transpose(1, 2))  # no second [rows, tokens, out] pass
+
+
+def one_adapter_forward(layer, x: torch.Tensor, name: str, *args, **kwargs):
+    """Every row through one plain adapter (one task's evaluation, a one-text request): its own
+    weights, with nothing to stack or gather."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
+                                           if k not in VARIANT_KWARG_KEYS})
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    update = (x.to(a.dtype) @ a.T) @ b.T
+    return result + update.to(result.dtype) * layer.scaling[name]
+
+
+def row_indices(adapter_names: list[str], index: dict, zero: int, device) -> torch.Tensor:
+    """Each row's place in the stack (`zero`, the zero adapter, for "__base__" or an adapter the
+    layer lacks). Kept for the next layer: a forward's layers stack the same adapters in the same
+    order, and would each turn the same names into the same tensor."""
+    kept = getattr(_BATCH, "rows", None)
+    if (kept is not None and kept[0] == adapter_names and kept[1] == index
+            and kept[2].device == device):
+        return kept[2]
+    rows = torch.tensor([index.get(n, zero) for n in adapter_names], device=device)
+    _BATCH.rows = (list(adapter_names), index, rows)
+    return rows
 
 
 def plain(layer, names: list[str]) -> bool:
@@ -53,17 +82,17 @@ def plain(layer, names: list[str]) -> bool:
 def stacked(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
     """({adapter: index}, A [adapters + 1, r, in], scaled B [adapters + 1, out, r]) with a zero
     adapter last, or None where these adapters are not plain (peft's loop takes them). Within
-    frozen() a layer whose adapters are all plain stacks them all once for the scope's batches;
-    otherwise each batch stacks its own."""
+    frozen(adapters) a layer stacks the scope's adapters once for all of its batches; otherwise
+    each batch stacks its own."""
     if not names:  # none of the batch's adapters adapts this layer: nothing to stack
         return {}, None, None
     stacks = getattr(_BATCH, "stacks", None)
-    if stacks is not None:
-        if id(layer) not in stacks:
-            every = list(layer.lora_A.keys())
-            stacks[id(layer)] = stack(layer, every) if plain(layer, every) else None
-        if stacks[id(layer)] is not None:
-            return stacks[id(layer)]
+    if stacks is not None and set(names) <= stacks[0]:
+        if id(layer) not in stacks[1]:
+            scope = [n for n in stacks[0] if n in layer.lora_A]
+            stacks[1][id(layer)] = stack(layer, scope) if plain(layer, scope) else None
+        if stacks[1][id(layer)] is not None:
+            return stacks[1][id(layer)]
     return stack(layer, names) if plain(layer, names) else None
 
 
@@ -75,10 +104,12 @@ def stack(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def frozen():
-    """A scope in which no LoRA weight changes (one AdapterBank.probabilities call): each layer
-    stacks its adapters once for all of the scope's batches instead of once a batch."""
-    outer, _BATCH.stacks = getattr(_BATCH, "stacks", None), {}
+def frozen(adapters):
+    """A scope in which no LoRA weight changes (one AdapterBank.probabilities call) and batches
+    draw on `adapters`: each layer stacks those once for all of the scope's batches instead of
+    once a batch. Only the scope's adapters, not all that are loaded: one text's answer with a
+    hundred adapters loaded would otherwise stack all hundred, in every layer."""
+    outer, _BATCH.stacks = getattr(_BATCH, "stacks", None), (set(adapters), {})
     try:
         yield
     finally:

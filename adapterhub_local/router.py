@@ -178,8 +178,16 @@ class GaussianRouter:
         """Squared Mahalanobis distance to every class mean, [n, classes]."""
         x = x.to(self.precision_.dtype)
         xp = x @ self.precision_
-        return ((xp * x).sum(1, keepdim=True) - 2 * xp @ self.means_.T
-                + ((self.means_ @ self.precision_) * self.means_).sum(1))
+        return (xp * x).sum(1, keepdim=True) - 2 * xp @ self.means_.T + self._mean_terms()
+
+    def _mean_terms(self) -> torch.Tensor:
+        """Each class mean's own term of the distances, mean @ precision @ mean, kept: with
+        hundreds of classes it costs more than the rest of routing one text."""
+        kept = self.__dict__.get("_kept_mean_terms")
+        if kept is None or kept[0] is not self.means_ or kept[1] is not self.precision_:
+            terms = ((self.means_ @ self.precision_) * self.means_).sum(1)
+            kept = self.__dict__["_kept_mean_terms"] = (self.means_, self.precision_, terms)
+        return kept[2]
 
     def distances(self, x: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance to the nearest class mean: large means no task fits."""

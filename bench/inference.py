@@ -12,11 +12,15 @@ are the bundled tasks' test texts, mixed; adapter i mod N is each text's "given"
   routed    what Hub.predict computes once its store is open (inference.route_texts and
             answer_routes): route every text, then mixed-adapter passes that go on from the
             router's states, each layer's LoRA updates in two gathered products (lora_batch)
+  one text per call: routed and floor again, a call per text (a server's requests), over the
+            first --singles texts: what fixed costs per call (stacking the adapters, walking the
+            model's modules) add to one answer
 Each row is the mean of --rounds rounds (two), the order reversed every other round. The peers are told the
 task; ahl works it out. Memory per extra adapter: its tensors' bytes, and the process's RSS
 growth per adapter from the first to the last count.
 
     .venv/bin/python bench/inference.py [--counts 1,6,30,100] [--per-task 100] [--lora r=8] [--rounds 2]
+                                        [--singles 60]
 """
 
 import argparse
@@ -128,9 +132,12 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=100)
     parser.add_argument("--lora", default="", help="LoRA options other than the default, e.g. r=8")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, the order reversed every other one")
+    parser.add_argument("--singles", type=int, default=60, help="texts answered one per call")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.singles < 1:
+        parser.error("--singles must be at least 1")
     lora_args = parse_method_args([item for item in args.lora.split(",") if item])
     data = [load_task_data(s.name, s.train, s.test)
             for s in (load_spec(TASKS / f"{t}.toml") for t in BUNDLED)]
@@ -148,7 +155,10 @@ def main() -> None:
         runs = {"floor": lambda: floor(bank, texts),
                 "mixed": lambda: mixed(bank, texts, given),
                 "grouped": lambda: grouped(bank, texts, given),
-                "routed": lambda: routed(bank, router, texts, adapters)}
+                "routed": lambda: routed(bank, router, texts, adapters),
+                "floor_one": lambda: [floor(bank, [t]) for t in texts[: args.singles]],
+                "routed_one": lambda: [routed(bank, router, [t], adapters)
+                                       for t in texts[: args.singles]]}
         floor(bank, texts[:BATCH])  # warm up: one-time costs of each kind of pass
         mixed(bank, texts[:BATCH], given[:BATCH])
         routed(bank, router, texts[:BATCH], adapters)
@@ -158,7 +168,8 @@ def main() -> None:
                 started = time.perf_counter()
                 runs[name]()
                 seconds[name] += (time.perf_counter() - started) / args.rounds
-        rows.append((count, {name: len(texts) / s for name, s in seconds.items()}))
+        rows.append((count, {name: (args.singles if name.endswith("_one") else len(texts)) / s
+                             for name, s in seconds.items()}))
         print(f"  {count:4d} adapters: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rows[-1][1].items()),
               flush=True)
 
@@ -166,10 +177,13 @@ def main() -> None:
           f"{len(texts)} mixed texts; LoRA {args.lora or 'default'}; {args.rounds} rounds; "
           "texts/s, and routed / floor")
     print("| adapters | bare forward (floor) | peft mixed batch, task given | per-adapter batches, "
-          "task given | ahl routed | routed / floor |\n|---:|---:|---:|---:|---:|---:|")
+          "task given | ahl routed | routed / floor | one text per call: floor ms, routed ms, "
+          "floor / routed |\n|---:|---:|---:|---:|---:|---:|---|")
     for count, tput in rows:
         print(f"| {count} | {tput['floor']:.0f} | {tput['mixed']:.0f} | {tput['grouped']:.0f} | "
-              f"{tput['routed']:.0f} | {tput['routed'] / tput['floor']:.2f}x |")
+              f"{tput['routed']:.0f} | {tput['routed'] / tput['floor']:.2f}x | "
+              f"{1000 / tput['floor_one']:.1f}, {1000 / tput['routed_one']:.1f}, "
+              f"{tput['routed_one'] / tput['floor_one']:.2f}x |")
     first, last = memory[0], memory[-1]
     per_rss = (last[1] - first[1]) / max(1, last[0] - first[0])
     print(f"memory per extra LoRA adapter: {adapter_bytes(bank, names[0]) / 1024:.0f} KiB of "

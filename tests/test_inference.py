@@ -192,8 +192,12 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
             gathered = model(**batch, adapter_names=names).last_hidden_state
             with lora_batch.rows(model, names):
                 by_rows = model(**batch).last_hidden_state
-            with lora_batch.frozen():  # every adapter of a layer stacked once, then reused
+            with lora_batch.rows(model, ["ahl_b"] * len(names)):  # one adapter: its own weights
+                one = model(**batch).last_hidden_state
+            with lora_batch.frozen(["ahl_a", "ahl_b"]):  # stacked once, then reused
                 stacked = [model(**batch, adapter_names=names).last_hidden_state for _ in range(2)]
+            with lora_batch.frozen(["ahl_a"]):  # a batch beyond the scope stacks its own
+                stacked.append(model(**batch, adapter_names=names).last_hidden_state)
             with bank.bare():  # lora_batch's bare rows, and peft's own way
                 bare = model(**batch).last_hidden_state
             with model.disable_adapter():
@@ -203,6 +207,7 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
             del m.forward
         try:
             looped = model(**batch, adapter_names=names).last_hidden_state
+            one_looped = model(**batch, adapter_names=["ahl_b"] * len(names)).last_hidden_state
         finally:
             lora_batch.install(model)
     torch.testing.assert_close(by_rows, gathered, rtol=0, atol=0)
@@ -211,6 +216,29 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
     torch.testing.assert_close(bare, disabled, rtol=0, atol=0)
     assert not torch.allclose(bare, gathered)  # the adapters do change the states
     torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, one_looped, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(one, gathered)
+
+
+def test_evaluating_skips_eval_only_while_nothing_left_eval_mode(bank):
+    """bank.evaluating skips model.eval() (a walk over every module) only where nothing can have
+    left eval mode since: a new adapter's modules and model.train() are caught."""
+    model = bank.evaluating("ahl_a")
+    assert not any(m.training for m in model.modules())
+    torch.manual_seed(4)
+    bank.add_adapter("ahl_new", LoraConfig(r=4, lora_dropout=0.5, target_modules=["query"]),
+                     ["u", "v"], get_method("lora"))
+    try:
+        assert any(m.training for m in model.modules())  # the new adapter's dropout trains
+        assert bank.evaluating("ahl_a") is model
+        assert not any(m.training for m in model.modules())
+        model.train()
+        bank.evaluating("ahl_new")
+        assert not any(m.training for m in model.modules())
+        twice = [bank.probabilities(TEXTS, ["ahl_new"] * len(TEXTS)) for _ in range(2)]
+        torch.testing.assert_close(twice[0], twice[1], rtol=0, atol=0)  # no dropout left on
+    finally:
+        bank.remove_adapter("ahl_new")
 
 
 def test_a_lora_loaded_without_pefts_walks_answers_as_pefts_loader(bank, tmp_path, monkeypatch):

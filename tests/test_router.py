@@ -133,3 +133,17 @@ def test_the_abstain_threshold_is_scipys_chi_square_quantile():
         scale, fitted = var / (2 * mean), 2 * mean**2 / var
         assert chi2_threshold(distances, rate) == pytest.approx(
             scale * chi2.ppf(1 - rate, fitted), rel=1e-12)
+
+
+def test_distances_follow_a_refit_of_the_same_router(three_tasks):
+    """The class means' own terms of the distances are kept between calls, and a refit (new
+    means and precision) replaces them: the distances match the definition before and after."""
+    stats = {t: s for t, (s, _) in three_tasks.items()}
+    router = GaussianRouter()
+    x = torch.cat([test for _, test in three_tasks.values()])
+    for fit_on in (stats, {t: stats[t] for t in ("a", "b")}):
+        router.fit(fit_on)
+        for _ in range(2):  # computed, then kept
+            diff = x[:, None, :] - router.means_[None]
+            direct = torch.einsum("ncd,de,nce->nc", diff, router.precision_, diff)
+            torch.testing.assert_close(router.class_distances(x), direct, rtol=1e-4, atol=1e-3)
