@@ -15,6 +15,7 @@ against a careful Hugging Face Trainer script, at the same accuracy):
 import contextlib
 import math
 import random
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -135,21 +136,27 @@ def split_validation(labels: list[int], seed: int) -> tuple[list[int], list[int]
 
 
 class ByteDropout(torch.nn.Module):
-    """Dropout whose mask compares random 16-bit integers with a threshold: the same Bernoulli
-    mask (p rounded to 1/65536) as torch.nn.Dropout, drawn about 4x faster on a CPU."""
+    """Dropout whose mask compares random 16-bit words with a threshold: the same Bernoulli mask
+    (p rounded to 1/32768) as torch.nn.Dropout, drawn about 4x faster on a CPU, and applied as
+    one product whose backward is one product too."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self.threshold = round(p * 65536) - 32768  # int16 values below it are dropped
+        # random_() fills an int64 with 63 random bits: of its four int16 words, three are
+        # uniform over the int16 range and the most significant one over [0, 32767].
+        low, high = round(p * 65536) - 32768, round(p * 32768)  # words below them are dropped
+        self.thresholds = torch.tensor([low, low, low, high] if sys.byteorder == "little"
+                                       else [high, low, low, low], dtype=torch.int16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        # random_() fills int64s with 63 random bits: the low three 16-bit words are uniform.
-        draws = torch.empty((x.numel() + 2) // 3, dtype=torch.int64, device=x.device).random_()
-        keep = draws.view(torch.int16).view(-1, 4)[:, :3] >= self.threshold
-        return x * keep.view(-1)[: x.numel()].view(x.shape) * (1 / (1 - self.p))
+        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        keep = draws.view(torch.int16).view(-1, 4) >= self.thresholds.to(x.device)
+        # The mask in x's dtype, scaled (in bf16 the scale 1 / (1 - p) rounds, within 0.2%).
+        mask = keep.view(-1)[: x.numel()].view(x.shape).to(x.dtype).mul_(1 / (1 - self.p))
+        return x * mask
 
 
 @contextlib.contextmanager
@@ -213,7 +220,10 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     else:
         task = ClassifyObjective(bank, name, data, options, train_idx, val_idx, router_features)
     params = bank.trainable_parameters(name)
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    # fused: one kernel for every parameter's update instead of a loop of small ops per tensor.
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay,
+                                  fused=all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                            for p in params))
     # AdaLoRA moves its rank budget between backward and zero_grad; without the call it never
     # prunes, silently.
     allocate = getattr(model.base_model, "update_and_allocate", None)

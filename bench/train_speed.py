@@ -13,6 +13,7 @@ bf16 autocast, dropout masks from random bytes). `--peer-bf16` adds a row for th
 flag of ahl's levers a user could set.
 
     .venv/bin/python bench/train_speed.py [--tasks wordnet_things,chat_language] [--epochs 3]
+                                          [--peer-bf16] [--default-only]
 """
 
 import argparse
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--tasks", default=DEFAULT_TASKS)
     parser.add_argument("--epochs", type=int, default=TrainOptions.epochs)
     parser.add_argument("--peer-bf16", action="store_true")
+    parser.add_argument("--default-only", action="store_true",
+                        help="ahl's default (every lever) against the peer, without the lever rows")
     args = parser.parse_args()
     options = TrainOptions(epochs=args.epochs)
     peers = [("careful HF Trainer", False)] + ([("careful HF Trainer, bf16", True)] if args.peer_bf16 else [])
@@ -143,7 +146,7 @@ def main() -> None:
         data = load_task_data(spec.name, spec.train, spec.test)
         train_rows, _ = split_validation(data.train_labels, options.seed)  # the rows ahl trains on
         runs = [(label, lambda c=changes: run_ahl(data, dataclasses.replace(options, **c)))
-                for label, changes in AHL_ROWS]
+                for label, changes in AHL_ROWS[: 1 if args.default_only else None]]
         runs += [(label, lambda b=bf16: run_peer(data, options, train_rows, b)) for label, bf16 in peers]
         for label, run in (runs if n % 2 == 0 else runs[::-1]):  # alternate who goes first
             results.setdefault(label, []).append(run())
