@@ -20,7 +20,7 @@ task; ahl works it out. Memory per extra adapter: its tensors' bytes, and the pr
 growth per adapter from the first to the last count.
 
     .venv/bin/python bench/inference.py [--counts 1,6,30,100] [--per-task 100] [--lora r=8] [--rounds 2]
-                                        [--singles 60]
+                                        [--singles 60] [--device cuda]
 """
 
 import argparse
@@ -41,6 +41,8 @@ from adapterhub_local import lora_batch  # noqa: E402
 from adapterhub_local.base import load_base  # noqa: E402
 from adapterhub_local.cli import parse_method_args  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
+from adapterhub_local.device import resolve_device  # noqa: E402
+from adapterhub_local.errors import AhlError  # noqa: E402
 from adapterhub_local.inference import (answer_routes, bank_for, length_batches, mean_pool,  # noqa: E402
                                         route_texts)
 from adapterhub_local.methods import get_method, method_options  # noqa: E402
@@ -122,7 +124,10 @@ def routed(bank, router, texts: list[str], adapters: dict) -> None:
     answer_routes(bank, texts, routes, states, adapters, dict.fromkeys(adapters, 1), {})
 
 
-def rss_mib() -> float:
+def memory_mib(device: str) -> float:
+    """What the adapters take: the GPU's allocated memory on CUDA, else the process's peak RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -133,7 +138,12 @@ def main() -> None:
     parser.add_argument("--lora", default="", help="LoRA options other than the default, e.g. r=8")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, the order reversed every other one")
     parser.add_argument("--singles", type=int, default=60, help="texts answered one per call")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     args = parser.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except AhlError as error:
+        parser.error(str(error))
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.singles < 1:
@@ -143,11 +153,11 @@ def main() -> None:
             for s in (load_spec(TASKS / f"{t}.toml") for t in BUNDLED)]
     texts = [t for task in data for t in task.test_texts[: args.per_task]]
     random.Random(0).shuffle(texts)
-    bank = bank_for(load_base())
+    bank = bank_for(load_base(device=device))
     stats, rows, memory = {}, [], []
     for count in [int(c) for c in args.counts.split(",")]:
         stats.update(add_adapters(bank, data, len(stats), count, lora_args))
-        memory.append((count, rss_mib()))
+        memory.append((count, memory_mib(device)))
         router = GaussianRouter().fit(stats)
         adapters = {name: name for name in stats}  # the router's tasks are the adapters' names
         names = list(stats)
@@ -167,13 +177,16 @@ def main() -> None:
             for name in list(runs)[:: 1 if timed % 2 == 0 else -1]:
                 started = time.perf_counter()
                 runs[name]()
+                if device.startswith("cuda"):  # the floor's passes are still queued on the GPU
+                    torch.cuda.synchronize(device)
                 seconds[name] += (time.perf_counter() - started) / args.rounds
         rows.append((count, {name: (args.singles if name.endswith("_one") else len(texts)) / s
                              for name, s in seconds.items()}))
         print(f"  {count:4d} adapters: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rows[-1][1].items()),
               flush=True)
 
-    print(f"\n{date.today()}, {platform.machine()}, {torch.get_num_threads()} torch threads; "
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine()
+    print(f"\n{date.today()}, {where}, {torch.get_num_threads()} torch threads; "
           f"{len(texts)} mixed texts; LoRA {args.lora or 'default'}; {args.rounds} rounds; "
           "texts/s, and routed / floor")
     print("| adapters | bare forward (floor) | peft mixed batch, task given | per-adapter batches, "
@@ -187,7 +200,8 @@ def main() -> None:
     first, last = memory[0], memory[-1]
     per_rss = (last[1] - first[1]) / max(1, last[0] - first[0])
     print(f"memory per extra LoRA adapter: {adapter_bytes(bank, names[0]) / 1024:.0f} KiB of "
-          f"tensors; peak RSS grew {per_rss:.2f} MiB per adapter from {first[0]} to {last[0]}")
+          f"tensors; {'CUDA allocated memory' if device.startswith('cuda') else 'peak RSS'} grew "
+          f"{per_rss:.2f} MiB per adapter from {first[0]} to {last[0]}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ bf16 autocast, dropout masks from random bytes). `--peer-bf16` adds a row for th
 flag of ahl's levers a user could set.
 
     .venv/bin/python bench/train_speed.py [--tasks wordnet_things,chat_language] [--epochs 3]
-                                          [--peer-bf16] [--default-only]
+                                          [--peer-bf16] [--default-only] [--device cuda]
 """
 
 import argparse
@@ -32,6 +32,8 @@ import torch  # noqa: E402
 
 from adapterhub_local.base import load_base  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
+from adapterhub_local.device import resolve_device  # noqa: E402
+from adapterhub_local.errors import AhlError  # noqa: E402
 from adapterhub_local.inference import AdapterBank, mean_pool  # noqa: E402
 from adapterhub_local.methods import get_method, method_options  # noqa: E402
 from adapterhub_local.trainer import TrainOptions, native_bf16, split_validation, train_adapter  # noqa: E402
@@ -47,14 +49,22 @@ AHL_ROWS = [("ahl, all levers", {}),
             ("ahl, byte dropout only", {**NONE, "byte_dropout": True})]
 
 
-def run_ahl(data, options: TrainOptions, lora_args: dict | None = None) -> tuple[float, float]:
+def finished(device: str) -> float:
+    """The clock once the device's queued work is done (CUDA runs behind the Python that asks)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def run_ahl(data, options: TrainOptions, lora_args: dict | None = None,
+            device: str = "cpu") -> tuple[float, float]:
     """(training seconds, test accuracy) of ahl's trainer; lora_args change LoRA's options."""
-    base = load_base()
+    base = load_base(device=device)
     bank = AdapterBank(base)
     config = get_method("lora").build(method_options("lora", lora_args or {}), base)
-    started = time.perf_counter()
+    started = finished(device)
     train_adapter(bank, "bench", config, data, options, get_method("lora"))
-    seconds = time.perf_counter() - started
+    seconds = finished(device) - started
     accuracy = bank.accuracy("bench", data.test_texts, data.test_labels, options.max_length)
     bank.remove_adapter("bench")
     return seconds, accuracy
@@ -76,9 +86,10 @@ class MeanPoolClassifier(torch.nn.Module):
 
 
 def run_peer(data, options: TrainOptions, rows: list[int], bf16: bool = False,
-             config=None) -> tuple[float, float]:
+             config=None, device: str = "cpu") -> tuple[float, float]:
     """The careful user's script: Trainer + peft, dynamic padding, length-grouped batches; by
-    default with the very same LoRA config as ahl's, else with `config` (a peft config)."""
+    default with the very same LoRA config as ahl's, else with `config` (a peft config). On
+    CUDA the Trainer takes the GPU itself (its first; one GPU is what the bench compares)."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import (AutoModel, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -104,20 +115,20 @@ def run_peer(data, options: TrainOptions, rows: list[int], bf16: bool = False,
                                  weight_decay=options.weight_decay, max_grad_norm=1.0,
                                  seed=options.seed, train_sampling_strategy="group_by_length",
                                  bf16=bf16, save_strategy="no", report_to=[],
-                                 logging_strategy="no", disable_tqdm=True, use_cpu=True,
+                                 logging_strategy="no", disable_tqdm=True, use_cpu=device == "cpu",
                                  label_names=["labels"])
         trainer = Trainer(model=model, args=args, train_dataset=train,
                           data_collator=DataCollatorWithPadding(tokenizer))
-        started = time.perf_counter()
+        started = finished(device)
         trainer.train()
-        seconds = time.perf_counter() - started
+        seconds = finished(device) - started
         # Compared with the label ids predict returns: its sampler may reorder the rows.
         predicted = trainer.predict(test)
     accuracy = float((predicted.predictions.argmax(-1) == predicted.label_ids).mean())
     return seconds, accuracy
 
 
-def warm_up(options: TrainOptions) -> None:
+def warm_up(options: TrainOptions, device: str = "cpu") -> None:
     """One short untimed run of each kind first: loading the base and the first passes of each
     arithmetic would otherwise be charged to whichever run comes first."""
     spec = load_spec(TASKS / "chat_language.toml")
@@ -125,8 +136,8 @@ def warm_up(options: TrainOptions) -> None:
     data.train_texts, data.train_labels = data.train_texts[:64], data.train_labels[:64]
     short = dataclasses.replace(options, epochs=1)
     for _, changes in AHL_ROWS:
-        run_ahl(data, dataclasses.replace(short, **changes))
-    run_peer(data, short, list(range(64)))
+        run_ahl(data, dataclasses.replace(short, **changes), device=device)
+    run_peer(data, short, list(range(64)), device=device)
 
 
 def main() -> None:
@@ -136,26 +147,33 @@ def main() -> None:
     parser.add_argument("--peer-bf16", action="store_true")
     parser.add_argument("--default-only", action="store_true",
                         help="ahl's default (every lever) against the peer, without the lever rows")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto; both sides train there")
     args = parser.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except AhlError as error:
+        parser.error(str(error))
     options = TrainOptions(epochs=args.epochs)
     peers = [("careful HF Trainer", False)] + ([("careful HF Trainer, bf16", True)] if args.peer_bf16 else [])
     results: dict[str, list[tuple[float, float]]] = {}
-    warm_up(options)
+    warm_up(options, device)
     for n, task in enumerate(args.tasks.split(",")):
         spec = load_spec(TASKS / f"{task}.toml")
         data = load_task_data(spec.name, spec.train, spec.test)
         train_rows, _ = split_validation(data.train_labels, options.seed)  # the rows ahl trains on
-        runs = [(label, lambda c=changes: run_ahl(data, dataclasses.replace(options, **c)))
+        runs = [(label, lambda c=changes: run_ahl(data, dataclasses.replace(options, **c), device=device))
                 for label, changes in AHL_ROWS[: 1 if args.default_only else None]]
-        runs += [(label, lambda b=bf16: run_peer(data, options, train_rows, b)) for label, bf16 in peers]
+        runs += [(label, lambda b=bf16: run_peer(data, options, train_rows, b, device=device))
+                 for label, bf16 in peers]
         for label, run in (runs if n % 2 == 0 else runs[::-1]):  # alternate who goes first
             results.setdefault(label, []).append(run())
             print(f"  {task:18}{label:28}{results[label][-1][0]:7.1f} s "
                   f"{100 * results[label][-1][1]:6.1f} %", flush=True)
 
     peer = results["careful HF Trainer"]
-    print(f"\n{date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads, native bf16: {native_bf16()}; "
+    where = (torch.cuda.get_device_name(device) if device.startswith("cuda") else
+             f"{platform.processor() or platform.machine()}, native bf16: {native_bf16()}")
+    print(f"\n{date.today()}, {where}, {torch.get_num_threads()} torch threads; "
           f"tasks {args.tasks}; {args.epochs} epochs")
     print("| run | seconds (sum) | time / careful peer | mean test acc % |\n|---|---:|---:|---:|")
     for label, rows in results.items():
