@@ -68,6 +68,7 @@ class BottleneckLayer(BaseTunerLayer):
         self.bottleneck_dropout = torch.nn.ModuleDict()
         self._disable_adapters = False
         self.merged_adapters = []
+        self.cast_input_dtype_enabled = True  # peft's switch (helpers.disable_input_dtype_casting)
 
     def update_layer(self, adapter_name: str, config: BottleneckConfig) -> None:
         width = self.get_base_layer().out_features
@@ -81,7 +82,7 @@ class BottleneckLayer(BaseTunerLayer):
 
     def adapt(self, name: str, h: torch.Tensor) -> torch.Tensor:
         down = self.bottleneck_down[name]
-        x = self.bottleneck_dropout[name](h.to(down.weight.dtype))
+        x = self.bottleneck_dropout[name](self._cast_input_dtype(h, down.weight.dtype))
         return self.bottleneck_up[name](self.bottleneck_act[name](down(x))).to(h.dtype)
 
 

@@ -177,6 +177,41 @@ def byte_dropout(model: torch.nn.Module, enabled: bool = True):
             setattr(parent, name, child)
 
 
+@contextlib.contextmanager
+def bf16_weights(model: torch.nn.Module, enabled: bool = True):
+    """While training autocasts to bf16: the frozen weights of the model's linear layers are
+    held in bf16 (autocast caches its casts of trainable weights only, so it would cast every
+    frozen one again at each use: a copy of the model per step), and peft's layers take their
+    bf16 inputs as they come (peft casts an input to its weights' fp32, and autocast casts it
+    straight back). Outside, the fp32 weights are back, for evaluation in fp32."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapters = tuple(f".{name}" for name in getattr(model, "peft_config", {}))
+    # An LM head tied to the embeddings stays: the embeddings' output would turn bf16 with it.
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    frozen = [] if not enabled else [
+        (module.weight, module.weight.data) for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and not name.endswith(adapters)
+        and id(module.weight) not in tied and not module.weight.requires_grad
+        and module.weight.dtype == torch.float32]
+    # peft's own switch for this (helpers.disable_input_dtype_casting) fails on the layers
+    # that lack the attribute (IA3's, this project's bottleneck before it had one).
+    layers = [] if not enabled else [
+        (m, getattr(m, "cast_input_dtype_enabled", True)) for m in model.modules()
+        if isinstance(m, BaseTunerLayer)]
+    for weight, fp32 in frozen:
+        weight.data = fp32.to(torch.bfloat16)
+    for layer, _ in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for weight, fp32 in frozen:
+            weight.data = fp32
+        for layer, cast in layers:
+            layer.cast_input_dtype_enabled = cast
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies in bf16 natively (AVX512-BF16 or AMX): there autocast to bf16
     halves a forward pass of MiniLM; elsewhere bf16 is emulated, and slower."""
@@ -236,24 +271,25 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     with byte_dropout(model, options.byte_dropout):
         for epoch in range(options.epochs):
             model.train()
-            for rows in length_grouped_batches(task.lengths, options.batch_size, rng):
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                    logits, targets = task.logits(rows)
-                loss = torch.nn.functional.cross_entropy(logits.float(), targets)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                schedule.step()
-                if allocate is not None:
-                    allocate(step)
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-                if log and step % LOG_EVERY == 0:
-                    log({"train_loss": loss_sum / loss_count}, step)
-                    loss_sum, loss_count = 0.0, 0
-                if progress:
-                    progress(step, total)
+            with bf16_weights(model, bf16):
+                for rows in length_grouped_batches(task.lengths, options.batch_size, rng):
+                    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                        logits, targets = task.logits(rows)
+                    loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    schedule.step()
+                    if allocate is not None:
+                        allocate(step)
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                    if log and step % LOG_EVERY == 0:
+                        log({"train_loss": loss_sum / loss_count}, step)
+                        loss_sum, loss_count = 0.0, 0
+                    if progress:
+                        progress(step, total)
             if val_idx:
                 model.eval()
                 val_accuracy = task.validate()

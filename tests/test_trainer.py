@@ -121,3 +121,41 @@ def test_byte_dropout_swaps_every_dropout_and_puts_them_back(tiny_base):
         inside = [type(m) for m in model.modules()]
         assert torch.nn.Dropout not in inside and ByteDropout in inside
     assert [type(m) for m in model.modules()] == before
+
+
+def test_bf16_weights_hold_frozen_linears_in_bf16_for_the_same_outputs(tiny_base):
+    """Inside, a forward under bf16 autocast gives the very numbers it gives outside (autocast
+    rounds the fp32 weights to bf16 the same way), from bf16 copies held once; the trainable
+    and tied weights and every original tensor come back untouched."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from adapterhub_local.trainer import bf16_weights
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModel.from_pretrained(tiny_base),
+                           LoraConfig(r=4, target_modules=["query", "value", "dense"]),
+                           adapter_name="colors").eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # peft starts B at zero: a LoRA that changes nothing
+    query = model.base_model.model.encoder.layer[0].attention.self.query
+    frozen, trainable = query.base_layer.weight, query.lora_A["colors"].weight
+    embeddings = model.base_model.model.embeddings.word_embeddings.weight
+    storage = frozen.data_ptr()
+    batch = {"input_ids": torch.tensor([[2, 5, 7, 9, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).last_hidden_state
+
+    outside = forward()
+    with bf16_weights(model):
+        assert frozen.dtype == torch.bfloat16 and not query.cast_input_dtype_enabled
+        assert trainable.dtype == embeddings.dtype == torch.float32
+        inside = forward()
+    assert torch.equal(inside, outside)
+    assert frozen.dtype == torch.float32 and frozen.data_ptr() == storage
+    assert query.cast_input_dtype_enabled
+    with bf16_weights(model, enabled=False):
+        assert frozen.dtype == torch.float32
