@@ -348,6 +348,7 @@ class AdapterBank:
             # The weights hold still: layers stack the group's adapters once.
             with lora_batch.frozen({adapters[i] for i in group}):
                 for rows in length_batches(ids, group, batch_size):
+                    rows = sorted(rows, key=lambda i: adapters[i])  # each adapter's rows a slice
                     names = [adapters[i] for i in rows]
                     given = [states[i] for i in rows] if resume[names[0]] else None
                     pooled = self._pooled(model, [ids[i] for i in rows], names, given)

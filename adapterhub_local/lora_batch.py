@@ -40,6 +40,13 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
     if not names:  # none of the batch's adapters adapts this layer
         return result
     index, a, b = weights
+    runs = runs_of(adapter_names)
+    if runs is not None and result.dtype == b.dtype and not result.requires_grad:
+        for name, start, stop in runs:  # each adapter's rows are a slice: nothing gathered
+            if name in index:
+                part, i = x[start:stop].to(a.dtype), index[name]
+                result[start:stop] += (part @ a[i].T) @ b[i].T
+        return result
     rows = row_indices(adapter_names, index, len(a) - 1, a.device)
     update = torch.bmm(x.to(a.dtype), a[rows].transpose(1, 2))
     if result.dtype != b.dtype or result.requires_grad:
@@ -70,6 +77,26 @@ def row_indices(adapter_names: list[str], index: dict, zero: int, device) -> tor
     rows = torch.tensor([index.get(n, zero) for n in adapter_names], device=device)
     _BATCH.rows = (list(adapter_names), index, rows)
     return rows
+
+
+MAX_RUNS = 16  # beyond, the batched products' gathers cost less than a product pair per run
+
+
+def runs_of(adapter_names: list[str]) -> list[tuple[str, int, int]] | None:
+    """The batch's runs of rows with one adapter, (name, start, stop), where rows come ordered
+    by adapter (AdapterBank.probabilities orders each batch so) in at most MAX_RUNS runs; else
+    None. Kept for the next layer, like row_indices."""
+    kept = getattr(_BATCH, "runs", None)
+    if kept is not None and kept[0] == adapter_names:
+        return kept[1]
+    runs, start = [], 0
+    for i in range(1, len(adapter_names) + 1):
+        if i == len(adapter_names) or adapter_names[i] != adapter_names[start]:
+            runs.append((adapter_names[start], start, i))
+            start = i
+    found = runs if len(runs) <= MAX_RUNS and len({n for n, _, _ in runs}) == len(runs) else None
+    _BATCH.runs = (list(adapter_names), found)
+    return found
 
 
 def plain(layer, names: list[str]) -> bool:

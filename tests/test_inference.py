@@ -220,6 +220,35 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
     assert not torch.allclose(one, gathered)
 
 
+def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank):
+    """A batch whose rows come ordered by adapter (as probabilities orders them) runs each
+    adapter's products on its slice of the batch, nothing gathered, with peft's loop's result;
+    rows out of order, or more runs than MAX_RUNS, take the batched products."""
+    from adapterhub_local import lora_batch
+
+    texts = TEXTS * 2
+    names = ["__base__", "ahl_a", "ahl_a", "ahl_a", "ahl_b", "ahl_b"] * 2
+    ordered = sorted(range(len(names)), key=names.__getitem__)
+    names, texts = [names[i] for i in ordered], [texts[i] for i in ordered]
+    assert lora_batch.runs_of(names) == [("__base__", 0, 2), ("ahl_a", 2, 8), ("ahl_b", 8, 12)]
+    assert lora_batch.runs_of(["ahl_a", "ahl_b", "ahl_a"]) is None
+    assert lora_batch.runs_of([str(i) for i in range(lora_batch.MAX_RUNS + 1)]) is None
+    model = bank.model("ahl_a")
+    model.eval()
+    batch = bank.base.pad(bank.base.tokenize(texts, 32))
+    with torch.inference_mode():
+        with lora_batch.frozen(["ahl_a", "ahl_b"]), lora_batch.rows(model, names):
+            sliced = model(**batch).last_hidden_state
+        layers = [m for m in model.modules() if "forward" in vars(m)]
+        for m in layers:  # peft's own loop
+            del m.forward
+        try:
+            looped = model(**batch, adapter_names=names).last_hidden_state
+        finally:
+            lora_batch.install(model)
+    torch.testing.assert_close(sliced, looped, rtol=1e-5, atol=1e-5)
+
+
 def test_evaluating_skips_eval_only_while_nothing_left_eval_mode(bank):
     """bank.evaluating skips model.eval() (a walk over every module) only where nothing can have
     left eval mode since: a new adapter's modules and model.train() are caught."""
