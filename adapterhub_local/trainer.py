@@ -189,16 +189,16 @@ def bf16_weights(model: torch.nn.Module, enabled: bool = True):
     adapters = tuple(f".{name}" for name in getattr(model, "peft_config", {}))
     # An LM head tied to the embeddings stays: the embeddings' output would turn bf16 with it.
     tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    frozen = [] if not enabled else [
-        (module.weight, module.weight.data) for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and not name.endswith(adapters)
-        and id(module.weight) not in tied and not module.weight.requires_grad
-        and module.weight.dtype == torch.float32]
-    # peft's own switch for this (helpers.disable_input_dtype_casting) fails on the layers
-    # that lack the attribute (IA3's, this project's bottleneck before it had one).
-    layers = [] if not enabled else [
-        (m, getattr(m, "cast_input_dtype_enabled", True)) for m in model.modules()
-        if isinstance(m, BaseTunerLayer)]
+    frozen, layers = [], []  # (weight, its fp32 tensor), (peft layer, its input-cast switch)
+    for name, module in model.named_modules() if enabled else ():
+        if (type(module) is torch.nn.Linear and not name.endswith(adapters)
+                and id(module.weight) not in tied and not module.weight.requires_grad
+                and module.weight.dtype == torch.float32):
+            frozen.append((module.weight, module.weight.data))
+        elif isinstance(module, BaseTunerLayer):
+            # peft's own switch for this (helpers.disable_input_dtype_casting) fails on the
+            # layers that lack the attribute (IA3's).
+            layers.append((module, getattr(module, "cast_input_dtype_enabled", True)))
     for weight, fp32 in frozen:
         weight.data = fp32.to(torch.bfloat16)
     for layer, _ in layers:
@@ -268,33 +268,33 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
 
     # Train.
     step, loss_sum, loss_count, val_accuracy = 0, 0.0, 0, float("nan")
-    with byte_dropout(model, options.byte_dropout):
-        for epoch in range(options.epochs):
-            model.train()
-            with bf16_weights(model, bf16):
-                for rows in length_grouped_batches(task.lengths, options.batch_size, rng):
-                    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                        logits, targets = task.logits(rows)
-                    loss = torch.nn.functional.cross_entropy(logits.float(), targets)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                    schedule.step()
-                    if allocate is not None:
-                        allocate(step)
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-                    if log and step % LOG_EVERY == 0:
-                        log({"train_loss": loss_sum / loss_count}, step)
-                        loss_sum, loss_count = 0.0, 0
-                    if progress:
-                        progress(step, total)
-            if val_idx:
-                model.eval()
-                val_accuracy = task.validate()
-                if log:
-                    log({"val_accuracy": val_accuracy, "epoch": epoch + 1}, step)
+    for epoch in range(options.epochs):
+        model.train()
+        # Swapped in for the training steps only: the validation after them runs in fp32.
+        with byte_dropout(model, options.byte_dropout), bf16_weights(model, bf16):
+            for rows in length_grouped_batches(task.lengths, options.batch_size, rng):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                    logits, targets = task.logits(rows)
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                if allocate is not None:
+                    allocate(step)
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                if log and step % LOG_EVERY == 0:
+                    log({"train_loss": loss_sum / loss_count}, step)
+                    loss_sum, loss_count = 0.0, 0
+                if progress:
+                    progress(step, total)
+        if val_idx:
+            model.eval()
+            val_accuracy = task.validate()
+            if log:
+                log({"val_accuracy": val_accuracy, "epoch": epoch + 1}, step)
 
     # Cleanup: the adapter is frozen from here on, like every stored adapter.
     model.eval()

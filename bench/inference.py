@@ -25,10 +25,8 @@ growth per adapter from the first to the last count.
 
 import argparse
 import os
-import platform
 import random
 import resource
-import time
 from datetime import date
 from pathlib import Path
 
@@ -41,12 +39,11 @@ from adapterhub_local import lora_batch  # noqa: E402
 from adapterhub_local.base import load_base  # noqa: E402
 from adapterhub_local.cli import parse_method_args  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
-from adapterhub_local.device import resolve_device  # noqa: E402
-from adapterhub_local.errors import AhlError  # noqa: E402
 from adapterhub_local.inference import (answer_routes, bank_for, length_batches, mean_pool,  # noqa: E402
                                         route_texts)
 from adapterhub_local.methods import get_method, method_options  # noqa: E402
 from adapterhub_local.router import GaussianRouter, task_stats  # noqa: E402
+from train_speed import device_option, finished, machine  # noqa: E402
 
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
 BUNDLED = ["wordnet_things", "fortune_topic", "chat_language", "wordnet_actions",
@@ -140,10 +137,7 @@ def main() -> None:
     parser.add_argument("--singles", type=int, default=60, help="texts answered one per call")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     args = parser.parse_args()
-    try:
-        device = resolve_device(args.device)
-    except AhlError as error:
-        parser.error(str(error))
+    device = device_option(parser, args.device)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.singles < 1:
@@ -175,18 +169,15 @@ def main() -> None:
         seconds = dict.fromkeys(runs, 0.0)
         for timed in range(args.rounds):
             for name in list(runs)[:: 1 if timed % 2 == 0 else -1]:
-                started = time.perf_counter()
+                started = finished(device)
                 runs[name]()
-                if device.startswith("cuda"):  # the floor's passes are still queued on the GPU
-                    torch.cuda.synchronize(device)
-                seconds[name] += (time.perf_counter() - started) / args.rounds
+                seconds[name] += (finished(device) - started) / args.rounds
         rows.append((count, {name: (args.singles if name.endswith("_one") else len(texts)) / s
                              for name, s in seconds.items()}))
         print(f"  {count:4d} adapters: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rows[-1][1].items()),
               flush=True)
 
-    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine()
-    print(f"\n{date.today()}, {where}, {torch.get_num_threads()} torch threads; "
+    print(f"\n{date.today()}, {machine(device)}, {torch.get_num_threads()} torch threads; "
           f"{len(texts)} mixed texts; LoRA {args.lora or 'default'}; {args.rounds} rounds; "
           "texts/s, and routed / floor")
     print("| adapters | bare forward (floor) | peft mixed batch, task given | per-adapter batches, "

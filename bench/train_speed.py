@@ -56,6 +56,21 @@ def finished(device: str) -> float:
     return time.perf_counter()
 
 
+def device_option(parser: argparse.ArgumentParser, name: str) -> str:
+    """A bench's --device resolved as ahl resolves it, or the parser's one-line error."""
+    try:
+        return resolve_device(name)
+    except AhlError as error:
+        parser.error(str(error))
+
+
+def machine(device: str) -> str:
+    """What the figures were measured on, for a bench's summary line."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, native bf16: {native_bf16()}"
+
+
 def run_ahl(data, options: TrainOptions, lora_args: dict | None = None,
             device: str = "cpu") -> tuple[float, float]:
     """(training seconds, test accuracy) of ahl's trainer; lora_args change LoRA's options."""
@@ -149,10 +164,7 @@ def main() -> None:
                         help="ahl's default (every lever) against the peer, without the lever rows")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto; both sides train there")
     args = parser.parse_args()
-    try:
-        device = resolve_device(args.device)
-    except AhlError as error:
-        parser.error(str(error))
+    device = device_option(parser, args.device)
     options = TrainOptions(epochs=args.epochs)
     peers = [("careful HF Trainer", False)] + ([("careful HF Trainer, bf16", True)] if args.peer_bf16 else [])
     results: dict[str, list[tuple[float, float]]] = {}
@@ -171,9 +183,7 @@ def main() -> None:
                   f"{100 * results[label][-1][1]:6.1f} %", flush=True)
 
     peer = results["careful HF Trainer"]
-    where = (torch.cuda.get_device_name(device) if device.startswith("cuda") else
-             f"{platform.processor() or platform.machine()}, native bf16: {native_bf16()}")
-    print(f"\n{date.today()}, {where}, {torch.get_num_threads()} torch threads; "
+    print(f"\n{date.today()}, {machine(device)}, {torch.get_num_threads()} torch threads; "
           f"tasks {args.tasks}; {args.epochs} epochs")
     print("| run | seconds (sum) | time / careful peer | mean test acc % |\n|---|---:|---:|---:|")
     for label, rows in results.items():
