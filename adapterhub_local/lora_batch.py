@@ -41,17 +41,18 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
         return result
     index, a, b = weights
     runs = runs_of(adapter_names)
-    if runs is not None and result.dtype == b.dtype and not result.requires_grad:
+    if runs is not None and accumulates(result, b):
         for name, start, stop in runs:  # each adapter's rows are a slice: nothing gathered
             if name in index:
-                part, i = x[start:stop].to(a.dtype), index[name]
-                result[start:stop] += (part @ a[i].T) @ b[i].T
+                add_product_(result[start:stop], x[start:stop], a[index[name]], b[index[name]])
         return result
     rows = row_indices(adapter_names, index, len(a) - 1, a.device)
-    update = torch.bmm(x.to(a.dtype), a[rows].transpose(1, 2))
-    if result.dtype != b.dtype or result.requires_grad:
-        return result + torch.bmm(update, b[rows].transpose(1, 2)).to(result.dtype)
-    return result.baddbmm_(update, b[rows].transpose(1, 2))  # no second [rows, tokens, out] pass
+    # index_select: aten::index's general gather cost about twice as much on these stacks
+    b_rows = b.index_select(0, rows).transpose(1, 2)
+    update = torch.bmm(x.to(a.dtype), a.index_select(0, rows).transpose(1, 2))
+    if not accumulates(result, b):
+        return result + torch.bmm(update, b_rows).to(result.dtype)
+    return result.baddbmm_(update, b_rows)  # no second [rows, tokens, out] pass
 
 
 def one_adapter_forward(layer, x: torch.Tensor, name: str, *args, **kwargs):
@@ -61,9 +62,27 @@ def one_adapter_forward(layer, x: torch.Tensor, name: str, *args, **kwargs):
 
     result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
                                            if k not in VARIANT_KWARG_KEYS})
-    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    a, b, scale = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+    if accumulates(result, b):
+        add_product_(result, x, a, b, scale)
+        return result
     update = (x.to(a.dtype) @ a.T) @ b.T
-    return result + update.to(result.dtype) * layer.scaling[name]
+    return result + update.to(result.dtype) * scale
+
+
+def accumulates(result: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a layer's LoRA update can go into its base output in place (add_product_): a
+    contiguous tensor of the adapter's dtype that autograd does not track."""
+    return result.dtype == b.dtype and not result.requires_grad and result.is_contiguous()
+
+
+def add_product_(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 scale: float = 1.0) -> None:
+    """result += scale * (x @ a.T) @ b.T, the second product accumulated by addmm: no
+    [rows, tokens, out] update tensor and no separate pass to scale and add it, which cost a
+    top-half forward more than the rank-r products themselves."""
+    update = x.to(a.dtype) @ a.T
+    result.view(-1, result.shape[-1]).addmm_(update.reshape(-1, update.shape[-1]), b.T, alpha=scale)
 
 
 def row_indices(adapter_names: list[str], index: dict, zero: int, device) -> torch.Tensor:
@@ -124,10 +143,15 @@ def stacked(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor] 
 
 
 def stack(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    a = torch.stack([layer.lora_A[n].weight for n in names])
-    b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] for n in names])
-    return ({n: i for i, n in enumerate(names)}, torch.cat([a, a.new_zeros(1, *a.shape[1:])]),
-            torch.cat([b, b.new_zeros(1, *b.shape[1:])]))
+    a_first, b_first = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
+    # Stacked into place before the zero adapter: no second copy to append it.
+    a = a_first.new_empty(len(names) + 1, *a_first.shape)
+    b = b_first.new_empty(len(names) + 1, *b_first.shape)
+    a[-1], b[-1] = 0, 0
+    torch.stack([layer.lora_A[n].weight for n in names], out=a[:-1])
+    torch.stack([layer.lora_B[n].weight for n in names], out=b[:-1])
+    b[:-1].mul_(torch.tensor([layer.scaling[n] for n in names], dtype=b.dtype).view(-1, 1, 1))
+    return {n: i for i, n in enumerate(names)}, a, b
 
 
 @contextlib.contextmanager

@@ -21,10 +21,13 @@ def bank(tiny_base):
     bank = bank_for(load_base(tiny_base))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"],
                         init_lora_weights=False)
+    # ahl_b scales its update otherwise: the stacks must scale each adapter's B by its own
+    other_scale = LoraConfig(r=4, lora_alpha=12, target_modules=["query", "value", "output.dense"],
+                             init_lora_weights=False)
     top_half = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"],
                           init_lora_weights=False, layers_to_transform=[1], layers_pattern="layer")
     for seed, name, labels, cfg in ((1, "ahl_a", ["x", "y"], config),
-                                    (2, "ahl_b", ["p", "q", "r"], config),
+                                    (2, "ahl_b", ["p", "q", "r"], other_scale),
                                     (3, "ahl_top", ["s", "t"], top_half)):
         torch.manual_seed(seed)
         bank.add_adapter(name, cfg, labels, get_method("lora"))
