@@ -91,7 +91,8 @@ def row_indices(adapter_names: list[str], index: dict, zero: int, device) -> tor
     order, and would each turn the same names into the same tensor."""
     kept = getattr(_BATCH, "rows", None)
     if (kept is not None and kept[0] == adapter_names and kept[1] == index
-            and kept[2].device == device):
+            and kept[2].device == device  # and not an inference tensor where autograd runs
+            and (torch.is_inference_mode_enabled() or not kept[2].is_inference())):
         return kept[2]
     rows = torch.tensor([index.get(n, zero) for n in adapter_names], device=device)
     _BATCH.rows = (list(adapter_names), index, rows)
@@ -143,14 +144,12 @@ def stacked(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor] 
 
 
 def stack(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    a_first, b_first = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
-    # Stacked into place before the zero adapter: no second copy to append it.
-    a = a_first.new_empty(len(names) + 1, *a_first.shape)
-    b = b_first.new_empty(len(names) + 1, *b_first.shape)
-    a[-1], b[-1] = 0, 0
-    torch.stack([layer.lora_A[n].weight for n in names], out=a[:-1])
-    torch.stack([layer.lora_B[n].weight for n in names], out=b[:-1])
-    b[:-1].mul_(torch.tensor([layer.scaling[n] for n in names], dtype=b.dtype).view(-1, 1, 1))
+    a = [layer.lora_A[n].weight for n in names]
+    b = [layer.lora_B[n].weight for n in names]
+    # The zero adapter stacked with the rest (appending it after would copy every adapter again)
+    a, b = torch.stack([*a, torch.zeros_like(a[0])]), torch.stack([*b, torch.zeros_like(b[0])])
+    scales = torch.tensor([layer.scaling[n] for n in names] + [0.0], dtype=b.dtype, device=b.device)
+    b = b * scales.view(-1, 1, 1) if b.requires_grad else b.mul_(scales.view(-1, 1, 1))
     return {n: i for i, n in enumerate(names)}, a, b
 
 

@@ -206,6 +206,17 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
             with model.disable_adapter():
                 disabled = model(**batch).last_hidden_state
         assert fallbacks == []
+    lora = [p for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad]
+    with torch.enable_grad():  # autograd through the stacks and gathers, as through peft's loop
+        for p in lora:
+            p.requires_grad_(True)
+        try:
+            graded = model(**batch, adapter_names=names).last_hidden_state
+        finally:
+            for p in lora:
+                p.requires_grad_(False)
+    assert graded.requires_grad
+    with torch.inference_mode():
         for m in layers:  # peft's own loop
             del m.forward
         try:
@@ -219,6 +230,7 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
     torch.testing.assert_close(bare, disabled, rtol=0, atol=0)
     assert not torch.allclose(bare, gathered)  # the adapters do change the states
     torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graded.detach(), looped, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(one, one_looped, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(one, gathered)
 
