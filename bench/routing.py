@@ -12,8 +12,9 @@ and after all of them:
     classes ("task:label"); its routing is the task of the label it answers;
   - router variants, each fit from per-task statistics of the tasks' training features, the way
     add-task fits the shipped one, and scored on the same test splits with the store's adapters;
-  - two second stages over the store's own router: its top two re-weighed by the candidate
-    adapters' sureness (their answers' entropy), and "auto", composing only unsure inputs.
+  - three second stages over the store's own router: its top two re-weighed by the candidate
+    adapters' sureness (their answers' entropy) or by their energy (their logits' logsumexp),
+    and "auto", composing only unsure inputs.
 Routing accuracy: share of a task's test inputs sent to it. Routed accuracy: share sent to it and
 labelled right by its adapter. Composed: the top 2 tasks answer together (inference.answer).
 
@@ -102,28 +103,29 @@ class Sequence:
         self.fit_rows = {t: split_validation(self.data[t].train_labels, 0) for t in self.tasks}
         self.fit_labels = {t: [self.data[t].train_labels[i] for i in self.fit_rows[t][0]]
                            for t in self.tasks}
-        cache = work / f"cache-{folder.name}.safetensors"
+        cache = work / f"features-{folder.name}.safetensors"  # with logits (cache-*: probabilities)
         if not cache.exists():
             save_file(self.compute(), cache)
         tensors = load_file(cache)
         # {"layers": {task: (fit, held, test)}}: every layer's features [n, layers, D];
-        # probs[adapter task, task]: that adapter's label probabilities on the task's test split.
+        # logits[adapter task, task]: that adapter's head logits on the task's test split.
         self.features = {"layers": {t: tuple(tensors[f"layers/{t}/{part}"] for part in ("fit", "held", "test"))
                                     for t in self.tasks}}
-        self.probs = {(a, t): list(tensors[f"probs/{a}/{t}"]) for a in self.tasks for t in self.tasks}
+        self.logits = {(a, t): tensors[f"logits/{a}/{t}"] for a in self.tasks for t in self.tasks}
+        self.probs = {key: list(logits.softmax(-1)) for key, logits in self.logits.items()}
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Features of every task's rows and every adapter's outputs on every test split."""
         out = {}
         for task in self.tasks:
             fit, held = self.fit_rows[task]
-            _, states = self.bank.encode(self.test[task])
             train = layer_features(self.bank, self.data[task].train_texts)
             out[f"layers/{task}/fit"], out[f"layers/{task}/held"] = train[fit], train[held]
             out[f"layers/{task}/test"] = layer_features(self.bank, self.test[task])
             for adapter_task, adapter in self.adapters.items():
-                out[f"probs/{adapter_task}/{task}"] = torch.stack(self.bank.probabilities(
-                    self.test[task], [adapter] * len(self.test[task]), states=states))
+                with torch.inference_mode():
+                    out[f"logits/{adapter_task}/{task}"] = self.bank.heads[adapter](
+                        self.bank.pooled(adapter, self.test[task]))
         return {k: v.contiguous() for k, v in out.items()}
 
     def score(self, names: list[str], routes: dict[str, list]) -> dict[str, tuple]:
@@ -165,11 +167,23 @@ class Sequence:
     def second_stage(self, names: list[str]) -> dict[str, tuple]:
         """The store's router, then its top two re-weighed by how sure each candidate adapter
         is of its answer: weight x exp(-normalised entropy of its label probabilities)."""
+        return self.reweighed(names, lambda t, task, row: math.exp(-entropy(self.probs[t, task][row])))
+
+    def energy_stage(self, names: list[str]) -> dict[str, tuple]:
+        """The store's router, then its top two re-weighed by each candidate adapter's energy
+        (Liu et al. 2020: an input like its training data gets larger logits): weight x
+        exp(logsumexp of its logits - log of its labels), a uniform head's logsumexp at zero."""
+        return self.reweighed(names, lambda t, task, row: math.exp(
+            self.logits[t, task][row].logsumexp(-1).item() - math.log(len(self.label_sets[t]))))
+
+    def reweighed(self, names: list[str], sureness) -> dict[str, tuple]:
+        """The store's top-two routes, each weight times sureness(candidate task, input's task,
+        row), normalised and sorted again."""
         routes = {}
         for task, rows in self.stored_routes(names).items():
             routes[task] = []
             for row, route in enumerate(rows):
-                sure = [math.exp(-entropy(self.probs[t, task][row])) for t in route.tasks]
+                sure = [sureness(t, task, row) for t in route.tasks]
                 mass = [w * s for w, s in zip(route.weights, sure)]
                 order = sorted(range(len(mass)), key=lambda i: -mass[i])
                 weights = [mass[i] / sum(mass) for i in order] if mass else []
@@ -305,6 +319,7 @@ VARIANTS = {
         names, s.blocks("bottom_half"), ScaledCovariance),
     "the store's own router, as add-task fit it": Sequence.stored,
     "... then the top two re-weighed by adapter sureness": Sequence.second_stage,
+    "... then the top two re-weighed by adapter energy": Sequence.energy_stage,
     f"... composing only below {AUTO_SURE} confidence (auto)": Sequence.auto,
 }
 
