@@ -41,16 +41,16 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
         return result
     index, a, b = weights
     runs = runs_of(adapter_names)
-    if runs is not None and accumulates(result, b):
+    if runs is not None and can_accumulate(result, b):
         for name, start, stop in runs:  # each adapter's rows are a slice: nothing gathered
-            if name in index:
-                add_product_(result[start:stop], x[start:stop], a[index[name]], b[index[name]])
+            if name in index:  # (the stack's B is scaled already)
+                add_product_(result[start:stop], x[start:stop], a[index[name]], b[index[name]], 1.0)
         return result
     rows = row_indices(adapter_names, index, len(a) - 1, a.device)
     # index_select: aten::index's general gather cost about twice as much on these stacks
     b_rows = b.index_select(0, rows).transpose(1, 2)
     update = torch.bmm(x.to(a.dtype), a.index_select(0, rows).transpose(1, 2))
-    if not accumulates(result, b):
+    if not can_accumulate(result, b):
         return result + torch.bmm(update, b_rows).to(result.dtype)
     return result.baddbmm_(update, b_rows)  # no second [rows, tokens, out] pass
 
@@ -63,21 +63,22 @@ def one_adapter_forward(layer, x: torch.Tensor, name: str, *args, **kwargs):
     result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
                                            if k not in VARIANT_KWARG_KEYS})
     a, b, scale = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
-    if accumulates(result, b):
+    if can_accumulate(result, b):
         add_product_(result, x, a, b, scale)
         return result
     update = (x.to(a.dtype) @ a.T) @ b.T
     return result + update.to(result.dtype) * scale
 
 
-def accumulates(result: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a layer's LoRA update can go into its base output in place (add_product_): a
-    contiguous tensor of the adapter's dtype that autograd does not track."""
+def can_accumulate(result: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a layer's LoRA update can go into its base output in place (add_product_,
+    baddbmm_): a contiguous tensor of the adapter's dtype, not yet tracked by autograd (in place
+    under autograd would be allowed; out of place is the conservative path there)."""
     return result.dtype == b.dtype and not result.requires_grad and result.is_contiguous()
 
 
 def add_product_(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 scale: float = 1.0) -> None:
+                 scale: float) -> None:
     """result += scale * (x @ a.T) @ b.T, the second product accumulated by addmm: no
     [rows, tokens, out] update tensor and no separate pass to scale and add it, which cost a
     top-half forward more than the rank-r products themselves."""
@@ -91,10 +92,10 @@ def row_indices(adapter_names: list[str], index: dict, zero: int, device) -> tor
     order, and would each turn the same names into the same tensor."""
     kept = getattr(_BATCH, "rows", None)
     if (kept is not None and kept[0] == adapter_names and kept[1] == index
-            and kept[2].device == device  # and not an inference tensor where autograd runs
-            and (torch.is_inference_mode_enabled() or not kept[2].is_inference())):
+            and kept[2].device == device):
         return kept[2]
-    rows = torch.tensor([index.get(n, zero) for n in adapter_names], device=device)
+    with torch.inference_mode(False):  # a normal tensor: kept for forwards with autograd too
+        rows = torch.tensor([index.get(n, zero) for n in adapter_names], device=device)
     _BATCH.rows = (list(adapter_names), index, rows)
     return rows
 
@@ -148,8 +149,9 @@ def stack(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
     b = [layer.lora_B[n].weight for n in names]
     # The zero adapter stacked with the rest (appending it after would copy every adapter again)
     a, b = torch.stack([*a, torch.zeros_like(a[0])]), torch.stack([*b, torch.zeros_like(b[0])])
-    scales = torch.tensor([layer.scaling[n] for n in names] + [0.0], dtype=b.dtype, device=b.device)
-    b = b * scales.view(-1, 1, 1) if b.requires_grad else b.mul_(scales.view(-1, 1, 1))
+    # fp32 scales, B's dtype kept by mul_: a bf16 B is rounded once, as peft's float scaling
+    scales = torch.tensor([layer.scaling[n] for n in names] + [0.0], device=b.device)
+    b.mul_(scales.view(-1, 1, 1))  # autograd takes it: stack's output, not a leaf
     return {n: i for i, n in enumerate(names)}, a, b
 
 

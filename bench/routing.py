@@ -123,9 +123,10 @@ class Sequence:
             out[f"layers/{task}/fit"], out[f"layers/{task}/held"] = train[fit], train[held]
             out[f"layers/{task}/test"] = layer_features(self.bank, self.test[task])
             for adapter_task, adapter in self.adapters.items():
+                head = self.bank.heads[adapter]
                 with torch.inference_mode():
-                    out[f"logits/{adapter_task}/{task}"] = self.bank.heads[adapter](
-                        self.bank.pooled(adapter, self.test[task]))
+                    out[f"logits/{adapter_task}/{task}"] = head(self.bank.pooled(
+                        adapter, self.test[task]).to(head.weight.device)).cpu()
         return {k: v.contiguous() for k, v in out.items()}
 
     def score(self, names: list[str], routes: dict[str, list]) -> dict[str, tuple]:

@@ -188,10 +188,28 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
     assert layers and all("forward" in vars(m) for m in layers) and lora_batch.covers(model)
     fallbacks = []
     peft_loop = Linear._mixed_batch_forward
-    with torch.inference_mode():
-        with monkeypatch.context() as patch:  # counts the layers that fall back to peft's loop
-            patch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
-                          or peft_loop(*a, **k))
+    lora = [p for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad]
+
+    def with_grads(forward):
+        """The forward's output and its LoRA weights' gradients (of the output's square sum),
+        the weights trainable for it: autograd through the stacks and gathers, as through
+        peft's loop."""
+        for p in lora:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                out = forward()
+                out.square().sum().backward()
+            return out.detach(), [p.grad for p in lora]
+        finally:
+            for p in lora:
+                p.requires_grad_(False)
+                p.grad = None
+
+    with monkeypatch.context() as patch:  # counts the layers that fall back to peft's loop
+        patch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
+                      or peft_loop(*a, **k))
+        with torch.inference_mode():
             gathered = model(**batch, adapter_names=names).last_hidden_state
             with lora_batch.rows(model, names):
                 by_rows = model(**batch).last_hidden_state
@@ -205,32 +223,31 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
                 bare = model(**batch).last_hidden_state
             with model.disable_adapter():
                 disabled = model(**batch).last_hidden_state
-        assert fallbacks == []
-    lora = [p for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad]
-    with torch.enable_grad():  # autograd through the stacks and gathers, as through peft's loop
-        for p in lora:
-            p.requires_grad_(True)
-        try:
-            graded = model(**batch, adapter_names=names).last_hidden_state
-        finally:
-            for p in lora:
-                p.requires_grad_(False)
-    assert graded.requires_grad
-    with torch.inference_mode():
-        for m in layers:  # peft's own loop
-            del m.forward
-        try:
+        graded, grads = with_grads(lambda: model(**batch, adapter_names=names).last_hidden_state)
+    assert fallbacks == []
+    for m in layers:  # peft's own loop
+        del m.forward
+    try:
+        with torch.inference_mode():
             looped = model(**batch, adapter_names=names).last_hidden_state
             one_looped = model(**batch, adapter_names=["ahl_b"] * len(names)).last_hidden_state
-        finally:
-            lora_batch.install(model)
+        looped_graded, looped_grads = with_grads(
+            lambda: model(**batch, adapter_names=names).last_hidden_state)
+    finally:
+        lora_batch.install(model)
+    assert sum(g is not None for g in grads) > 0
+    assert [g is None for g in grads] == [g is None for g in looped_grads]
+    for mine, theirs in zip(grads, looped_grads):
+        if mine is not None:
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(by_rows, gathered, rtol=0, atol=0)
     for again in stacked:
         torch.testing.assert_close(again, gathered, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(bare, disabled, rtol=0, atol=0)
     assert not torch.allclose(bare, gathered)  # the adapters do change the states
     torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(graded.detach(), looped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graded, looped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(looped_graded, looped, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(one, one_looped, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(one, gathered)
 
