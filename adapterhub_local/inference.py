@@ -352,10 +352,9 @@ class AdapterBank:
                     names = [adapters[i] for i in rows]
                     given = [states[i] for i in rows] if resume[names[0]] else None
                     pooled = self._pooled(model, [ids[i] for i in rows], names, given)
-                    for name in dict.fromkeys(names):
-                        at = [k for k, n in enumerate(names) if n == name]
-                        probs = self.heads[name](pooled[at]).softmax(-1).cpu()
-                        for row, p in zip([rows[k] for k in at], probs):
+                    for name, start, stop in lora_batch.adapter_runs(names):
+                        probs = self.heads[name](pooled[start:stop]).softmax(-1).cpu()
+                        for row, p in zip(rows[start:stop], probs):
                             out[row] = p
         return out
 

@@ -15,6 +15,7 @@ each forward, walking all of the model's modules, and those grow with the adapte
 
 import contextlib
 import copy
+import itertools
 import threading
 import types
 
@@ -40,13 +41,13 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
     if not names:  # none of the batch's adapters adapts this layer
         return result
     index, a, b = weights
-    runs = runs_of(adapter_names)
-    if runs is not None and can_accumulate(result, b):
-        for name, start, stop in runs:  # each adapter's rows are a slice: nothing gathered
+    batch = layout(adapter_names)
+    if batch.slices is not None and can_accumulate(result, b):
+        for name, start, stop in batch.slices:  # each adapter's rows a slice: nothing gathered
             if name in index:  # (the stack's B is scaled already)
                 add_product_(result[start:stop], x[start:stop], a[index[name]], b[index[name]], 1.0)
         return result
-    rows = row_indices(adapter_names, index, len(a) - 1, a.device)
+    rows = batch.rows(index, a.device)
     # index_select: aten::index's general gather cost about twice as much on these stacks
     b_rows = b.index_select(0, rows).transpose(1, 2)
     update = torch.bmm(x.to(a.dtype), a.index_select(0, rows).transpose(1, 2))
@@ -86,38 +87,53 @@ def add_product_(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torc
     result.view(-1, result.shape[-1]).addmm_(update.reshape(-1, update.shape[-1]), b.T, alpha=scale)
 
 
-def row_indices(adapter_names: list[str], index: dict, zero: int, device) -> torch.Tensor:
-    """Each row's place in the stack (`zero`, the zero adapter, for "__base__" or an adapter the
-    layer lacks). Kept for the next layer: a forward's layers stack the same adapters in the same
-    order, and would each turn the same names into the same tensor."""
-    kept = getattr(_BATCH, "rows", None)
-    if (kept is not None and kept[0] == adapter_names and kept[1] == index
-            and kept[2].device == device):
-        return kept[2]
-    with torch.inference_mode(False):  # a normal tensor: kept for forwards with autograd too
-        rows = torch.tensor([index.get(n, zero) for n in adapter_names], device=device)
-    _BATCH.rows = (list(adapter_names), index, rows)
-    return rows
+class Layout:
+    """What the layers of one forward need of its rows' adapters, worked out once (layout()):
+    every layer of a forward sees the same names."""
+
+    def __init__(self, adapter_names: list[str]):
+        self.names = list(adapter_names)
+        self.slices = runs_of(self.names)
+        self._rows: dict[tuple, torch.Tensor] = {}
+
+    def rows(self, index: dict, device) -> torch.Tensor:
+        """Each row's place in a stack of `index`'s adapters (its last, the zero adapter, for
+        "__base__" or an adapter the layer lacks). Layers that stack the same adapters in the
+        same order share the tensor."""
+        key = (tuple(index), device)
+        if key not in self._rows:
+            with torch.inference_mode(False):  # a normal tensor: good for autograd forwards too
+                self._rows[key] = torch.tensor([index.get(n, len(index)) for n in self.names],
+                                               device=device)
+        return self._rows[key]
+
+
+def layout(adapter_names: list[str]) -> Layout:
+    """The running forward's Layout: the first layer makes it, the others find it."""
+    kept = getattr(_BATCH, "layout", None)
+    if kept is None or kept.names != adapter_names:
+        kept = _BATCH.layout = Layout(adapter_names)
+    return kept
 
 
 MAX_RUNS = 16  # beyond, the batched products' gathers cost less than a product pair per run
 
 
-def runs_of(adapter_names: list[str]) -> list[tuple[str, int, int]] | None:
-    """The batch's runs of rows with one adapter, (name, start, stop), where rows come ordered
-    by adapter (AdapterBank.probabilities orders each batch so) in at most MAX_RUNS runs; else
-    None. Kept for the next layer, like row_indices."""
-    kept = getattr(_BATCH, "runs", None)
-    if kept is not None and kept[0] == adapter_names:
-        return kept[1]
+def adapter_runs(adapter_names: list[str]) -> list[tuple[str, int, int]]:
+    """Each stretch of consecutive rows with one adapter: (name, start, stop)."""
     runs, start = [], 0
-    for i in range(1, len(adapter_names) + 1):
-        if i == len(adapter_names) or adapter_names[i] != adapter_names[start]:
-            runs.append((adapter_names[start], start, i))
-            start = i
-    found = runs if len(runs) <= MAX_RUNS and len({n for n, _, _ in runs}) == len(runs) else None
-    _BATCH.runs = (list(adapter_names), found)
-    return found
+    for name, group in itertools.groupby(adapter_names):
+        stop = start + sum(1 for _ in group)
+        runs.append((name, start, stop))
+        start = stop
+    return runs
+
+
+def runs_of(adapter_names: list[str]) -> list[tuple[str, int, int]] | None:
+    """The batch's runs, where its rows come ordered by adapter (AdapterBank.probabilities
+    orders each batch so) in at most MAX_RUNS runs; else None."""
+    runs = adapter_runs(adapter_names)
+    return runs if len(runs) <= MAX_RUNS and len({n for n, _, _ in runs}) == len(runs) else None
 
 
 def plain(layer, names: list[str]) -> bool:
