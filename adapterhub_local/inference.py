@@ -352,10 +352,16 @@ class AdapterBank:
                     names = [adapters[i] for i in rows]
                     given = [states[i] for i in rows] if resume[names[0]] else None
                     pooled = self._pooled(model, [ids[i] for i in rows], names, given)
-                    for name, start, stop in lora_batch.adapter_runs(names):
-                        probs = self.heads[name](pooled[start:stop]).softmax(-1).cpu()
-                        for row, p in zip(rows[start:stop], probs):
-                            out[row] = p
+                    runs = lora_batch.adapter_runs(names)
+                    probs = [self.heads[name](pooled[start:stop]).softmax(-1)
+                             for name, start, stop in runs]
+                    # One copy off the device a batch, not one a run: each copy waits for the
+                    # device, and a batch over a hundred adapters has about fifty runs.
+                    flat = torch.cat([p.flatten() for p in probs]).cpu()
+                    copied = flat.split([p.numel() for p in probs])
+                    for (_, start, stop), p, values in zip(runs, probs, copied):
+                        for row, q in zip(rows[start:stop], values.view(p.shape).unbind()):
+                            out[row] = q
         return out
 
     @torch.inference_mode()

@@ -42,7 +42,7 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
         return result
     index, a, b = weights
     batch = layout(adapter_names)
-    if batch.slices is not None and can_accumulate(result, b):
+    if batch.slices is not None and len(batch.slices) <= max_runs(x) and can_accumulate(result, b):
         for name, start, stop in batch.slices:  # each adapter's rows a slice: nothing gathered
             if name in index:  # (the stack's B is scaled already)
                 add_product_(result[start:stop], x[start:stop], a[index[name]], b[index[name]], 1.0)
@@ -117,6 +117,12 @@ def layout(adapter_names: list[str]) -> Layout:
 
 
 MAX_RUNS = 16  # beyond, the batched products' gathers cost less than a product pair per run
+DEVICE_MAX_RUNS = 2  # a GPU is bound by kernel launches: two a run against four in all
+
+
+def max_runs(x: torch.Tensor) -> int:
+    """How many runs a layer takes one product pair each for, before it gathers instead."""
+    return MAX_RUNS if x.device.type == "cpu" else DEVICE_MAX_RUNS
 
 
 def adapter_runs(adapter_names: list[str]) -> list[tuple[str, int, int]]:

@@ -42,3 +42,47 @@ def test_4bit_methods_train_on_cuda(method, store_dir, tiny_data, tiny_base):
     assert result["accuracy"] > 0.5
     params = hub.store.client.get_run(result["run_id"]).data.params
     assert (params["device"], params["method"]) == ("cuda", method)
+
+
+def test_mixed_batches_on_cuda_match_pefts_loop(tiny_base):
+    """On the GPU a batch over more than DEVICE_MAX_RUNS adapters gathers its rows' weights (the
+    CPU would take a product pair per run), and one adapter alone uses its own weights: both
+    equal peft's own loop there, each adapter scaled by its own alpha."""
+    from peft import LoraConfig
+
+    from adapterhub_local import lora_batch
+    from adapterhub_local.base import load_base
+    from adapterhub_local.inference import bank_for
+    from adapterhub_local.methods import get_method
+
+    bank = bank_for(load_base(tiny_base, device="cuda"))
+    adapters = ["gpu_a", "gpu_b", "gpu_c"]
+    for seed, name in enumerate(adapters):
+        torch.manual_seed(seed)
+        bank.add_adapter(name, LoraConfig(r=4, lora_alpha=8 + 4 * seed, init_lora_weights=False,
+                                          target_modules=["query", "value", "output.dense"]),
+                         ["x", "y"], get_method("lora"))
+    try:
+        model = bank.evaluating("gpu_a")
+        texts = [t for t, _ in tiny_rows("animals", 4, seed=5)]  # 12 texts
+        mixed = sorted((["__base__"] + adapters) * 3)  # ordered, as probabilities orders rows
+        assert len(lora_batch.runs_of(mixed)) > lora_batch.DEVICE_MAX_RUNS
+        batch = bank.base.pad(bank.base.tokenize(texts, 32))
+        outputs = {}
+        with torch.inference_mode():
+            for kind, names in (("mixed", mixed), ("one", ["gpu_b"] * len(texts))):
+                with lora_batch.frozen(adapters), lora_batch.rows(model, names):
+                    outputs[kind] = model(**batch).last_hidden_state
+            installed = [m for m in model.modules() if "forward" in vars(m)]
+            for m in installed:  # peft's own loop
+                del m.forward
+            try:
+                for kind, names in (("mixed", mixed), ("one", ["gpu_b"] * len(texts))):
+                    looped = model(**batch, adapter_names=names).last_hidden_state
+                    assert outputs[kind].is_cuda
+                    torch.testing.assert_close(outputs[kind], looped, rtol=1e-4, atol=1e-4)
+            finally:
+                lora_batch.install(model)
+    finally:
+        for name in adapters:
+            bank.remove_adapter(name)

@@ -265,6 +265,9 @@ def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank):
     assert lora_batch.runs_of(names) == [("__base__", 0, 2), ("ahl_a", 2, 8), ("ahl_b", 8, 12)]
     assert lora_batch.runs_of(["ahl_a", "ahl_b", "ahl_a"]) is None
     assert lora_batch.runs_of([str(i) for i in range(lora_batch.MAX_RUNS + 1)]) is None
+    # On a GPU, bound by kernel launches, three runs gather already (meta: a device, not the CPU)
+    assert lora_batch.max_runs(torch.empty(1)) == lora_batch.MAX_RUNS
+    assert lora_batch.max_runs(torch.empty(1, device="meta")) == lora_batch.DEVICE_MAX_RUNS < 3
     model = bank.model("ahl_a")
     model.eval()
     batch = bank.base.pad(bank.base.tokenize(texts, 32))
