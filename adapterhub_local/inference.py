@@ -353,14 +353,10 @@ class AdapterBank:
                     given = [states[i] for i in rows] if resume[names[0]] else None
                     pooled = self._pooled(model, [ids[i] for i in rows], names, given)
                     runs = lora_batch.adapter_runs(names)
-                    probs = [self.heads[name](pooled[start:stop]).softmax(-1)
-                             for name, start, stop in runs]
-                    # One copy off the device a batch, not one a run: each copy waits for the
-                    # device, and a batch over a hundred adapters has about fifty runs.
-                    flat = torch.cat([p.flatten() for p in probs]).cpu()
-                    copied = flat.split([p.numel() for p in probs])
-                    for (_, start, stop), p, values in zip(runs, probs, copied):
-                        for row, q in zip(rows[start:stop], values.view(p.shape).unbind()):
+                    probs = to_host([self.heads[name](pooled[start:stop]).softmax(-1)
+                                     for name, start, stop in runs])
+                    for (_, start, stop), p in zip(runs, probs):
+                        for row, q in zip(rows[start:stop], p.unbind()):
                             out[row] = q
         return out
 
@@ -510,6 +506,14 @@ def answer(route, probs: dict[str, torch.Tensor], labels: dict[str, list[str]]) 
     return {"task": members[0][0], "label": label,
             "score": route.confidence * weighted / group_weight,
             "tasks": [task for task, _ in members]}
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors on the CPU, in one copy off their device: each copy waits for the device,
+    and a batch over a hundred adapters has some fifty heads' outputs."""
+    flat = torch.cat([t.flatten() for t in tensors]).cpu()
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view(t.shape) for t, part in zip(tensors, parts)]
 
 
 def mean_pool(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

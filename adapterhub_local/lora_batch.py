@@ -116,8 +116,10 @@ def layout(adapter_names: list[str]) -> Layout:
     return kept
 
 
-MAX_RUNS = 16  # beyond, the batched products' gathers cost less than a product pair per run
-DEVICE_MAX_RUNS = 2  # a GPU is bound by kernel launches: two a run against four in all
+MAX_RUNS = 16  # CPU: beyond, the batched products' gathers cost less than a product pair per run
+# A GPU is likely bound by kernel launches at these sizes: two a run, against four for the
+# batched products whatever the runs (a count, not yet a measurement).
+DEVICE_MAX_RUNS = 2
 
 
 def max_runs(x: torch.Tensor) -> int:
@@ -137,9 +139,9 @@ def adapter_runs(adapter_names: list[str]) -> list[tuple[str, int, int]]:
 
 def runs_of(adapter_names: list[str]) -> list[tuple[str, int, int]] | None:
     """The batch's runs, where its rows come ordered by adapter (AdapterBank.probabilities
-    orders each batch so) in at most MAX_RUNS runs; else None."""
+    orders each batch so); else None. A layer slices them up to max_runs of them."""
     runs = adapter_runs(adapter_names)
-    return runs if len(runs) <= MAX_RUNS and len({n for n, _, _ in runs}) == len(runs) else None
+    return runs if len({n for n, _, _ in runs}) == len(runs) else None
 
 
 def plain(layer, names: list[str]) -> bool:

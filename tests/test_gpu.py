@@ -44,35 +44,40 @@ def test_4bit_methods_train_on_cuda(method, store_dir, tiny_data, tiny_base):
     assert (params["device"], params["method"]) == ("cuda", method)
 
 
-def test_mixed_batches_on_cuda_match_pefts_loop(tiny_base):
+def test_mixed_batches_on_cuda_match_pefts_loop(tiny_base, monkeypatch):
     """On the GPU a batch over more than DEVICE_MAX_RUNS adapters gathers its rows' weights (the
     CPU would take a product pair per run), and one adapter alone uses its own weights: both
-    equal peft's own loop there, each adapter scaled by its own alpha."""
+    equal peft's own loop there, each adapter scaled by its own alpha. The probabilities of a
+    mixed call (one copy off the GPU a batch) equal those of one adapter at a time."""
     from peft import LoraConfig
 
     from adapterhub_local import lora_batch
     from adapterhub_local.base import load_base
     from adapterhub_local.inference import bank_for
     from adapterhub_local.methods import get_method
+    from test_inference import refuse
 
     bank = bank_for(load_base(tiny_base, device="cuda"))
     adapters = ["gpu_a", "gpu_b", "gpu_c"]
-    for seed, name in enumerate(adapters):
-        torch.manual_seed(seed)
-        bank.add_adapter(name, LoraConfig(r=4, lora_alpha=8 + 4 * seed, init_lora_weights=False,
-                                          target_modules=["query", "value", "output.dense"]),
-                         ["x", "y"], get_method("lora"))
+    texts = [t for t, _ in tiny_rows("animals", 4, seed=5)]  # 12 texts
+    mixed = sorted((["__base__"] + adapters) * 3)  # ordered, as probabilities orders rows
+    assert len(lora_batch.adapter_runs(mixed)) > lora_batch.DEVICE_MAX_RUNS
     try:
+        for seed, name in enumerate(adapters):
+            torch.manual_seed(seed)
+            bank.add_adapter(name, LoraConfig(r=4, lora_alpha=8 + 4 * seed, init_lora_weights=False,
+                                              target_modules=["query", "value", "output.dense"]),
+                             ["x", "y"], get_method("lora"))
         model = bank.evaluating("gpu_a")
-        texts = [t for t, _ in tiny_rows("animals", 4, seed=5)]  # 12 texts
-        mixed = sorted((["__base__"] + adapters) * 3)  # ordered, as probabilities orders rows
-        assert len(lora_batch.runs_of(mixed)) > lora_batch.DEVICE_MAX_RUNS
         batch = bank.base.pad(bank.base.tokenize(texts, 32))
         outputs = {}
         with torch.inference_mode():
-            for kind, names in (("mixed", mixed), ("one", ["gpu_b"] * len(texts))):
-                with lora_batch.frozen(adapters), lora_batch.rows(model, names):
-                    outputs[kind] = model(**batch).last_hidden_state
+            with monkeypatch.context() as patched:
+                patched.setattr(lora_batch, "add_product_", refuse)  # no product pair per run
+                with lora_batch.frozen(adapters), lora_batch.rows(model, mixed):
+                    outputs["mixed"] = model(**batch).last_hidden_state
+            with lora_batch.frozen(adapters), lora_batch.rows(model, ["gpu_b"] * len(texts)):
+                outputs["one"] = model(**batch).last_hidden_state
             installed = [m for m in model.modules() if "forward" in vars(m)]
             for m in installed:  # peft's own loop
                 del m.forward
@@ -83,6 +88,14 @@ def test_mixed_batches_on_cuda_match_pefts_loop(tiny_base):
                     torch.testing.assert_close(outputs[kind], looped, rtol=1e-4, atol=1e-4)
             finally:
                 lora_batch.install(model)
+        given = [adapters[i % 3] for i in range(len(texts))]
+        together = bank.probabilities(texts, given)
+        for name in adapters:
+            rows = [i for i, g in enumerate(given) if g == name]
+            alone = bank.probabilities([texts[i] for i in rows], [name] * len(rows))
+            for i, p in zip(rows, alone):
+                assert not together[i].is_cuda
+                torch.testing.assert_close(together[i], p, rtol=1e-4, atol=1e-5)
     finally:
         for name in adapters:
             bank.remove_adapter(name)

@@ -252,7 +252,7 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
     assert not torch.allclose(one, gathered)
 
 
-def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank):
+def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank, monkeypatch):
     """A batch whose rows come ordered by adapter (as probabilities orders them) runs each
     adapter's products on its slice of the batch, nothing gathered, with peft's loop's result;
     rows out of order, or more runs than MAX_RUNS, take the batched products."""
@@ -264,8 +264,8 @@ def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank):
     names, texts = [names[i] for i in ordered], [texts[i] for i in ordered]
     assert lora_batch.runs_of(names) == [("__base__", 0, 2), ("ahl_a", 2, 8), ("ahl_b", 8, 12)]
     assert lora_batch.runs_of(["ahl_a", "ahl_b", "ahl_a"]) is None
-    assert lora_batch.runs_of([str(i) for i in range(lora_batch.MAX_RUNS + 1)]) is None
-    # On a GPU, bound by kernel launches, three runs gather already (meta: a device, not the CPU)
+    # A layer slices up to max_runs runs: 16 on the CPU; on a GPU, bound by kernel launches,
+    # three runs gather already (meta: a device other than the CPU)
     assert lora_batch.max_runs(torch.empty(1)) == lora_batch.MAX_RUNS
     assert lora_batch.max_runs(torch.empty(1, device="meta")) == lora_batch.DEVICE_MAX_RUNS < 3
     model = bank.model("ahl_a")
@@ -281,7 +281,17 @@ def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank):
             looped = model(**batch, adapter_names=names).last_hidden_state
         finally:
             lora_batch.install(model)
+        # More runs than the layer slices: the batched products, no product pair per run
+        monkeypatch.setattr(lora_batch, "MAX_RUNS", 2)
+        monkeypatch.setattr(lora_batch, "add_product_", refuse)
+        with lora_batch.frozen(["ahl_a", "ahl_b"]), lora_batch.rows(model, names):
+            gathered = model(**batch).last_hidden_state
     torch.testing.assert_close(sliced, looped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-5)
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("a product pair per run where the batched products were due")
 
 
 def test_evaluating_skips_eval_only_while_nothing_left_eval_mode(bank):
