@@ -1,6 +1,7 @@
 """Queries answer at once: `ahl --help`, the query commands, `ahl store ...` and predict's
-argument errors never import torch, transformers or peft (seconds each), as `python -X
-importtime` records every module a real `ahl` process imports."""
+argument errors never import torch, transformers or peft (seconds each), as the modules a fresh
+process holds after each command show; `python -X importtime` records every module a real `ahl`
+process imports where the tasks cache is checked."""
 
 import json
 import os
@@ -35,43 +36,58 @@ def run_ahl(args: list, cwd) -> tuple[subprocess.CompletedProcess, set[str], str
     return done, imported, errors
 
 
-def check_light(args: list, cwd, exit_code: int = 0, message: str = "") -> None:
-    done, imported, errors = run_ahl(args, cwd)
-    assert done.returncode == exit_code, (args, done.stdout, errors)
-    assert message in errors, (args, errors)
-    assert "adapterhub_local.hub" in imported  # the import-time lines were read
-    heavy = sorted({m.split(".")[0] for m in imported} & HEAVY)
-    assert not heavy, f"ahl {' '.join(map(str, args))} imported {', '.join(heavy)}"
+# Commands one after another in one fresh process, the packages imported so far after each: an
+# import stays, so the first command that imports a heavy package is the one that shows it (a
+# process per command cost 3 s each, most of it the same start).
+IN_ONE_PROCESS = """
+import json, sys
+from typer.testing import CliRunner
+from adapterhub_local.cli import app
+answers = []
+for args in json.loads(sys.argv[1]):
+    result = CliRunner().invoke(app, args)
+    answers.append({"code": result.exit_code, "stderr": result.stderr,
+                    "packages": sorted({name.split(".")[0] for name in sys.modules})})
+print(json.dumps(answers))
+"""
 
 
-@pytest.mark.parametrize("args, exit_code, message", [
-    (["--help"], 0, ""),
-    (["methods"], 0, ""),
-    (["predict"], 1, "no texts"),
-    (["predict", "hello", "--mode", "sideways"], 1, "unknown --mode"),
-    (["predict", "hello", "--top-k", "0"], 1, "top_k must be at least 1"),
-    (["predict", "hello", "--no-such-option"], 2, "No such option"),
-])
-def test_help_methods_and_argument_errors_import_no_torch(args, exit_code, message, tmp_path):
-    check_light(args, tmp_path, exit_code, message)
+def check_light(commands: list[tuple[list, int, str]], cwd) -> None:
+    """Each (args, exit code, message in stderr) of `commands`, run in order in one process,
+    exits as said and imports none of HEAVY."""
+    done = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS,
+                           json.dumps([[str(a) for a in args] for args, _, _ in commands])],
+                          cwd=cwd, env=os.environ.copy(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for (args, exit_code, message), answer in zip(commands, json.loads(done.stdout), strict=True):
+        assert answer["code"] == exit_code, (args, answer["stderr"])
+        assert message in answer["stderr"], (args, answer["stderr"])
+        heavy = sorted(set(answer["packages"]) & HEAVY)
+        assert not heavy, f"ahl {' '.join(map(str, args))} imported {', '.join(heavy)}"
 
 
-@pytest.mark.parametrize("args", [
-    ["tasks"], ["metrics"], ["store", "show", "colors@1"], ["store", "versions", "colors"],
-    ["store", "lineage", "colors"], ["store", "gate"], ["store", "verify"],
-    ["store", "export", "colors", "{tmp}/out"], ["store", "promote", "colors", "1", "--alias",
-                                                  "production"],
-    ["store", "doctor"],
-])
-def test_queries_import_no_torch(args, one_task_store, tmp_path):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    check_light([*args, "--store", one_task_store], tmp_path)
+def test_help_methods_and_argument_errors_import_no_torch(tmp_path):
+    check_light([(["--help"], 0, ""),
+                 (["methods"], 0, ""),
+                 (["predict"], 1, "no texts"),
+                 (["predict", "hello", "--mode", "sideways"], 1, "unknown --mode"),
+                 (["predict", "hello", "--top-k", "0"], 1, "top_k must be at least 1"),
+                 (["predict", "hello", "--no-such-option"], 2, "No such option")], tmp_path)
+
+
+def test_queries_import_no_torch(one_task_store, tmp_path):
+    queries = [["tasks"], ["metrics"], ["store", "show", "colors@1"],
+               ["store", "versions", "colors"], ["store", "lineage", "colors"], ["store", "gate"],
+               ["store", "verify"], ["store", "export", "colors", tmp_path / "out"],
+               ["store", "promote", "colors", "1", "--alias", "production"], ["store", "doctor"]]
+    check_light([([*args, "--store", one_task_store], 0, "") for args in queries], tmp_path)
 
 
 def test_removing_the_last_version_imports_no_torch(one_task_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(one_task_store, store)  # the other tests read the module's store
-    check_light(["store", "rm", "colors@1", "--store", store], tmp_path)
+    check_light([(["store", "rm", "colors@1", "--store", store], 0, "")], tmp_path)
 
 
 def test_tasks_answers_from_its_cache_without_mlflow_until_the_registry_changes(
