@@ -12,16 +12,19 @@ and after all of them:
     classes ("task:label"); its routing is the task of the label it answers;
   - router variants, each fit from per-task statistics of the tasks' training features, the way
     add-task fits the shipped one, and scored on the same test splits with the store's adapters;
-  - three second stages over the store's own router: its top two re-weighed by the candidate
-    adapters' sureness (their answers' entropy) or by their energy (their logits' logsumexp),
-    and "auto", composing only unsure inputs.
+  - four second stages over the store's own router: its top two re-weighed by the candidate
+    adapters' sureness (their answers' entropy), by their energy (their logits' logsumexp) or by
+    the input's density among each adapter's own training rows (its adapted features), and
+    "auto", composing only unsure inputs.
 Routing accuracy: share of a task's test inputs sent to it. Routed accuracy: share sent to it and
 labelled right by its adapter. Composed: the top 2 tasks answer together (inference.answer).
 
     .venv/bin/python bench/routing.py [--work bench-out/routing] [--sequence tasks/confusable]
+                                      [--only density --only "own router"]
 """
 
 import argparse
+import bisect
 import csv
 import math
 import os
@@ -41,7 +44,8 @@ from adapterhub_local import Hub  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
 from adapterhub_local.evaluation import COMPOSE_TOP_K, score_task  # noqa: E402
 from adapterhub_local.inference import length_batches, mean_pool  # noqa: E402
-from adapterhub_local.router import FEATURES, GaussianRouter, Route, task_stats, within_class  # noqa: E402
+from adapterhub_local.router import (FEATURES, GaussianRouter, Route,  # noqa: E402
+                                     shrunk_precision, task_stats, within_class)
 from adapterhub_local.serving import TEST_ARTIFACT  # noqa: E402
 from adapterhub_local.trainer import split_validation  # noqa: E402
 
@@ -49,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQUENCES = [ROOT / "tasks", ROOT / "tasks" / "confusable"]
 RANPAC_DIM = 2048
 AUTO_SURE = 0.9
+DENSITY_SHRINKAGE = 0.1  # of each adapter's own feature covariance (0.01 and 0.3 within 0.5 points)
 
 
 @torch.inference_mode()
@@ -192,6 +197,50 @@ class Sequence:
                                           weights[0] if weights else 0.0))
         return self.score(names, routes)
 
+    def density_stage(self, names: list[str]) -> dict[str, tuple]:
+        """The store's router, then its top two re-weighed by how typical the input is of each
+        candidate adapter's own training rows: weight x the share of the adapter's held-out rows
+        whose features (mean-pooled through it) lie farther from its class means (Mahalanobis,
+        its own shrunk covariance) than the input's. A p-value puts every adapter on one scale,
+        which the heads' energy lacked."""
+        p_values = self.adapted_p_values()
+        return self.reweighed(names, lambda t, task, row: p_values[t, task][row])
+
+    def adapted_p_values(self) -> dict[tuple[str, str], list[float]]:
+        """{(adapter's task, test split's task): p-value per row} (density_stage)."""
+        cache = self.work / f"adapted-{self.folder.name}.safetensors"
+        if not cache.exists():
+            save_file({k: v.contiguous() for k, v in self.adapted_features().items()}, cache)
+        pooled, p_values = load_file(cache), {}
+        for t in self.tasks:
+            fit, held = self.fit_rows[t]
+            rows = pooled[f"train/{t}"].double()
+            one_hot = torch.nn.functional.one_hot(torch.tensor(self.fit_labels[t]),
+                                                  len(self.data[t].labels)).double()
+            means, within = within_class(one_hot.sum(0), one_hot.T @ rows[fit],
+                                         rows[fit].T @ rows[fit])
+            precision = shrunk_precision(within, DENSITY_SHRINKAGE)
+
+            def distances(x):
+                d = x.double()[:, None, :] - means[None]
+                return torch.einsum("ncd,de,nce->nc", d, precision, d).min(1).values.tolist()
+
+            held_out = sorted(distances(rows[held]))
+            for task in self.tasks:
+                p_values[t, task] = [1 - bisect.bisect_left(held_out, v) / len(held_out)
+                                     + 1 / (len(held_out) + 1)
+                                     for v in distances(pooled[f"test/{t}/{task}"])]
+        return p_values
+
+    def adapted_features(self) -> dict[str, torch.Tensor]:
+        """Each adapter's pooled features of its own training rows and of every test split."""
+        out = {}
+        for t, adapter in self.adapters.items():
+            out[f"train/{t}"] = self.bank.pooled(adapter, self.data[t].train_texts)
+            for task in self.tasks:
+                out[f"test/{t}/{task}"] = self.bank.pooled(adapter, self.test[task])
+        return out
+
     def auto(self, names: list[str]) -> dict[str, tuple]:
         """The store's router, composing only where it is unsure (top weight < AUTO_SURE)."""
         routes = {t: [Route(r.tasks[:1], [1.0], r.confidence) if r.confidence >= AUTO_SURE else r
@@ -321,11 +370,12 @@ VARIANTS = {
     "the store's own router, as add-task fit it": Sequence.stored,
     "... then the top two re-weighed by adapter sureness": Sequence.second_stage,
     "... then the top two re-weighed by adapter energy": Sequence.energy_stage,
+    "... then the top two re-weighed by adapted-feature density": Sequence.density_stage,
     f"... composing only below {AUTO_SURE} confidence (auto)": Sequence.auto,
 }
 
 
-def report(seq: Sequence) -> None:
+def report(seq: Sequence, only: list[str]) -> None:
     metrics = seq.hub.metrics()
     modes = metrics["modes"]
     print(f"\n## {seq.folder.relative_to(ROOT)}: average accuracy % after each step (the store's own)")
@@ -341,6 +391,8 @@ def report(seq: Sequence) -> None:
         print(f"\nfirst {prefix} tasks (oracle {100 * oracle:.1f}): mean % over tasks")
         print(f"{'router':<58}{'routing':>9}{'routed':>8}{'composed':>10}")
         for name, variant in VARIANTS.items():
+            if only and not any(part in name for part in only):
+                continue
             scores = variant(seq, names)
             means = [100 * sum(s[k] for s in scores.values()) / prefix for k in range(3)]
             print(f"{name:<58}{means[0]:>9.1f}{means[1]:>8.1f}{means[2]:>10.1f}", flush=True)
@@ -351,9 +403,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "routing")
     parser.add_argument("--sequence", type=Path, action="append",
                         help="a folder with sequence.toml [default: both bundled sequences]")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only the variants whose names contain this [default: all]")
     args = parser.parse_args()
     for folder in args.sequence or SEQUENCES:
-        report(Sequence(folder.resolve(), args.work.resolve()))
+        report(Sequence(folder.resolve(), args.work.resolve()), args.only)
 
 
 if __name__ == "__main__":
