@@ -99,3 +99,25 @@ def test_bundled_specs_load():
             spec = load_spec(folder / f"{name}.toml")
             data = load_task_data(spec.name, spec.train, spec.test)
             assert len(data.labels) >= 3 and len(data.test_texts) >= 100, spec.name
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+def test_csv_reads_as_the_datasets_library_reads_it(tmp_path, as_text):
+    """CSV and TSV files are read by pandas directly (no import of datasets in add-task): the
+    same values of the same types as datasets' own CSV reader gives, edge cases included."""
+    from adapterhub_local.data import load_table, read_csv
+
+    csv_file = tmp_path / "edge.csv"
+    csv_file.write_text('text,label,n\n"hello, world",007,1\n"two\nlines",NA,\n,True,2.5\n'
+                        'plain,1.0,3\n"a ""quoted"" one",,4\nnull,None,nan\n  spaced  , x ,5\n',
+                        encoding="utf-8")
+    tsv_file = tmp_path / "edge.tsv"
+    tsv_file.write_text("text\tlabel\nhello\t007\nworld\tNA\n", encoding="utf-8")
+    for path in (csv_file, tsv_file):
+        options = {"converters": {c: str for c in read_csv(path).column_names}} if as_text else {}
+        ours = read_csv(path, **options)
+        theirs = load_table(path, "csv", **options)
+        assert ours.column_names == theirs.column_names
+        for column in ours.column_names:
+            assert [repr(v) for v in ours[column]] == [repr(v) for v in theirs[column]], column
+    assert read_csv(csv_file)["n"][:3] == [1.0, None, 2.5]  # pandas' types and missing cells
