@@ -73,8 +73,9 @@ def read_table(path: str | Path, columns: dict[str, str], as_text: bool = False)
     kind = check_data_file(path)
     text = {"converters": {c: str for c in columns}} if as_text and kind == "csv" else {}
     table = read_csv(path, **text) if kind == "csv" else load_table(path, kind, **text)
+    found = list(table) if kind == "csv" else table.column_names
     for column, option in columns.items():
-        check_column(path, column, table.column_names, option)
+        check_column(path, column, found, option)
     return {column: table[column] for column in columns}
 
 
@@ -131,25 +132,21 @@ def check_utf8(path: Path) -> None:
                        "e.g. iconv -f latin1 -t utf-8") from None
 
 
-class Columns(dict):
-    """A table read whole, {column: values}, read as a datasets table is (column_names, [name])."""
-
-    @property
-    def column_names(self) -> list[str]:
-        return list(self)
-
-
-def read_csv(path: Path, **options) -> Columns:
-    """A CSV or TSV file read by pandas as the datasets library reads it (its CSV reader is
-    pandas': the same types, a missing cell None), without importing datasets: half a second
+def read_csv(path: Path, **options) -> dict[str, list]:
+    """{column: values} of a CSV or TSV file, read by pandas as the datasets library reads it
+    (its CSV reader is pandas': the same types, a missing cell None), without importing datasets: half a second
     of every add-task process, where MLflow has imported pandas already."""
     import pandas as pd
 
     with parse_errors(path, "csv"):
         frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",",
                             encoding="utf-8", **options)
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas took the extra leading fields as one
+        raise AhlError(f"{path.name}'s first row has more fields than its header's "
+                       f"{len(frame.columns)}: quote a text that holds the delimiter, or fix the "
+                       "header")
     frame = frame.astype(object).where(frame.notna(), None)
-    return Columns({str(column): frame[column].tolist() for column in frame.columns})
+    return {str(column): frame[column].tolist() for column in frame.columns}
 
 
 def load_table(path: Path, kind: str, streaming: bool = False, **options):

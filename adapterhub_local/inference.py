@@ -8,6 +8,7 @@ and a label map, saved beside the PEFT files as safetensors and JSON.
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -355,9 +356,9 @@ class AdapterBank:
                     runs = lora_batch.adapter_runs(names)
                     probs = to_host([self.heads[name](pooled[start:stop]).softmax(-1)
                                      for name, start, stop in runs])
-                    for (_, start, stop), p in zip(runs, probs):
-                        for row, q in zip(rows[start:stop], p.unbind()):
-                            out[row] = q
+                    # The runs cover the batch's rows in order: their rows, run after run
+                    for row, p in zip(rows, itertools.chain.from_iterable(map(torch.unbind, probs))):
+                        out[row] = p
         return out
 
     @torch.inference_mode()

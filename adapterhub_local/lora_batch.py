@@ -236,6 +236,18 @@ def install(model: torch.nn.Module) -> None:
     model._ahl_rows = bool(layers) and all(type(m) is Linear for m in layers)
 
 
+@contextlib.contextmanager
+def uninstalled(model: torch.nn.Module):
+    """Within, every layer of `model` runs peft's own forward (the peer that benches and tests
+    compare the gathered forward with); install() puts ours back after."""
+    for layer in [m for m in model.modules() if "forward" in vars(m)]:
+        del layer.forward
+    try:
+        yield
+    finally:
+        install(model)
+
+
 def covers(model: torch.nn.Module) -> bool:
     """Whether rows() reaches every LoRA layer of `model` (set by install)."""
     return getattr(model, "_ahl_rows", False)

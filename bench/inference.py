@@ -90,18 +90,13 @@ def mixed(bank, texts: list[str], given: list[str]) -> None:
     """peft's own mixed batch: ahl's gathered forward (lora_batch) is taken off for it."""
     ids = bank.base.tokenize(texts, 128)
     model = bank.model(given[0])
-    swapped = [m for m in model.modules() if "forward" in vars(m)]
-    for m in swapped:
-        del m.forward
-    try:
+    with lora_batch.uninstalled(model):
         for rows in length_batches(ids, range(len(ids)), BATCH):
             batch = bank.base.pad([ids[i] for i in rows])
             names = [given[i] for i in rows]
             pooled = mean_pool(model(**batch, adapter_names=names).last_hidden_state, batch)
             for k, name in enumerate(names):
                 bank.heads[name](pooled[k]).softmax(-1)
-    finally:
-        lora_batch.install(model)
 
 
 @torch.inference_mode()

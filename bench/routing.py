@@ -44,8 +44,7 @@ from adapterhub_local import Hub  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
 from adapterhub_local.evaluation import COMPOSE_TOP_K, score_task  # noqa: E402
 from adapterhub_local.inference import length_batches, mean_pool  # noqa: E402
-from adapterhub_local.router import (FEATURES, GaussianRouter, Route,  # noqa: E402
-                                     shrunk_precision, task_stats, within_class)
+from adapterhub_local.router import FEATURES, GaussianRouter, Route, task_stats, within_class  # noqa: E402
 from adapterhub_local.serving import TEST_ARTIFACT  # noqa: E402
 from adapterhub_local.trainer import split_validation  # noqa: E402
 
@@ -213,23 +212,16 @@ class Sequence:
             save_file({k: v.contiguous() for k, v in self.adapted_features().items()}, cache)
         pooled, p_values = load_file(cache), {}
         for t in self.tasks:
+            # The router's own Gaussian over one task's classes, in that adapter's features
             fit, held = self.fit_rows[t]
-            rows = pooled[f"train/{t}"].double()
-            one_hot = torch.nn.functional.one_hot(torch.tensor(self.fit_labels[t]),
-                                                  len(self.data[t].labels)).double()
-            means, within = within_class(one_hot.sum(0), one_hot.T @ rows[fit],
-                                         rows[fit].T @ rows[fit])
-            precision = shrunk_precision(within, DENSITY_SHRINKAGE)
-
-            def distances(x):
-                d = x.double()[:, None, :] - means[None]
-                return torch.einsum("ncd,de,nce->nc", d, precision, d).min(1).values.tolist()
-
-            held_out = sorted(distances(rows[held]))
+            rows = pooled[f"train/{t}"]
+            stats = task_stats(rows[fit], self.fit_labels[t], self.data[t].labels, rows[held])
+            own = GaussianRouter(shrinkages=(DENSITY_SHRINKAGE,)).fit({t: stats})
+            held_out = sorted(own.distances(stats.calibration).tolist())
             for task in self.tasks:
                 p_values[t, task] = [1 - bisect.bisect_left(held_out, v) / len(held_out)
                                      + 1 / (len(held_out) + 1)
-                                     for v in distances(pooled[f"test/{t}/{task}"])]
+                                     for v in own.distances(pooled[f"test/{t}/{task}"]).tolist()]
         return p_values
 
     def adapted_features(self) -> dict[str, torch.Tensor]:

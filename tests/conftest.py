@@ -234,3 +234,8 @@ def plain_greedy(model, tokenizer, prompts: list[str], budget: int) -> list[str]
                 new.append(token)
         completions.append(tokenizer.decode(new, skip_special_tokens=True).strip())
     return completions
+
+
+def refuse(*args, **kwargs):
+    """Patched over lora_batch.add_product_ where the batched products must run instead."""
+    raise AssertionError("a product pair per run where the batched products were due")

@@ -58,6 +58,8 @@ def test_empty_texts_are_dropped_and_counted(tmp_path):
     (lambda p: (p / "x.csv").write_bytes("text,label\ncaf\xe9,a\nb,b\n".encode("latin-1"))
      and p / "x.csv", "not valid UTF-8"),
     (lambda p: write_csv(p / "x.csv", [("", "a"), (" ", "b")]), "no rows with a non-empty text"),
+    (lambda p: (p / "x.csv").write_text("text,label\nhi, there,a\nb,c\n") and p / "x.csv",
+     "first row has more fields than its header's 2"),  # an unquoted comma in a text
 ])
 def test_bad_files_give_one_clear_line(tmp_path, make, message):
     with pytest.raises(AhlError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
@@ -114,10 +116,10 @@ def test_csv_reads_as_the_datasets_library_reads_it(tmp_path, as_text):
     tsv_file = tmp_path / "edge.tsv"
     tsv_file.write_text("text\tlabel\nhello\t007\nworld\tNA\n", encoding="utf-8")
     for path in (csv_file, tsv_file):
-        options = {"converters": {c: str for c in read_csv(path).column_names}} if as_text else {}
+        options = {"converters": {c: str for c in read_csv(path)}} if as_text else {}
         ours = read_csv(path, **options)
         theirs = load_table(path, "csv", **options)
-        assert ours.column_names == theirs.column_names
-        for column in ours.column_names:
+        assert list(ours) == theirs.column_names
+        for column in ours:
             assert [repr(v) for v in ours[column]] == [repr(v) for v in theirs[column]], column
     assert read_csv(csv_file)["n"][:3] == [1.0, None, 2.5]  # pandas' types and missing cells

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adapterhub_local import Hub
-from conftest import FAST, tiny_rows
+from conftest import FAST, refuse, tiny_rows
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("AHL_REQUIRE_GPU") != "1",
@@ -55,7 +55,6 @@ def test_mixed_batches_on_cuda_match_pefts_loop(tiny_base, monkeypatch):
     from adapterhub_local.base import load_base
     from adapterhub_local.inference import bank_for
     from adapterhub_local.methods import get_method
-    from test_inference import refuse
 
     bank = bank_for(load_base(tiny_base, device="cuda"))
     adapters = ["gpu_a", "gpu_b", "gpu_c"]
@@ -78,16 +77,11 @@ def test_mixed_batches_on_cuda_match_pefts_loop(tiny_base, monkeypatch):
                     outputs["mixed"] = model(**batch).last_hidden_state
             with lora_batch.frozen(adapters), lora_batch.rows(model, ["gpu_b"] * len(texts)):
                 outputs["one"] = model(**batch).last_hidden_state
-            installed = [m for m in model.modules() if "forward" in vars(m)]
-            for m in installed:  # peft's own loop
-                del m.forward
-            try:
+            with lora_batch.uninstalled(model):  # peft's own loop
                 for kind, names in (("mixed", mixed), ("one", ["gpu_b"] * len(texts))):
                     looped = model(**batch, adapter_names=names).last_hidden_state
                     assert outputs[kind].is_cuda
                     torch.testing.assert_close(outputs[kind], looped, rtol=1e-4, atol=1e-4)
-            finally:
-                lora_batch.install(model)
         given = [adapters[i % 3] for i in range(len(texts))]
         together = bank.probabilities(texts, given)
         for name in adapters:

@@ -6,9 +6,9 @@ from peft import LoraConfig
 
 from adapterhub_local.base import load_base
 from adapterhub_local.inference import answer, bank_for
-from adapterhub_local.router import FEATURES
 from adapterhub_local.methods import get_method
-from adapterhub_local.router import Route
+from adapterhub_local.router import FEATURES, Route
+from conftest import refuse
 
 TEXTS = ["the red cat", "a very happy dog seen today", "blue", "sad bird near here and the nest",
          "kitten", "the the the the crimson navy azure glad"]
@@ -225,16 +225,12 @@ def test_gathered_mixed_batch_equals_peft_loop(bank, monkeypatch):
                 disabled = model(**batch).last_hidden_state
         graded, grads = with_grads(lambda: model(**batch, adapter_names=names).last_hidden_state)
     assert fallbacks == []
-    for m in layers:  # peft's own loop
-        del m.forward
-    try:
+    with lora_batch.uninstalled(model):  # peft's own loop
         with torch.inference_mode():
             looped = model(**batch, adapter_names=names).last_hidden_state
             one_looped = model(**batch, adapter_names=["ahl_b"] * len(names)).last_hidden_state
         looped_graded, looped_grads = with_grads(
             lambda: model(**batch, adapter_names=names).last_hidden_state)
-    finally:
-        lora_batch.install(model)
     assert sum(g is not None for g in grads) > 0
     assert [g is None for g in grads] == [g is None for g in looped_grads]
     for mine, theirs in zip(grads, looped_grads):
@@ -274,13 +270,8 @@ def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank, monkeypatch
     with torch.inference_mode():
         with lora_batch.frozen(["ahl_a", "ahl_b"]), lora_batch.rows(model, names):
             sliced = model(**batch).last_hidden_state
-        layers = [m for m in model.modules() if "forward" in vars(m)]
-        for m in layers:  # peft's own loop
-            del m.forward
-        try:
+        with lora_batch.uninstalled(model):  # peft's own loop
             looped = model(**batch, adapter_names=names).last_hidden_state
-        finally:
-            lora_batch.install(model)
         # More runs than the layer slices: the batched products, no product pair per run
         monkeypatch.setattr(lora_batch, "MAX_RUNS", 2)
         monkeypatch.setattr(lora_batch, "add_product_", refuse)
@@ -288,10 +279,6 @@ def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank, monkeypatch
             gathered = model(**batch).last_hidden_state
     torch.testing.assert_close(sliced, looped, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-5)
-
-
-def refuse(*args, **kwargs):
-    raise AssertionError("a product pair per run where the batched products were due")
 
 
 def test_evaluating_skips_eval_only_while_nothing_left_eval_mode(bank):
