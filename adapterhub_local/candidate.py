@@ -30,6 +30,7 @@ def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: s
                       train_seconds: float) -> Candidate:
     """Test accuracy and router statistics of a freshly trained adapter, and its files as run
     artifacts (the adapter with their checksums, the statistics, the test split)."""
+    from adapterhub_local import lexical
     from adapterhub_local.router import task_stats
     from adapterhub_local.trainer import split_validation
 
@@ -55,8 +56,10 @@ def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: s
         features = bank.features(data.train_texts, plan.train.max_length, plan.features)
     # A generate task is one class of the router: its prompts.
     classes = data.labels or ["prompt"]
+    grams = lexical.grams(bank.base, data.train_texts, plan.train.max_length)
     stats = task_stats(features[fit_rows], [data.strata()[i] for i in fit_rows], classes,
-                       features[held_rows], plan.features)
+                       features[held_rows], plan.features, [grams[i] for i in fit_rows],
+                       [grams[i] for i in held_rows], lexical.gram_space(bank.base))
     digest = bank.digest(adapter)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / ADAPTER_ARTIFACT
@@ -70,7 +73,9 @@ def measure_candidate(store, loader, plan, loaded, bank, run_id: str, adapter: s
         scores.parent.mkdir()
         save_file(scores_tensors(test_features, outputs), scores)
         store.log_artifacts(run_id, scores.parent, scores.parent.name)
+        # The test texts' grams, for routers that read words: they were just tokenized.
         split = {"texts": data.test_texts, "labels": data.test_labels,
+                 "grams": lexical.grams(bank.base, data.test_texts, plan.train.max_length),
                  **({"targets": data.test_targets} if data.kind == "generate" else {}),
                  "scores": {"sha256": sha256_file(scores), "adapter_digest": digest}}
     store.log_json(run_id, TEST_ARTIFACT, split)

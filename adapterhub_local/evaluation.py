@@ -35,11 +35,12 @@ class TaskEval:
 
 
 def route_task(router, task: str, oracle_probs: list[torch.Tensor], features: torch.Tensor,
-               label_sets: dict[str, list[str]]) -> tuple[list, list[int]]:
+               label_sets: dict[str, list[str]], grams: list[list[int]] | None = None
+               ) -> tuple[list, list[int]]:
     """(routes, open rows) of one task's test split: each input's top routes, and the inputs
     whose composed answer needs the other routed tasks' adapters, those that the own adapter's
     answer does not settle (most inputs: the router is rarely unsure)."""
-    routes = router.route(features, top_k=COMPOSE_TOP_K)
+    routes = router.route(features, COMPOSE_TOP_K, grams)
     return routes, [row for row, r in enumerate(routes)
                     if not settled(r, task, oracle_probs[row], label_sets)]
 
@@ -113,10 +114,11 @@ def evaluate_step(bank, router, loader, versions: dict) -> dict[str, TaskEval]:
     routed, wanted, generated = {}, [], {}
     for task, version in versions.items():
         features, outputs = loader.scores(bank, task, version)
+        grams = loader.grams(bank, version) if router.reads_words else None
         if kind_of(version) == "generate":
-            generated[task] = router.route(features, top_k=COMPOSE_TOP_K), outputs
+            generated[task] = router.route(features, COMPOSE_TOP_K, grams), outputs
             continue
-        routes, open_rows = route_task(router, task, outputs, features, label_sets)
+        routes, open_rows = route_task(router, task, outputs, features, label_sets, grams)
         routed[task] = routes, outputs, open_rows
         wanted += [(task, row, t) for row in open_rows for t in routes[row].tasks
                    if t != task and label_sets[t]]

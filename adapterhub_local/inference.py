@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterhub_local import lora_batch
+from adapterhub_local import lexical, lora_batch
 from adapterhub_local.router import FEATURES, ROUTER_FEATURES
 from adapterhub_local.store import GENERATE_FILE, HEAD_FILE, LABELS_FILE, PEFT_WEIGHTS
 
@@ -406,9 +406,10 @@ def route_texts(bank, router, texts: list[str], top_k: int):
     routes = [Route([], [], 0.0, "empty text")] * len(texts)
     states = [None] * len(texts)
     if filled:
-        features, kept = bank.encode([texts[i] for i in filled], keep_states=True,
-                                     features=router.features_)
-        for k, (i, route) in enumerate(zip(filled, router.route(features, top_k))):
+        given = [texts[i] for i in filled]
+        features, kept = bank.encode(given, keep_states=True, features=router.features_)
+        grams = lexical.grams(bank.base, given) if router.reads_words else None
+        for k, (i, route) in enumerate(zip(filled, router.route(features, top_k, grams))):
             routes[i], states[i] = route, kept[k]
     return routes, states
 

@@ -4,8 +4,11 @@ GaussianRouter models every (task, class) pair as a Gaussian over the frozen bas
 features, with one shared covariance: linear discriminant analysis on a frozen pretrained encoder,
 the recipe of SLDA (Hayes & Kanan 2020) and of the prototype classifiers of SimpleCIL and RanPAC.
 A task's score is the posterior mass of its classes, so tasks whose classes are far apart are
-told apart even when their texts look alike. It is fit from per-task sufficient statistics
-(counts, class sums, scatter matrix) that the store keeps, never from raw texts, so adding a task
+told apart even when their texts look alike. Where the statistics carry them, each class's
+word-piece counts add a naive Bayes over the input's words (lexical.py) to the class scores,
+weighted as the held-out rows ask: the words that tell two tasks of one domain apart are what
+mean-pooled features average away. It is fit from per-task sufficient statistics (counts, class
+sums, scatter matrix, gram counts) that the store keeps, never from raw texts, so adding a task
 costs the same however many came before.
 
 Scikit-learn's shape: fit(stats) -> self; learned state ends in "_".
@@ -53,32 +56,63 @@ class TaskStats:
     """Held-out features (not in the sums), [m, D]: they calibrate, they are not fitted."""
     features: str = ROUTER_FEATURES
     """Which features (FEATURES); statistics saved without the name read "middle"."""
+    grams: torch.Tensor | None = None
+    """Word evidence (lexical.class_counts, [3, n]): how many of each class's rows hold each
+    gram. None in statistics saved before it: their router reads features only."""
+    calibration_grams: list[list[int]] | None = None
+    """The calibration rows' grams (sets, no order): they fit the word evidence's weight."""
+    gram_space: int = 0
+    """lexical.gram_space of the base the grams come from."""
 
     def save(self, folder: Path) -> None:
+        from adapterhub_local import lexical
+
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"counts": self.counts, "sums": self.sums, "scatter": self.scatter.float(),
                    "calibration": self.calibration}
+        if self.grams is not None:
+            packed = lexical.pack(self.calibration_grams)
+            # 32 bits: half the bytes (grams and counts stay far below 2**31)
+            tensors.update(grams=self.grams.int(), calibration_offsets=packed["offsets"].int(),
+                           calibration_grams=packed["grams"].int())
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / STATS_FILE)
-        (folder / STATS_META).write_text(json.dumps({"labels": self.labels, "features": self.features}),
+        (folder / STATS_META).write_text(json.dumps({"labels": self.labels, "features": self.features,
+                                                     "gram_space": self.gram_space}),
                                          encoding="utf-8")
 
     @classmethod
     def load(cls, folder: Path) -> "TaskStats":
+        from adapterhub_local import lexical
+
         tensors = load_file(Path(folder) / STATS_FILE)
         meta = json.loads((Path(folder) / STATS_META).read_text(encoding="utf-8"))
-        return cls(labels=meta["labels"], features=meta.get("features", "middle"),
+        words = {}
+        if "grams" in tensors:
+            words = {"grams": tensors.pop("grams").long(), "gram_space": meta["gram_space"],
+                     "calibration_grams": lexical.unpack(tensors.pop("calibration_offsets"),
+                                                         tensors.pop("calibration_grams"))}
+        return cls(labels=meta["labels"], features=meta.get("features", "middle"), **words,
                    **{**tensors, "scatter": tensors["scatter"].float()})
 
 
 def task_stats(features: torch.Tensor, labels: list[int], label_names: list[str],
-               calibration: torch.Tensor, kind: str = ROUTER_FEATURES) -> TaskStats:
-    """Statistics of one task's `kind` features (FEATURES names them)."""
+               calibration: torch.Tensor, kind: str = ROUTER_FEATURES,
+               grams: list[list[int]] | None = None, calibration_grams: list[list[int]] | None = None,
+               gram_space: int = 0) -> TaskStats:
+    """Statistics of one task's `kind` features (FEATURES names them) and, given the rows'
+    grams (lexical.grams, in the same order as the features), their word evidence."""
+    from adapterhub_local import lexical
+
     x = features.double()
     y = torch.tensor(labels)
     one_hot = torch.nn.functional.one_hot(y, len(label_names)).double()
+    words = {}
+    if grams is not None:
+        words = {"grams": lexical.class_counts(grams, labels), "gram_space": gram_space,
+                 "calibration_grams": calibration_grams[:CALIBRATION_MAX]}
     return TaskStats(labels=list(label_names), counts=one_hot.sum(0), sums=one_hot.T @ x,
                      scatter=(x.T @ x).float(),
-                     calibration=calibration[:CALIBRATION_MAX].float(), features=kind)
+                     calibration=calibration[:CALIBRATION_MAX].float(), features=kind, **words)
 
 
 @dataclass
@@ -110,6 +144,11 @@ class GaussianRouter:
     temperature_: float = 1.0
     features_: str = ROUTER_FEATURES
     """Which features it reads (FEATURES): those of the statistics it was fit from."""
+    words_: object | None = None
+    """The word evidence (lexical.NaiveBayes) where the statistics have grams and the held-out
+    rows route better with it; None reads features only."""
+    words_weight_: float = 0.0
+    """Its weight beside the tempered Gaussian scores (one of lexical.WEIGHTS)."""
 
     def fit(self, stats: dict[str, TaskStats]) -> "GaussianRouter":
         kinds = {s.features for s in stats.values()}
@@ -147,7 +186,31 @@ class GaussianRouter:
         self.intercept_ = (intercept / self.temperature_).float()
         if len(held_task) > 1:
             self.threshold_ = chi2_threshold(self.distances(held_x), self.abstain_rate)
+        self.words_, self.words_weight_ = None, 0.0
+        spaces = {s.gram_space if s.grams is not None else None for s in stats.values()}
+        if len(held_task) and len(spaces) == 1 and None not in spaces:
+            self._fit_words(stats, held_x, held_task, spaces.pop())
         return self
+
+    def _fit_words(self, stats: dict[str, TaskStats], held_x: torch.Tensor,
+                   held_task: torch.Tensor, space: int) -> None:
+        """Add the word evidence with the weight (lexical.WEIGHTS) under which the held-out
+        rows' own tasks are likeliest (their mean log-probability: smoother than their
+        accuracy on a few hundred rows, and it keeps composition weights honest); none if that
+        weight is 0."""
+        from adapterhub_local import lexical
+
+        words = lexical.NaiveBayes.fit([(s.grams, len(s.counts)) for s in stats.values()], space)
+        per_task = max(2, CALIBRATION_TOTAL // len(stats))  # the rows _calibration_rows takes
+        evidence = words.scores([g for s in stats.values() for g in s.calibration_grams[:per_task]])
+
+        def likelihood(weight: float) -> float:
+            log_probs = self._task_log_probs(held_x, self.coef_, self.intercept_, weight * evidence)
+            return log_probs[torch.arange(len(held_task)), held_task].mean().item()
+
+        weight = max(lexical.WEIGHTS, key=likelihood)
+        if weight > 0:
+            self.words_, self.words_weight_ = words, weight
 
     @staticmethod
     def _calibration_rows(stats: dict[str, TaskStats]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,9 +219,10 @@ class GaussianRouter:
         tasks = [torch.full((len(r),), t) for t, r in enumerate(rows)]
         return torch.cat(rows), torch.cat(tasks)
 
-    def _task_log_probs(self, x, coef, intercept) -> torch.Tensor:
-        """log P(task | x), [n, T]."""
-        return self.per_task((x.to(coef.dtype) @ coef + intercept).log_softmax(1))
+    def _task_log_probs(self, x, coef, intercept, evidence=None) -> torch.Tensor:
+        """log P(task | x), [n, T], with `evidence` ([n, classes]) added to the class scores."""
+        scores = x.to(coef.dtype) @ coef + intercept
+        return self.per_task((scores if evidence is None else scores + evidence).log_softmax(1))
 
     def per_task(self, class_log_probs: torch.Tensor) -> torch.Tensor:
         """log P(task | x) from log P(class | x), [n, T]: a logsumexp over each task's classes,
@@ -170,9 +234,17 @@ class GaussianRouter:
         sums = torch.zeros_like(top).index_add_(1, self.class_task_, shifted)
         return sums.log() + top
 
-    def task_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """P(task | features), [n, T]."""
-        return self._task_log_probs(x, self.coef_, self.intercept_).exp()
+    @property
+    def reads_words(self) -> bool:
+        """Whether route() wants the inputs' grams (lexical.grams) beside their features."""
+        return self.words_ is not None
+
+    def task_probabilities(self, x: torch.Tensor, grams: list[list[int]] | None = None) -> torch.Tensor:
+        """P(task | features, and the grams where the router reads words), [n, T]."""
+        evidence = None
+        if self.words_ is not None and grams is not None:
+            evidence = self.words_weight_ * self.words_.scores(grams)
+        return self._task_log_probs(x, self.coef_, self.intercept_, evidence).exp()
 
     def class_distances(self, x: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance to every class mean, [n, classes]."""
@@ -193,9 +265,11 @@ class GaussianRouter:
         """Squared Mahalanobis distance to the nearest class mean: large means no task fits."""
         return self.class_distances(x).min(1).values
 
-    def route(self, x: torch.Tensor, top_k: int = 1) -> list[Route]:
-        """The top_k tasks per input with weights summing to 1; abstains far from every task."""
-        probs = self.task_probabilities(x)
+    def route(self, x: torch.Tensor, top_k: int = 1, grams: list[list[int]] | None = None) -> list[Route]:
+        """The top_k tasks per input with weights summing to 1; abstains far from every task
+        (by the features alone). Without the inputs' grams a router that reads words routes by
+        the features alone."""
+        probs = self.task_probabilities(x, grams)
         far = self.distances(x) > self.threshold_
         k = min(top_k, len(self.tasks_))
         top = probs.topk(k, dim=1)
@@ -215,17 +289,25 @@ class GaussianRouter:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"class_task": self.class_task_, "coef": self.coef_, "intercept": self.intercept_,
                    "means": self.means_, "precision": self.precision_}
+        if self.words_ is not None:
+            tensors.update({f"words.{k}": v for k, v in self.words_.tensors().items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / ROUTER_FILE)
         meta = {"tasks": self.tasks_, "versions": versions, "threshold": self.threshold_,
                 "shrinkage": self.shrinkage_, "temperature": self.temperature_,
-                "abstain_rate": self.abstain_rate, "features": self.features_}
+                "abstain_rate": self.abstain_rate, "features": self.features_,
+                "words_weight": self.words_weight_,
+                "gram_space": self.words_.space if self.words_ is not None else 0}
         (folder / ROUTER_META).write_text(json.dumps(meta), encoding="utf-8")
 
     @classmethod
     def load(cls, folder: Path) -> "GaussianRouter":
+        from adapterhub_local.lexical import NaiveBayes
+
         tensors = load_file(Path(folder) / ROUTER_FILE)
         meta = json.loads((Path(folder) / ROUTER_META).read_text(encoding="utf-8"))
-        return cls(abstain_rate=meta["abstain_rate"], tasks_=meta["tasks"],
+        words = {k[len("words."):]: v for k, v in tensors.items() if k.startswith("words.")}
+        return cls(words_=NaiveBayes.load(words, meta["gram_space"]) if words else None,
+                   words_weight_=meta.get("words_weight", 0.0),abstain_rate=meta["abstain_rate"], tasks_=meta["tasks"],
                    class_task_=tensors["class_task"], coef_=tensors["coef"],
                    intercept_=tensors["intercept"], means_=tensors["means"],
                    precision_=tensors["precision"], threshold_=meta["threshold"],

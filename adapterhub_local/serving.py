@@ -249,6 +249,17 @@ class Loader:
         return self.cached((version.run_id, "test"), lambda: self.store.read_json_artifact(
             version.run_id, TEST_ARTIFACT))
 
+    def grams(self, bank, version) -> list[list[int]]:
+        """The version's test split's grams (lexical.grams), for a router that reads words: as
+        its run stored them, or (versions from before word evidence) tokenized again."""
+        from adapterhub_local import lexical
+
+        split = self.test_split(version)
+        if "grams" in split:
+            return split["grams"]
+        return self.cached((version.run_id, "grams"), lambda: lexical.grams(
+            bank.base, split["texts"], max_length_of(version)))
+
     def labels(self, bank, task: str, version) -> list[str]:
         """The labels of the version's head, without loading its adapter ([] for a generate
         task: it has no head)."""

@@ -205,3 +205,19 @@ def test_a_long_file_is_answered_in_constant_memory(two_task_store, tmp_path):
         with open(f"{source}.out.jsonl", encoding="utf-8") as f:
             assert sum(1 for _ in f) == rows
     assert large - small < 60, (small, large)  # MiB
+
+
+def test_each_version_keeps_word_counts_for_the_router(two_task_store):
+    """add-task stores each task's gram counts per class beside its feature statistics, the
+    held-out rows' grams beside their features (the router fits its words' weight on them),
+    and the test split's grams beside its texts (each step routes it again)."""
+    hub = Hub(two_task_store)
+    for task in ("colors", "animals"):
+        stats = hub.loader.task_stats(hub.store.get_version(task, 1))
+        assert stats.grams is not None and stats.grams.shape[0] == 3
+        assert int(stats.grams[0].max()) < len(stats.labels) and int(stats.grams[2].min()) >= 1
+        assert len(stats.calibration_grams) == len(stats.calibration) > 0
+        assert stats.gram_space > int(stats.grams[1].max())
+        split = hub.loader.test_split(hub.store.get_version(task, 1))  # its grams, for later steps
+        assert len(split["grams"]) == len(split["texts"])
+        assert all(g == sorted(set(g)) and g for g in split["grams"])

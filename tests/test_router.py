@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from adapterhub_local import lexical
 from adapterhub_local.router import GaussianRouter, Route, TaskStats, task_stats
 
 DIM = 8
@@ -147,3 +148,100 @@ def test_distances_follow_a_refit_of_the_same_router(three_tasks):
             diff = x[:, None, :] - router.means_[None]
             direct = torch.einsum("ncd,de,nce->nc", diff, router.precision_, diff)
             torch.testing.assert_close(router.class_distances(x), direct, rtol=1e-4, atol=1e-3)
+
+
+# Word evidence (lexical.py): tasks whose features look alike, told apart by their words.
+
+VOCABULARY = 50
+
+
+def word_task(words: list[int], labels: list[str], seed: int, n=60) -> tuple:
+    """(stats with grams, test features, test grams) of a task whose features sit where every
+    such task's do (one cluster per class, the same for all), and whose texts draw their word
+    pieces from `words` half of the time, else from the whole vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    space = VOCABULARY + lexical.BIGRAM_BUCKETS
+
+    def texts(count: int) -> list[list[int]]:
+        out = []
+        for _ in range(count):
+            own = torch.tensor(words)[torch.randint(len(words), (6,), generator=gen)]
+            common = torch.randint(VOCABULARY, (6,), generator=gen)
+            out.append(lexical.text_grams(torch.cat([own, common]).tolist(), VOCABULARY, set()))
+        return out
+
+    centers = [axis(0), axis(1)][: len(labels)]
+    fit = torch.cat([cluster(c, n, 1.0, seed + i) for i, c in enumerate(centers)])
+    held = torch.cat([cluster(c, 20, 1.0, seed + 100 + i) for i, c in enumerate(centers)])
+    test = torch.cat([cluster(c, 30, 1.0, seed + 200 + i) for i, c in enumerate(centers)])
+    y = [i for i in range(len(centers)) for _ in range(n)]
+    stats = task_stats(fit, y, labels, held, grams=texts(len(fit)), calibration_grams=texts(len(held)),
+                       gram_space=space)
+    return stats, test, texts(len(test))
+
+
+@pytest.fixture(scope="module")
+def wordy_tasks():
+    return {"a": word_task([1, 2, 3, 4], ["x", "y"], seed=0),
+            "b": word_task([5, 6, 7, 8], ["x", "y"], seed=10)}
+
+
+def test_words_tell_apart_tasks_whose_features_cannot(wordy_tasks):
+    router = GaussianRouter().fit({t: s for t, (s, _, _) in wordy_tasks.items()})
+    assert router.reads_words and router.words_weight_ > 0
+    for task, (_, test, grams) in wordy_tasks.items():
+        with_words = [r.tasks[:1] for r in router.route(test, grams=grams)]
+        features_only = [r.tasks[:1] for r in router.route(test)]
+        assert with_words.count([task]) / len(test) >= 0.95
+        assert features_only.count([task]) / len(test) <= 0.8
+
+
+def test_words_that_say_nothing_are_left_out():
+    same = {"a": word_task(list(range(VOCABULARY)), ["x", "y"], seed=0),
+            "b": word_task(list(range(VOCABULARY)), ["x", "y"], seed=10)}
+    router = GaussianRouter().fit({t: s for t, (s, _, _) in same.items()})
+    assert not router.reads_words and router.words_weight_ == 0.0
+
+
+def test_naive_bayes_scores_are_the_log_likelihood_of_a_texts_grams():
+    """The sparse scoring equals the plain formula: every gram of the text, seen or not, at
+    log((rows of the class holding it + s) / (the class's gram total + s x grams))."""
+    space, s = 30, lexical.SMOOTHING
+    first = lexical.class_counts([[1, 2], [2, 3], [4]], [0, 0, 1])
+    second = lexical.class_counts([[3, 29], [3]], [1, 1])  # its class 0 holds no rows
+    model = lexical.NaiveBayes.fit([(first, 2), (second, 2)], space)
+    dense = torch.zeros(4, space, dtype=torch.float64)
+    for shift, counts in ((0, first), (2, second)):
+        for klass, gram, seen in counts.T.tolist():
+            dense[shift + klass, gram] = seen
+    log_p = ((dense + s) / (dense.sum(1, keepdim=True) + s * space)).log()
+    texts = [[2, 3], [29], [0, 5, 6], []]
+    expected = torch.stack([log_p[:, text].sum(1) for text in texts])
+    torch.testing.assert_close(model.scores(texts), expected.float())
+
+
+def test_gram_counts_add_up_and_travel_with_the_statistics(wordy_tasks, tmp_path):
+    bags = [[1, 2], [2, 60], [2]]
+    whole = lexical.class_counts(bags, [0, 1, 1])
+    parts = torch.cat([lexical.class_counts(bags[:1], [0]), lexical.class_counts(bags[1:], [1, 1])], 1)
+    assert sorted(whole.T.tolist()) == sorted(parts.T.tolist()) == [[0, 1, 1], [0, 2, 1], [1, 2, 2], [1, 60, 1]]
+    stats = wordy_tasks["a"][0]
+    stats.save(tmp_path / "s")
+    loaded = TaskStats.load(tmp_path / "s")
+    assert torch.equal(loaded.grams, stats.grams) and loaded.gram_space == stats.gram_space
+    assert loaded.calibration_grams == stats.calibration_grams
+    router = GaussianRouter().fit({t: s for t, (s, _, _) in wordy_tasks.items()})
+    router.save(tmp_path / "r", {"a": 1, "b": 1})
+    again = GaussianRouter.load(tmp_path / "r")
+    test, grams = wordy_tasks["b"][1], wordy_tasks["b"][2]
+    assert again.words_weight_ == router.words_weight_
+    assert torch.equal(again.task_probabilities(test, grams), router.task_probabilities(test, grams))
+
+
+def test_statistics_without_grams_route_by_features_alone(wordy_tasks, three_tasks):
+    """Stores made before word evidence keep routing as they did, and a router over tasks of
+    both kinds reads no words rather than words of some tasks only."""
+    old = {t: s for t, (s, _) in three_tasks.items()}
+    assert not GaussianRouter().fit(old).reads_words
+    plain = TaskStats(**{**vars(wordy_tasks["a"][0]), "grams": None, "calibration_grams": None})
+    assert not GaussianRouter().fit({"a": plain, "b": wordy_tasks["b"][0]}).reads_words
