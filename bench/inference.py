@@ -3,7 +3,8 @@ ways of serving many adapters, with 1, 6, 30 and 100 LoRA adapters loaded.
 
 On the real MiniLM base, in one process: N LoRA adapters of ahl's default config (random,
 non-zero weights, so every adapter does real work) with their heads in one bank, and a router
-fit from each adapter's task statistics (adapter i stands for bundled task i mod 6). The texts
+fit from each adapter's task statistics, word counts included (adapter i stands for bundled task
+i mod 6). The texts
 are the bundled tasks' test texts, mixed; adapter i mod N is each text's "given" task.
   floor     the bare base, full passes batched by length: no routing, no adapter
   mixed     peft's own mixed-batch forward (`adapter_names`: a loop over the batch's adapters in
@@ -35,7 +36,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
-from adapterhub_local import lora_batch  # noqa: E402
+from adapterhub_local import lexical, lora_batch  # noqa: E402
 from adapterhub_local.base import load_base  # noqa: E402
 from adapterhub_local.cli import parse_method_args  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
@@ -67,8 +68,10 @@ def add_adapters(bank, data: list, start: int, stop: int, lora_args: dict) -> di
         bank.model(name).eval()  # as a stored adapter is loaded: peft mixes batches in eval mode only
         rows = random.Random(i).sample(range(len(task.train_texts)), 200)
         features = bank.features([task.train_texts[r] for r in rows])
+        grams = lexical.grams(bank.base, [task.train_texts[r] for r in rows])
         stats[name] = task_stats(features[:160], [task.train_labels[r] for r in rows[:160]],
-                                 task.labels, features[160:])
+                                 task.labels, features[160:], grams=grams[:160],
+                                 calibration_grams=grams[160:], gram_space=lexical.gram_space(bank.base))
     return stats
 
 
@@ -148,6 +151,8 @@ def main() -> None:
         stats.update(add_adapters(bank, data, len(stats), count, lora_args))
         memory.append((count, memory_mib(device)))
         router = GaussianRouter().fit(stats)
+        print(f"  {count:4d} adapters: the router reads words: {router.reads_words} "
+              f"(weight {router.words_weight_})", flush=True)
         adapters = {name: name for name in stats}  # the router's tasks are the adapters' names
         names = list(stats)
         given = [names[i % len(names)] for i in range(len(texts))]

@@ -12,6 +12,7 @@ and after all of them:
     classes ("task:label"); its routing is the task of the label it answers;
   - router variants, each fit from per-task statistics of the tasks' training features, the way
     add-task fits the shipped one, and scored on the same test splits with the store's adapters;
+    among them the shipped word evidence (lexical.py) with unigrams only and other smoothings;
   - four second stages over the store's own router: its top two re-weighed by the candidate
     adapters' sureness (their answers' entropy), by their energy (their logits' logsumexp) or by
     the input's density among each adapter's own training rows (its adapted features), and
@@ -25,7 +26,9 @@ labelled right by its adapter. Composed: the top 2 tasks answer together (infere
 
 import argparse
 import bisect
+import contextlib
 import csv
+import functools
 import math
 import os
 import subprocess
@@ -40,7 +43,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from adapterhub_local import Hub  # noqa: E402
+from adapterhub_local import Hub, lexical  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
 from adapterhub_local.evaluation import COMPOSE_TOP_K, score_task  # noqa: E402
 from adapterhub_local.inference import length_batches, mean_pool  # noqa: E402
@@ -144,16 +147,33 @@ class Sequence:
             scores[task] = (result.routing, result.routed, result.composed)
         return scores
 
-    def gaussian(self, names: list[str], transform, kind=GaussianRouter) -> dict[str, tuple]:
+    def gaussian(self, names: list[str], transform, kind=GaussianRouter, words=None) -> dict[str, tuple]:
         """A Gaussian router (`kind`: its class) fit from per-task statistics of the features
-        that `transform` makes of every layer's [n, layers, D]."""
+        that `transform` makes of every layer's [n, layers, D]; with word evidence where
+        `words` picks the grams it reads (e.g. all_grams)."""
         stats = {}
         for t in names:
             fit, held, _ = self.features["layers"][t]
-            stats[t] = task_stats(transform(fit), self.fit_labels[t], self.data[t].labels, transform(held))
+            grams = {} if words is None else {"grams": words(self, self.grams[t][0]),
+                                              "calibration_grams": words(self, self.grams[t][1]),
+                                              "gram_space": lexical.gram_space(self.bank.base)}
+            stats[t] = task_stats(transform(fit), self.fit_labels[t], self.data[t].labels,
+                                  transform(held), **grams)
         router = kind().fit(stats)
-        return self.score(names, {t: router.route(transform(self.features["layers"][t][2]), COMPOSE_TOP_K)
+        return self.score(names, {t: router.route(transform(self.features["layers"][t][2]), COMPOSE_TOP_K,
+                                                  words(self, self.grams[t][2]) if words else None)
                                   for t in names})
+
+    @functools.cached_property
+    def grams(self) -> dict[str, tuple]:
+        """{task: (fit rows' grams, held-out rows', test split's)} (lexical.grams)."""
+        out = {}
+        for t in self.tasks:
+            train = lexical.grams(self.bank.base, self.data[t].train_texts)
+            fit, held = self.fit_rows[t]
+            out[t] = ([train[i] for i in fit], [train[i] for i in held],
+                      lexical.grams(self.bank.base, self.test[t]))
+        return out
 
     def blocks(self, kind: str):
         """The transform that picks what the router reads (router.FEATURES) from "layers"."""
@@ -164,7 +184,8 @@ class Sequence:
         router = GaussianRouter().fit({t: self.hub.loader.task_stats(
             self.hub.store.get_version(t, self.versions[t])) for t in names})
         test = self.blocks(router.features_)
-        return {t: router.route(test(self.features["layers"][t][2]), COMPOSE_TOP_K) for t in names}
+        return {t: router.route(test(self.features["layers"][t][2]), COMPOSE_TOP_K,
+                                self.grams[t][2] if router.reads_words else None) for t in names}
 
     def stored(self, names: list[str]) -> dict[str, tuple]:
         return self.score(names, self.stored_routes(names))
@@ -332,6 +353,31 @@ def entropy(probs: torch.Tensor) -> float:
     return -(probs * probs.clamp(min=1e-12).log()).sum().item() / math.log(len(probs))
 
 
+def all_grams(s: Sequence, bags: list[list[int]]) -> list[list[int]]:
+    return bags
+
+
+def unigrams(s: Sequence, bags: list[list[int]]) -> list[list[int]]:
+    vocabulary = len(s.bank.base.tokenizer)
+    return [[g for g in bag if g < vocabulary] for bag in bags]
+
+
+@contextlib.contextmanager
+def smoothing(value: float):
+    kept, lexical.SMOOTHING = lexical.SMOOTHING, value
+    try:
+        yield
+    finally:
+        lexical.SMOOTHING = kept
+
+
+def smoothed(value: float):
+    def variant(s: Sequence, names: list[str]) -> dict[str, tuple]:
+        with smoothing(value):
+            return s.gaussian(names, s.blocks("bottom_half"), words=all_grams)
+    return variant
+
+
 def bottom(s: Sequence):
     """Blocks 0..middle side by side: all the bottom half, which routed prediction runs anyway."""
     return lambda x: x[:, 1: s.bank.base.middle + 2]
@@ -354,7 +400,14 @@ VARIANTS = {
         names, lambda x: x[:, [s.bank.base.middle + 1, -1]].flatten(1)),
     "Gaussian, all blocks (+ a bare top half)": lambda s, names: s.gaussian(
         names, lambda x: x[:, 1:].flatten(1)),
-    "Gaussian, bottom-half blocks (ahl now)": lambda s, names: s.gaussian(names, s.blocks("bottom_half")),
+    "Gaussian, bottom-half blocks (ahl before words)": lambda s, names: s.gaussian(
+        names, s.blocks("bottom_half")),
+    "... + word evidence, word-piece unigrams and bigrams (ahl now)": lambda s, names: s.gaussian(
+        names, s.blocks("bottom_half"), words=all_grams),
+    "... + word evidence, unigrams only": lambda s, names: s.gaussian(
+        names, s.blocks("bottom_half"), words=unigrams),
+    "... + word evidence, smoothing 0.01": smoothed(0.01),
+    "... + word evidence, smoothing 0.1": smoothed(0.1),
     "Gaussian, bottom-half blocks, per-task bias calibration": lambda s, names: s.gaussian(
         names, s.blocks("bottom_half"), BiasCalibrated),
     "Gaussian, bottom-half blocks, covariance scaled per task": lambda s, names: s.gaussian(
