@@ -5,7 +5,8 @@ Hugging Face Trainer + peft, LoRA r=8, alpha 16, dropout 0.1 on query and value 
 a mean-pool head, DataCollatorWithPadding, length-grouped batches, all the training rows, 5
 epochs (and a 3-epoch row), with ahl's learning rate, batch size, warm-up share, weight decay and
 seed. ahl: its trainer with its defaults (LoRA r=16, alpha 16, on every linear layer of the top half of the
-blocks, 3 epochs, a tenth of the rows held out for the router's statistics), and any variants
+blocks, 3 epochs or up to 5 for a small task (trainer.auto_epochs), a tenth of the rows held out
+for the router's statistics), and any variants
 given with --ahl (LoRA options and training options, e.g. --ahl layers=all --ahl epochs=5,r=8).
 Everything is scored on each task's test split; per task the order of the runs alternates. Each
 row prints its training seconds too: the script adapts the bottom half, so it cannot share the
@@ -28,7 +29,7 @@ from pathlib import Path
 from train_speed import TASKS, run_ahl, run_peer, warm_up
 
 from adapterhub_local.data import load_spec, load_task_data
-from adapterhub_local.trainer import TrainOptions
+from adapterhub_local.trainer import TrainOptions, auto_epochs, split_validation
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainOptions)}
 
@@ -74,7 +75,10 @@ def main() -> None:
         data = load_task_data(spec.name, spec.train, spec.test)
         every_row = list(range(len(data.train_texts)))
         for seed in seeds:
-            seeded = dataclasses.replace(options, seed=seed)
+            # ahl's default epochs for this task's size (add-task's, when none are given)
+            train_rows = len(split_validation(data.strata(), seed)[0])
+            seeded = dataclasses.replace(options, seed=seed,
+                                         epochs=auto_epochs(train_rows, options.batch_size))
             runs = [(label, lambda t=train, lo=lora: run_ahl(data, dataclasses.replace(seeded, **t), lo))
                     for label, train, lora in variants]
             runs += [(f"script, {e} epochs", lambda e=e: run_peer(

@@ -247,3 +247,12 @@ print("unchanged")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "unchanged", done.stderr[-2000:]
+
+
+def test_epochs_not_given_are_chosen_for_the_tasks_size(store_dir, tiny_data, tiny_base):
+    """No epochs on the command line or in the spec: a small classify task trains the most that
+    trainer.auto_epochs gives (a spec's or the command line's epochs are kept: test_cli, above)."""
+    hub = Hub(store_dir)
+    hub.add_task("colors", tiny_data["colors"]["train"], tiny_data["colors"]["test"],
+                 base=tiny_base, lr=5e-3, batch_size=16)
+    assert hub.show("colors@1")["train"]["epochs"] == 5

@@ -8,7 +8,7 @@ import torch
 from adapterhub_local.errors import AhlError
 from adapterhub_local.inference import bank_for
 from adapterhub_local.methods import get_method, method_options
-from adapterhub_local.trainer import TrainOptions, train_adapter
+from adapterhub_local.trainer import TrainOptions, auto_epochs, train_adapter
 
 FAST = TrainOptions(epochs=6, lr=5e-3, batch_size=16)
 
@@ -159,3 +159,10 @@ def test_bf16_weights_hold_frozen_linears_in_bf16_for_the_same_outputs(tiny_base
     assert query.cast_input_dtype_enabled
     with bf16_weights(model, enabled=False):
         assert frozen.dtype == torch.float32
+
+
+def test_small_tasks_get_epochs_enough_for_a_hundred_steps():
+    assert auto_epochs(1350, 32) == 3  # 43 steps an epoch: 129 in the usual 3
+    assert auto_epochs(810, 32) == 4  # 26 steps an epoch: 104 in 4
+    assert auto_epochs(626, 32) == 5  # 20 steps an epoch
+    assert auto_epochs(40, 16) == 5 and auto_epochs(0, 32) == 5  # at most 5
