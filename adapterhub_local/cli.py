@@ -59,19 +59,19 @@ out = Console()
 err = Console(stderr=True)
 
 StoreOption = Annotated[Optional[str], typer.Option(
-    "--store", envvar="AHL_STORE", help="Store folder or MLflow tracking URI [default: ./store].")]
+    "--store", envvar="AHL_STORE", help="Store folder or MLflow tracking URI (default: ./store).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 DeviceOption = Annotated[Optional[str], typer.Option(
-    "--device", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps [default: $AHL_DEVICE, else auto].")]
+    "--device", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps (default: $AHL_DEVICE, else auto).")]
 WaitOption = Annotated[float, typer.Option(
     "--wait", help="Seconds to wait for the store's lock while another writer commits.")]
 # Options that add-task and store import share.
 TestOption = Annotated[Optional[Path], typer.Option(help="Test rows; default: a seeded stratified 80/20 split.")]
-TextColumnOption = Annotated[Optional[str], typer.Option(help="Column with the text [default: text].")]
-LabelColumnOption = Annotated[Optional[str], typer.Option(help="Column with the label [default: label].")]
-PromptColumnOption = Annotated[Optional[str], typer.Option(help="Column with the prompt of a generate task [default: prompt].")]
-CompletionColumnOption = Annotated[Optional[str], typer.Option(help="Column with the completion of a generate task [default: completion].")]
-MaxLengthOption = Annotated[Optional[int], typer.Option(help="Tokens per text [default: 128].")]
+TextColumnOption = Annotated[Optional[str], typer.Option(help="Column with the text (default: text).")]
+LabelColumnOption = Annotated[Optional[str], typer.Option(help="Column with the label (default: label).")]
+PromptColumnOption = Annotated[Optional[str], typer.Option(help="Column with the prompt of a generate task (default: prompt).")]
+CompletionColumnOption = Annotated[Optional[str], typer.Option(help="Column with the completion of a generate task (default: completion).")]
+MaxLengthOption = Annotated[Optional[int], typer.Option(help="Tokens per text (default: 128).")]
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 SEQUENCES = {"classify": TASKS_DIR, "generate": TASKS_DIR / "generate"}
 GATE_HELD_EXIT = 3
@@ -177,19 +177,19 @@ def add_task(
     spec: Annotated[Optional[Path], typer.Option(help="A task spec (TOML) naming files, columns and defaults.")] = None,
     text_column: TextColumnOption = None,
     label_column: LabelColumnOption = None,
-    kind: Annotated[Optional[str], typer.Option(help="classify (text -> label) or generate (prompt -> completion, on a causal-LM base such as smollm2) [default: classify, or the spec's kind].")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="classify (text -> label) or generate (prompt -> completion, on a causal-LM base such as smollm2) (default: classify, or the spec's kind).")] = None,
     prompt_column: PromptColumnOption = None,
     completion_column: CompletionColumnOption = None,
-    method: Annotated[Optional[str], typer.Option(help="Adaptation method (see ahl methods) [default: lora].")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Adaptation method (see ahl methods) (default: lora).")] = None,
     method_arg: Annotated[Optional[list[str]], typer.Option(help="A method option KEY=VALUE (repeatable).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training rows [default: 3].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 2e-3].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Rows per step [default: 32].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training rows (default 3; up to 5 for a small classify task, so that it trains at least 100 steps).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: 2e-3).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per step (default: 32).")] = None,
     max_length: MaxLengthOption = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the init and the batch order [default: 0].")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="Training arithmetic: bf16, fp32, or auto: bf16 where the CPU has it natively [default: auto].")] = None,
-    base: Annotated[Optional[str], typer.Option(help="Base model: a known name, a local folder or a cached id [default: the store's base, else all-MiniLM-L6-v2].")] = None,
-    gate: Annotated[Optional[float], typer.Option(help="Forgetting gate: promote to production only if no earlier task's routed accuracy drops by more than this (e.g. 0.02) [default: the store's, see ahl store gate].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the init and the batch order (default: 0).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Training arithmetic: bf16, fp32, or auto: bf16 where the CPU has it natively (default: auto).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model: a known name, a local folder or a cached id (default: the store's base, else all-MiniLM-L6-v2).")] = None,
+    gate: Annotated[Optional[float], typer.Option(help="Forgetting gate: promote to production only if no earlier task's routed accuracy drops by more than this (e.g. 0.02) (default: the store's, see ahl store gate).")] = None,
     device: DeviceOption = None,
     store: StoreOption = None,
     wait: WaitOption = 300.0,
@@ -514,14 +514,14 @@ def store_import(
     spec: Annotated[Optional[Path], typer.Option(help="A task spec (TOML) naming files and columns.")] = None,
     text_column: TextColumnOption = None,
     label_column: LabelColumnOption = None,
-    kind: Annotated[Optional[str], typer.Option(help="classify, or generate for a causal-LM adapter [default: classify, or the task's kind].")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="classify, or generate for a causal-LM adapter (default: classify, or the task's kind).")] = None,
     prompt_column: PromptColumnOption = None,
     completion_column: CompletionColumnOption = None,
-    method: Annotated[Optional[str], typer.Option(help="For a LORA folder: lora, qlora or loftq (its base 4-bit NF4) [default: from the peft type].")] = None,
+    method: Annotated[Optional[str], typer.Option(help="For a LORA folder: lora, qlora or loftq (its base 4-bit NF4) (default: from the peft type).")] = None,
     max_length: MaxLengthOption = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the split and the head's fitting rows [default: 0].")] = None,
-    base: Annotated[Optional[str], typer.Option(help="Base model of an empty store [default: the store's, else the one the adapter names].")] = None,
-    gate: Annotated[Optional[float], typer.Option(help="Forgetting gate, as for add-task [default: the store's].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the split and the head's fitting rows (default: 0).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model of an empty store (default: the store's, else the one the adapter names).")] = None,
+    gate: Annotated[Optional[float], typer.Option(help="Forgetting gate, as for add-task (default: the store's).")] = None,
     device: DeviceOption = None,
     store: StoreOption = None,
     wait: WaitOption = 300.0,
@@ -637,7 +637,7 @@ def demo(
     store: StoreOption = None,
     fresh: Annotated[bool, typer.Option(help="Start from an empty store (deletes the folder store's MLflow database and artifacts).")] = False,
     sequence: Annotated[str, typer.Option(help="The bundled sequence: classify (six text classification tasks on MiniLM) or generate (three prompt -> completion tasks on SmolLM2-135M).")] = "classify",
-    tasks_dir: Annotated[Optional[Path], typer.Option(help="Folder with sequence.toml and the task specs [default: the bundled sequence's].")] = None,
+    tasks_dir: Annotated[Optional[Path], typer.Option(help="Folder with sequence.toml and the task specs (default: the bundled sequence's).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override every task's epochs.")] = None,
     device: DeviceOption = None,
 ):

@@ -17,3 +17,20 @@ def test_command_reference_is_current(tmp_path):
     assert html.unescape(out.read_text()) == REFERENCE.read_text(), (
         "cli/README.md is stale: regenerate it with make cli-docs")
     assert "&#" not in REFERENCE.read_text() and "&quot;" not in REFERENCE.read_text()
+
+
+def test_no_help_text_loses_words_to_rich_markup():
+    """Rich reads "[default: 3]" in a help text as a markup tag and drops it from --help and
+    from this reference: every option's help must come through whole."""
+    from typer.main import get_command
+
+    from adapterhub_local.cli import app
+
+    def commands(group):
+        for command in group.commands.values():
+            yield from commands(command) if hasattr(command, "commands") else [command]
+
+    for command in commands(get_command(app)):
+        for param in command.params:
+            assert "[" not in (getattr(param, "help", None) or ""), (command.name, param.name)
+    assert "(default: 2e-3)" in REFERENCE.read_text()
