@@ -11,7 +11,8 @@ not help), as a product of the two experts. Counts add up like the Gaussian's st
 refit never needs old rows.
 
 A text's grams are a set (each counted once), the "binarized" naive Bayes that suits short
-texts; bench/routing.py measures it against counts, unigrams alone and other smoothings.
+texts; bench/routing.py measures it against unigrams alone and other smoothings. The held-out
+rows' gram sets are kept to fit the weight: their words can be read from them, not their order.
 """
 
 from dataclasses import dataclass
