@@ -16,7 +16,7 @@ from adapterhub_local.scoring import DEFAULT_METRIC, check_metric
 from adapterhub_local.serving import kind_of, metric_of
 from adapterhub_local.methods import get_method, method_options
 from adapterhub_local.store import TAG
-from adapterhub_local.trainer import TrainOptions, auto_epochs, split_validation
+from adapterhub_local.trainer import TrainOptions, auto_epochs
 
 
 @dataclass
@@ -87,13 +87,8 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
         data = load_task_data(name, train, test, text_column or "text", label_column or "label",
                               seed=train_options.seed)
     data.license = license
-    if kind == "classify" and "epochs" not in {**defaults, **{k: v for k, v in train_args.items()
-                                                                if v is not None}}:
-        rows = data.strata()
-        if train_options.validate:
-            rows = split_validation(rows, train_options.seed)[0]
-        train_options = replace(
-            train_options, epochs=auto_epochs(len(rows), train_options.batch_size))
+    if kind == "classify" and "epochs" not in defaults and train_args.get("epochs") is None:
+        train_options = replace(train_options, epochs=auto_epochs(data.strata(), train_options))
     # The command line's base, else the store's, else the spec's (a store keeps its base).
     base_name, base_path = resolve_base(base or (store.base_binding() or (None,))[0]
                                         or defaults.get("base"))

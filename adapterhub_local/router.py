@@ -201,7 +201,7 @@ class GaussianRouter:
         from adapterhub_local import lexical
 
         words = lexical.NaiveBayes.fit([(s.grams, len(s.counts)) for s in stats.values()], space)
-        per_task = max(2, CALIBRATION_TOTAL // len(stats))  # the rows _calibration_rows takes
+        per_task = calibration_share(len(stats))  # the rows held_x holds
         evidence = words.scores([g for s in stats.values() for g in s.calibration_grams[:per_task]])
 
         def likelihood(weight: float) -> float:
@@ -214,7 +214,7 @@ class GaussianRouter:
 
     @staticmethod
     def _calibration_rows(stats: dict[str, TaskStats]) -> tuple[torch.Tensor, torch.Tensor]:
-        per_task = max(2, CALIBRATION_TOTAL // len(stats))
+        per_task = calibration_share(len(stats))
         rows = [s.calibration[:per_task].double() for s in stats.values()]
         tasks = [torch.full((len(r),), t) for t, r in enumerate(rows)]
         return torch.cat(rows), torch.cat(tasks)
@@ -313,6 +313,11 @@ class GaussianRouter:
                    precision_=tensors["precision"], threshold_=meta["threshold"],
                    shrinkage_=meta["shrinkage"], temperature_=meta["temperature"],
                    features_=meta.get("features", "middle"))
+
+
+def calibration_share(tasks: int) -> int:
+    """Each task's first calibration rows that a fit uses: CALIBRATION_TOTAL in all."""
+    return max(2, CALIBRATION_TOTAL // tasks)
 
 
 def chi2_threshold(distances: torch.Tensor, rate: float) -> float:

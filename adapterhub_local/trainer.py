@@ -16,7 +16,7 @@ import contextlib
 import math
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
@@ -64,6 +64,16 @@ class TrainOptions:
     keeps those rows out of its statistics either way, to calibrate itself on them."""
 
     def __post_init__(self):
+        # A spec's TOML can set any of these: "three" or "false" in quotes must not reach the
+        # comparisons below (a traceback) or read as true.
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            allowed = (int, float) if kind is float else (kind,)
+            if not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool)):
+                wanted = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
+                example = "false" if kind is bool else repr(f.default)
+                raise AhlError(f"{f.name} must be {wanted}, got {value!r}: write {f.name} = "
+                               f"{example} (no quotes) in the spec")
         checks = [(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
                   (self.lr > 0, f"--lr must be positive, got {self.lr}"),
                   (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
@@ -71,11 +81,6 @@ class TrainOptions:
                   (0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}"),
                   (self.precision in PRECISIONS,
                    f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")]
-        # A spec's TOML can set these: the string "false" would read as true.
-        checks += [(isinstance(getattr(self, name), bool),
-                    f"{name} must be true or false, got {getattr(self, name)!r}: write "
-                    f"{name} = false (no quotes) in the spec")
-                   for name in ("reuse_states", "byte_dropout", "validate")]
         for ok, message in checks:
             if not ok:
                 raise AhlError(message)
@@ -112,13 +117,21 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     return batches
 
 
-def auto_epochs(train_rows: int, batch_size: int) -> int:
+def training_rows(strata: list[int], options: TrainOptions) -> tuple[list[int], list[int]]:
+    """(train, validation) indices of a task's rows under `options`: a held-out slice when
+    it validates (split_validation), else every row for training."""
+    if options.validate:
+        return split_validation(strata, options.seed)
+    return list(range(len(strata))), []
+
+
+def auto_epochs(strata: list[int], options: TrainOptions) -> int:
     """A classify task's epochs when none are given: 3, or for a small task as many more (at
     most MAX_AUTO_EPOCHS) as bring its training to MIN_STEPS steps. With 3 epochs a task of 700
     rows trains 60 steps, too few for the learning-rate schedule to settle: on the smallest
     bundled task 5 epochs gained 1.9 points (four seeds) and closed the gap to a 5-epoch script,
     while the other small tasks moved within 1 point (README, reference_lora)."""
-    steps = math.ceil(train_rows / batch_size)
+    steps = math.ceil(len(training_rows(strata, options)[0]) / options.batch_size)
     return min(MAX_AUTO_EPOCHS, max(TrainOptions.epochs, math.ceil(MIN_STEPS / max(steps, 1))))
 
 
@@ -253,8 +266,7 @@ def train_adapter(bank, name: str, peft_config, data, options: TrainOptions, met
     # Setup: everything random is drawn from the seed, in a fixed order.
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
-    train_idx, val_idx = (split_validation(data.strata(), options.seed) if options.validate
-                          else (list(range(len(data.strata()))), []))
+    train_idx, val_idx = training_rows(data.strata(), options)
     total = options.epochs * math.ceil(len(train_idx) / options.batch_size)
     if method.schedule is not None:  # AdaLoRA plans its rank budget over the run
         method.schedule(peft_config, total)

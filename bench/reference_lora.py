@@ -29,7 +29,7 @@ from pathlib import Path
 from train_speed import TASKS, run_ahl, run_peer, warm_up
 
 from adapterhub_local.data import load_spec, load_task_data
-from adapterhub_local.trainer import TrainOptions, auto_epochs, split_validation
+from adapterhub_local.trainer import TrainOptions, auto_epochs
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainOptions)}
 
@@ -75,10 +75,9 @@ def main() -> None:
         data = load_task_data(spec.name, spec.train, spec.test)
         every_row = list(range(len(data.train_texts)))
         for seed in seeds:
+            seeded = dataclasses.replace(options, seed=seed)
             # ahl's default epochs for this task's size (add-task's, when none are given)
-            train_rows = len(split_validation(data.strata(), seed)[0])
-            seeded = dataclasses.replace(options, seed=seed,
-                                         epochs=auto_epochs(train_rows, options.batch_size))
+            seeded = dataclasses.replace(seeded, epochs=auto_epochs(data.strata(), seeded))
             runs = [(label, lambda t=train, lo=lora: run_ahl(data, dataclasses.replace(seeded, **t), lo))
                     for label, train, lora in variants]
             runs += [(f"script, {e} epochs", lambda e=e: run_peer(

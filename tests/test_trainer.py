@@ -162,7 +162,22 @@ def test_bf16_weights_hold_frozen_linears_in_bf16_for_the_same_outputs(tiny_base
 
 
 def test_small_tasks_get_epochs_enough_for_a_hundred_steps():
-    assert auto_epochs(1350, 32) == 3  # 43 steps an epoch: 129 in the usual 3
-    assert auto_epochs(810, 32) == 4  # 26 steps an epoch: 104 in 4
-    assert auto_epochs(626, 32) == 5  # 20 steps an epoch
-    assert auto_epochs(40, 16) == 5 and auto_epochs(0, 32) == 5  # at most 5
+    every = TrainOptions(validate=False)  # every row trains: the counts below are the rows
+    assert auto_epochs([0, 1] * 675, every) == 3  # 43 steps an epoch: 129 in the usual 3
+    assert auto_epochs([0, 1] * 405, every) == 4  # 26 steps an epoch: 104 in 4
+    assert auto_epochs([0, 1] * 313, every) == 5  # 20 steps an epoch
+    assert auto_epochs([0] * 40, every) == 5 and auto_epochs([], every) == 5  # at most 5
+    # validating holds a tenth out (at most 200): 900 rows train 810, 26 steps an epoch
+    assert auto_epochs([0, 1, 2] * 300, TrainOptions()) == 4
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("epochs", "three", "epochs must be a whole number, got 'three': write epochs = 3"),
+    ("lr", "1e-3", "lr must be a number, got '1e-3': write lr = 0.002"),
+    ("batch_size", True, "batch_size must be a whole number, got True"),
+    ("precision", 16, "precision must be text, got 16"),
+])
+def test_an_option_of_the_wrong_type_is_one_line_not_a_traceback(option, value, message):
+    with pytest.raises(AhlError, match=message):
+        TrainOptions(**{option: value})
+    assert TrainOptions(lr=1).lr == 1  # an integer where a float goes is a number all the same
