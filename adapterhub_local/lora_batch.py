@@ -45,12 +45,13 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
     if batch.slices is not None and len(batch.slices) <= max_runs(x) and can_accumulate(result, b):
         for name, start, stop in batch.slices:  # each adapter's rows a slice: nothing gathered
             if name in index:  # (the stack's B is scaled already)
-                add_product_(result[start:stop], x[start:stop], a[index[name]], b[index[name]], 1.0)
+                add_product_(result[start:stop], x[start:stop], a[index[name]].T,
+                             b[index[name]].T, 1.0)
         return result
     rows = batch.rows(index, a.device)
     # index_select: aten::index's general gather cost about twice as much on these stacks
-    b_rows = b.index_select(0, rows).transpose(1, 2)
-    update = torch.bmm(x.to(a.dtype), a.index_select(0, rows).transpose(1, 2))
+    update = torch.bmm(x.to(a.dtype), a.index_select(0, rows))
+    b_rows = b.index_select(0, rows)
     if not can_accumulate(result, b):
         return result + torch.bmm(update, b_rows).to(result.dtype)
     return result.baddbmm_(update, b_rows)  # no second [rows, tokens, out] pass
@@ -152,7 +153,7 @@ def plain(layer, names: list[str]) -> bool:
 
 
 def stacked(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
-    """({adapter: index}, A [adapters + 1, r, in], scaled B [adapters + 1, out, r]) with a zero
+    """({adapter: index}, A [adapters + 1, in, r], scaled B [adapters + 1, r, out]) with a zero
     adapter last, or None where these adapters are not plain (peft's loop takes them). Within
     frozen(adapters) a layer stacks the scope's adapters once for all of its batches; otherwise
     each batch stacks its own."""
@@ -169,8 +170,10 @@ def stacked(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor] 
 
 
 def stack(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    a = [layer.lora_A[n].weight for n in names]
-    b = [layer.lora_B[n].weight for n in names]
+    # Stacked transposed, as the batched products read them ([in, r] and [r, out]): the
+    # gathered rows go into bmm as they are (a fifth less time than strided ones, measured)
+    a = [layer.lora_A[n].weight.T for n in names]
+    b = [layer.lora_B[n].weight.T for n in names]
     # The zero adapter stacked with the rest (appending it after would copy every adapter again)
     a, b = torch.stack([*a, torch.zeros_like(a[0])]), torch.stack([*b, torch.zeros_like(b[0])])
     # fp32 scales, B's dtype kept by mul_: a bf16 B is rounded once, as peft's float scaling
