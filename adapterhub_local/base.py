@@ -203,6 +203,19 @@ def fingerprint(path: Path) -> str:
     return sha.hexdigest()
 
 
+def check_weights(name: str, path: Path, info: dict) -> None:
+    """Refuse a base whose files leave weights of its blocks unset: transformers fills them
+    with random values and loads it anyway, and adapters would train on noise. (A missing
+    pooler is fine: tasks pool the last states themselves.)"""
+    missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        which = missing or mismatched
+        raise AhlError(f"base {name!r} at {path}: its weights file lacks or mis-shapes {len(which)} "
+                       f"of the model's weights (e.g. {which[0]}): point --base at a complete "
+                       "model folder (config.json with its safetensors)")
+
+
 def load_base(name: str | None = None, device: str = "cpu") -> Base:
     """Load a base once per process and device, frozen, on that device (resolve_device's)."""
     canonical, path = resolve_base(name)
@@ -212,8 +225,9 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()  # a bar for loading 100 tensors from a local file is noise
+    hf_logging.set_verbosity_error()  # its load report: missing weights are refused below
     sha = fingerprint(path)
     gguf = path.suffix == ".gguf"
     folder, where = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
@@ -227,13 +241,17 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
             causal = gguf or any(a.endswith("ForCausalLM") for a in
                                  AutoConfig.from_pretrained(folder).architectures or [])
             loader = AutoModelForCausalLM if causal else AutoModel
-            loaded = loader.from_pretrained(folder, **where, **({} if gguf else {"use_safetensors": True}))
+            loaded, info = loader.from_pretrained(
+                folder, **where, **({} if gguf else {"use_safetensors": True}),
+                output_loading_info=True)
     except (OSError, ValueError) as e:
         raise AhlError(f"could not load base {canonical!r} from {path}: "
                        f"{str(e).splitlines()[0][:200]}") from None
     finally:
-        if bars:  # the user's setting, as it was
+        hf_logging.set_verbosity(verbosity)  # the user's settings, as they were
+        if bars:
             hf_logging.enable_progress_bar()
+    check_weights(canonical, path, info)
     model, lm_head = (loaded.base_model, loaded.get_output_embeddings()) if causal else (loaded, None)
     for module in (model, lm_head):
         if module is not None:

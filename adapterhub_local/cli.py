@@ -604,6 +604,8 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     def last_line() -> str:
         return (server_log(server).strip().splitlines() or ["?"])[-1][:160]
 
+    if not 1 <= port <= 65535:
+        raise AhlError(f"--port must be 1..65535, got {port}: try --port 5000")
     hub = Hub(store)
     server = serve_ui(hub.store, port)  # dies with this process, however it ends
     hub.store.mark_model_training()
@@ -653,6 +655,10 @@ def demo(
     if not sequence_file.is_file():
         raise AhlError(f"no task sequence at {sequence_file}: pass --tasks-dir DIR")
     names = tomllib.loads(sequence_file.read_text(encoding="utf-8"))["tasks"]
+    if epochs is not None:  # a bad value fails before --fresh clears anything
+        from adapterhub_local.trainer import TrainOptions
+
+        TrainOptions(epochs=epochs)
     hub = Hub(store, device=device)
     resolve_device(hub.device)  # a device that is not there fails before --fresh clears anything
     if fresh:

@@ -81,6 +81,8 @@ def read_table(path: str | Path, columns: dict[str, str], as_text: bool = False)
 
 def check_data_file(path: Path, formats=FORMATS) -> str:
     """The file's kind (formats' value for its extension), once it exists, is known and not empty."""
+    if path.is_dir():
+        raise AhlError(f"data file {str(path)!r} is a folder: give a file in it")
     if not path.is_file():
         raise AhlError(f"data file {str(path)!r} does not exist: check the path")
     kind = formats.get(path.suffix.lower())
@@ -136,17 +138,24 @@ def read_csv(path: Path, **options) -> dict[str, list]:
     """{column: values} of a CSV or TSV file, read by pandas as the datasets library reads it
     (its CSV reader is pandas': the same types, a missing cell None), without importing datasets: half a second
     of every add-task process, where MLflow has imported pandas already."""
+    frame = next(csv_frames(path, **options))
+    return {str(column): frame[column].tolist() for column in frame.columns}
+
+
+def csv_frames(path: Path, chunksize: int | None = None, **options):
+    """A CSV or TSV file's rows as pandas frames (the whole file, or `chunksize` rows at a
+    time), a missing cell None."""
     import pandas as pd
 
     with parse_errors(path, "csv"):
-        frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",",
-                            encoding="utf-8", **options)
-    if not isinstance(frame.index, pd.RangeIndex):  # pandas took the extra leading fields as one
-        raise AhlError(f"{path.name}'s first row has more fields than its header's "
-                       f"{len(frame.columns)}: quote a text that holds the delimiter, or fix the "
-                       "header")
-    frame = frame.astype(object).where(frame.notna(), None)
-    return {str(column): frame[column].tolist() for column in frame.columns}
+        read = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",",
+                           encoding="utf-8", chunksize=chunksize, **options)
+        for frame in [read] if chunksize is None else read:
+            if not isinstance(frame.index, pd.RangeIndex):  # pandas took extra leading fields as one
+                raise AhlError(f"{path.name}'s first row has more fields than its header's "
+                               f"{len(frame.columns)}: quote a text that holds the delimiter, or "
+                               "fix the header")
+            yield frame.astype(object).where(frame.notna(), None)
 
 
 def load_table(path: Path, kind: str, streaming: bool = False, **options):
@@ -184,6 +193,11 @@ def text_chunks(path: str | Path, text_column: str = "text", size: int = 1000):
         with open(path, encoding="utf-8") as f:
             lines = (line.strip() for line in f)
             yield from batched((line for line in lines if line), size)
+        return
+    if kind == "csv":  # pandas in chunks, checked as add-task's files are (csv_frames)
+        for frame in csv_frames(path, chunksize=size, converters={text_column: str}):
+            check_column(path, text_column, list(frame), "--text-column")
+            yield ["" if t is None else str(t) for t in frame[text_column]]
         return
     rows = load_table(path, kind, streaming=True)
     with parse_errors(path, kind):
@@ -359,6 +373,13 @@ def load_spec(path: str | Path) -> TaskSpec:
                        f"{', '.join(KINDS)}")
     known = {"name", "train", "test", "text_column", "label_column", "description", "kind",
              "prompt_column", "completion_column", "license"}
+    for key in sorted(known | {"method", "metric", "base"}):  # text, or a traceback later
+        if key in spec and not isinstance(spec[key], str):
+            raise AhlError(f"task spec {path.name}: {key} must be text, got {spec[key]!r}: "
+                           f"write {key} = \"...\" (in quotes)")
+    if not isinstance(spec.get("method_args", {}), dict):
+        raise AhlError(f"task spec {path.name}: method_args must be a table, got "
+                       f"{spec['method_args']!r}: write [method_args] with one option a line")
     return TaskSpec(
         name=spec.get("name", path.stem),
         train=path.parent / spec["train"],

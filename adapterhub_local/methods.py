@@ -133,9 +133,16 @@ def method_options(name: str, values: dict | None = None):
 
 
 def cast_option(method: str, f: dataclasses.Field, value):
+    """A string from the command line cast to the option's type; a spec's typed TOML value
+    checked against it (a number where a list belongs would reach peft as a traceback)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kind = type(default)
     if not isinstance(value, str):
+        allowed = (int, float) if kind is float else (kind,)
+        if not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool)):
+            raise AhlError(f"method {method!r} option {f.name}={value!r} is not of type "
+                           f"{kind.__name__}: give e.g. {f.name}={default!r}")
         return value
-    kind = type(f.default) if f.default is not dataclasses.MISSING else str
     try:
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
@@ -173,6 +180,8 @@ class LoraOptions:
 
     def __post_init__(self):
         check_rank(self.r, 8)
+        if getattr(self, "alpha", 1) <= 0:  # (LoftQ's options share these checks, alpha fixed)
+            raise ValueError(f"alpha must be positive, got {self.alpha}: try alpha={self.r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}: try dropout=0.05")
         check_layers(self.layers)
@@ -205,8 +214,24 @@ def build_lora(options: LoraOptions, base):
     from peft import LoraConfig
 
     return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                      target_modules=options.target_modules or linear_targets(base),
+                      target_modules=check_targets(options.target_modules, base) or linear_targets(base),
                       **layer_selection(options.layers, base))
+
+
+def check_targets(targets: list[str], base) -> list[str]:
+    """The given target modules, each of which names modules of the base as peft matches them
+    (a module's name, or its last dotted parts); peft would fail only once training starts."""
+    import torch
+
+    names = [n for n, _ in base.model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"target_modules {', '.join(map(repr, unmatched))} match no module of "
+                         f"the base: name some of its linear layers, e.g. "
+                         f"target_modules={','.join(linear[:3])}")
+    return targets
 
 
 @dataclass
@@ -264,7 +289,7 @@ def build_adalora(options: AdaloraOptions, base):
     # total_step, tinit and tfinal are placeholders until the trainer knows the run's length.
     return AdaLoraConfig(init_r=options.init_r, target_r=options.target_r,
                          lora_alpha=options.alpha, lora_dropout=options.dropout,
-                         target_modules=options.target_modules or linear_targets(base),
+                         target_modules=check_targets(options.target_modules, base) or linear_targets(base),
                          total_step=10, tinit=0, tfinal=0, **layer_selection(options.layers, base))
 
 
@@ -308,7 +333,7 @@ def build_lycoris(config_name: str) -> Callable:
 
         return getattr(peft, config_name)(
             r=options.r, alpha=options.alpha,
-            target_modules=options.target_modules or linear_targets(base),
+            target_modules=check_targets(options.target_modules, base) or linear_targets(base),
             **layer_selection(options.layers, base))
     return build
 
@@ -325,7 +350,7 @@ class Ia3Options:
 def build_ia3(options: Ia3Options, base):
     from peft import IA3Config
 
-    return IA3Config(target_modules=options.target_modules or None,
+    return IA3Config(target_modules=check_targets(options.target_modules, base) or None,
                      feedforward_modules=options.feedforward_modules or None)
 
 

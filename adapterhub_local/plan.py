@@ -1,6 +1,7 @@
 """An add-task's plan: every input validated before anything is written, and what its version
 will record of where it came from."""
 
+import difflib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +63,7 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
         prompt_column = prompt_column or task_spec.prompt_column
         completion_column = completion_column or task_spec.completion_column
         kind, defaults, license = task_spec.kind, task_spec.defaults, task_spec.license
+        check_spec_options(Path(spec).name, defaults)
     if train is None:
         raise AhlError("no training data: pass --train FILE or --spec FILE")
     check_task_name(name)
@@ -97,9 +99,24 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
     loaded = load_base(base_name, device)
     get_method(method).check_base(loaded)
     generate = plan_generation(data, loaded, train_options, defaults) if kind == "generate" else None
-    peft_config = get_method(method).build(options, loaded)  # bad combinations fail here
+    try:
+        peft_config = get_method(method).build(options, loaded)  # bad combinations fail here
+    except ValueError as e:
+        raise AhlError(f"method {method!r}: {str(e).splitlines()[0]}") from None
     return Plan(data, method, options, peft_config, train_options, base_name,
                 store.router_features(ROUTER_FEATURES), device, generate)
+
+
+SPEC_OPTIONS = {"method", "method_args", "metric", "base", "max_new_tokens"}  # beside TrainOptions'
+
+
+def check_spec_options(spec_name: str, options: dict) -> None:
+    """A key of a spec that nothing reads is a typo (epoch = 1), not a default to drop."""
+    known = SPEC_OPTIONS | set(TrainOptions.__dataclass_fields__)
+    for key in sorted(set(options) - known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {close[0]}?" if close else f"known options: {', '.join(sorted(known))}"
+        raise AhlError(f"task spec {spec_name}: unknown key {key!r} ({hint}): fix or remove it")
 
 
 def check_column_options(kind: str, columns: dict) -> None:

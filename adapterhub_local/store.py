@@ -7,9 +7,11 @@ adapters. A folder store keeps a SQLite backend and the artifact root inside the
 Artifacts are read back as safetensors and JSON only.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -55,6 +57,22 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, at or None
 
 
+@contextlib.contextmanager
+def quiet_table_creation():
+    """Without MLflow's INFO lines as it creates a new store's tables ("Creating initial MLflow
+    database tables...", alembic's migrations): noise in a command's output. Only these
+    loggers, only for this block; their levels are put back after."""
+    loggers = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic.runtime.migration")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 class AdapterStore(TrackingWrites):
     """Registered adapter versions, their lineage and the sequence run, over an MLflow backend.
     This half reads; tracking.TrackingWrites writes."""
@@ -70,6 +88,9 @@ class AdapterStore(TrackingWrites):
             self.folder, self.uri, self.artifact_root = None, location, None
         else:
             self.folder = Path(location).resolve()
+            if self.folder.exists() and not self.folder.is_dir():
+                raise AhlError(f"store {location} is a file, not a store folder: pass --store "
+                               "a folder (a new one, or a store's)")
             self.uri = f"sqlite:///{self.folder / 'mlflow.db'}"
             self.artifact_root = (self.folder / "artifacts").as_uri()
         self._client = None
@@ -100,7 +121,7 @@ class AdapterStore(TrackingWrites):
             # two processes doing it at once on one file collide, so a process's first use
             # waits for the others' (an advisory flock on the database file itself; SQLite's
             # own locks are separate).
-            with open(self.folder / "mlflow.db", "ab") as lock:
+            with open(self.folder / "mlflow.db", "ab") as lock, quiet_table_creation():
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
                 client.search_experiments(max_results=1)  # the tracking store's tables

@@ -75,7 +75,10 @@ class TrainOptions:
                 raise AhlError(f"{f.name} must be {wanted}, got {value!r}: write {f.name} = "
                                f"{example} (no quotes) in the spec")
         checks = [(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-                  (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+                  (0 < self.lr < math.inf, f"--lr must be a positive number, got {self.lr}: try --lr 2e-3"),
+                  (0 <= self.seed < 2**32, f"--seed must be 0..{2**32 - 1}, got {self.seed}: try --seed 0"),
+                  (0 <= self.weight_decay < math.inf,
+                   f"weight_decay must be a number >= 0, got {self.weight_decay}: try weight_decay = 0.01"),
                   (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
                   (8 <= self.max_length <= 4096, f"--max-length must be 8..4096, got {self.max_length}"),
                   (0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}"),

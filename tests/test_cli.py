@@ -84,18 +84,66 @@ def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_b
     (["add-task", "x", "--train", "{colors}", "--base", "no/such-model"], "neither a known base"),
     (["store", "show", "colors@9"], "has no version 9"),
     (["store", "show", "ghost"], "no task 'ghost'"),
+    (["add-task", "x", "--train", "{colors_dir}"], "is a folder: give a file in it"),
+    (["add-task", "x", "--train", "{colors}", "--seed", "-1"], "--seed must be 0..4294967295, got -1"),
+    (["add-task", "x", "--train", "{colors}", "--lr", "inf"], "--lr must be a positive number"),
+    (["add-task", "x", "--train", "{colors}", "--lr", "nan"], "--lr must be a positive number"),
+    (["ui", "--port", "99999"], "--port must be 1..65535"),
+    # checked before --fresh clears the store (it emptied it, then failed)
+    (["demo", "--fresh", "--epochs", "0"], "--epochs must be at least 1"),
 ])
 def test_user_mistakes_print_one_line_and_change_nothing(store_dir, tiny_data, tiny_base, args,
                                                          message):
     add(store_dir, "colors", tiny_data, tiny_base)
     before = file_digest(store_dir)
-    args = [a.replace("{colors}", str(tiny_data["colors"]["train"])) for a in args]
+    train = tiny_data["colors"]["train"]
+    args = [a.replace("{colors}", str(train)).replace("{colors_dir}", str(train.parent))
+            for a in args]
     result = ahl(*args, "--store", store_dir, ok=False)
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert message in result.stderr
     assert "Traceback" not in result.output
     assert file_digest(store_dir) == before
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("epoch = 1", "unknown key 'epoch' (did you mean epochs?)"),
+    ("name = 5", "name must be text, got 5"),
+    ("test = 5", "test must be text, got 5"),
+    ("method_args = 5", "method_args must be a table"),
+    ("[method_args]\ntarget_modules = 5", "target_modules=5 is not of type list"),
+])
+def test_spec_mistakes_are_one_line_and_write_nothing(tmp_path, tiny_data, tiny_base, spec, message):
+    path = tmp_path / "x.toml"
+    path.write_text(f'train = "{tiny_data["colors"]["train"].as_posix()}"\n{spec}\n', encoding="utf-8")
+    result = ahl("add-task", "--spec", path, "--base", tiny_base, "--store", tmp_path / "s", ok=False)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert message in result.stderr and not (tmp_path / "s").exists()
+
+
+def test_a_base_whose_weights_do_not_fill_its_config_is_refused(tmp_path, tiny_data, tiny_base):
+    """transformers loads such a folder with random weights and a report; ahl would have
+    trained on noise and bound the store to it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    fake = tmp_path / "fake"
+    shutil.copytree(tiny_base, fake)
+    save_file({"unrelated": torch.zeros(2)}, fake / "model.safetensors")
+    result = ahl("add-task", "x", "--train", tiny_data["colors"]["train"], "--base", fake,
+                 "--store", tmp_path / "s", ok=False)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "its weights file lacks or mis-shapes" in result.stderr and "LOAD REPORT" not in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_file_given_as_the_store_is_one_line(tmp_path):
+    (tmp_path / "a.csv").write_text("text\nhi\n")
+    result = ahl("tasks", "--store", tmp_path / "a.csv", ok=False)
+    assert result.exit_code == 1 and "is a file, not a store folder" in result.stderr
 
 
 def test_metrics_on_an_empty_store_says_how_to_start(tmp_path):

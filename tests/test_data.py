@@ -123,3 +123,20 @@ def test_csv_reads_as_the_datasets_library_reads_it(tmp_path, as_text):
         for column in ours:
             assert [repr(v) for v in ours[column]] == [repr(v) for v in theirs[column]], column
     assert read_csv(csv_file)["n"][:3] == [1.0, None, 2.5]  # pandas' types and missing cells
+
+
+def test_texts_to_predict_are_read_as_written_in_chunks_and_checked(tmp_path):
+    """predict --file's CSV texts: as written ("007" stays "007"), a chunk at a time, and a
+    text with an unquoted comma refused as add-task refuses it (it was answered as its tail)."""
+    from adapterhub_local.data import read_texts, text_chunks
+
+    good = tmp_path / "good.csv"
+    good.write_text('text\nhello\n007\n"a, quoted"\n\nlast\n', encoding="utf-8")
+    assert read_texts(good) == ["hello", "007", "a, quoted", "last"]
+    assert list(text_chunks(good, size=3)) == [["hello", "007", "a, quoted"], ["last"]]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text\nCiao, come stai?\nhello world\n", encoding="utf-8")
+    with pytest.raises(AhlError, match="first row has more fields than its header's 1: quote"):
+        read_texts(bad)
+    with pytest.raises(AhlError, match="is a folder: give a file in it"):
+        read_texts(tmp_path)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from adapterhub_local import Hub
+from adapterhub_local import AhlError, Hub
 from adapterhub_local.base import load_base
 from adapterhub_local.inference import adapter_name, bank_for, mean_pool
 from adapterhub_local.methods import METHODS, get_method
@@ -215,12 +215,28 @@ def test_prefix_tuning_on_bert_trains_its_prefix(tiny_base):
         bank.remove_adapter("prefix-grad")
 
 
+def test_target_modules_from_the_command_line_are_a_list_peft_takes(tiny_base):
+    from adapterhub_local.methods import get_method, method_options
+
+    options = method_options("lora", {"target_modules": "query,value"})
+    assert options.target_modules == ["query", "value"]  # was the string "query,value"
+    config = get_method("lora").build(options, load_base(tiny_base))
+    assert set(config.target_modules) == {"query", "value"} and config.layers_to_transform == [1]
+    with pytest.raises(AhlError, match="target_modules=5 is not of type list"):
+        method_options("lora", {"target_modules": 5})  # a spec's typed value
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "dora"], "unknown method 'dora': use one of"),
     (["--method", "lora", "--method-arg", "rank=4"], "has no option rank: its options are r,"),
     (["--method", "lora", "--method-arg", "r=four"], "is not of type int"),
     (["--method", "adaption-prompt"], "does not work on 'bert' bases (it supports llama)"),
     (["--method", "bottleneck", "--method-arg", "variant=middle"], "houlsby or pfeiffer"),
+    # peft would fail only once training started (a failed run left behind)
+    (["--method", "lora", "--method-arg", "target_modules=nosuch"],
+     "'nosuch' match no module of the base: name some of its linear layers, e.g."),
+    (["--method", "ia3", "--method-arg", "target_modules=nosuch"], "match no module of the base"),
+    (["--method", "lora", "--method-arg", "alpha=0"], "alpha must be positive, got 0"),
 ])
 def test_bad_method_input_is_one_line_and_changes_nothing(store_dir, tiny_data, tiny_base, args,
                                                           message):
