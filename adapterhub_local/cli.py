@@ -221,13 +221,17 @@ def exit_if_held(result: dict) -> None:
     version back."""
     check = result.get("gate")
     if check and not check["passed"]:
-        worst = ", ".join(f"{r['task']} {percent(r['before'])}% -> {percent(r['after'])}%"
-                          for r in check["regressions"])
+        worst = regressions_text(check["regressions"])
         typer.echo(f"gate {check['threshold']}: routed accuracy dropped ({worst}); "
                    f"{result['task']} version {result['version']} is kept as a candidate and "
                    f"production is unchanged: promote it with ahl store promote {result['task']} "
                    f"{result['version']} --alias production", err=True)
         raise typer.Exit(GATE_HELD_EXIT)
+
+
+def regressions_text(regressions: list[dict]) -> str:
+    return ", ".join(f"{r['task']} {percent(r['before'])}% -> {percent(r['after'])}%"
+                     for r in regressions)
 
 
 def print_step(result: dict) -> None:
@@ -342,6 +346,9 @@ def predict(
 
     if mode not in MODE_NAMES:
         raise AhlError(f"unknown --mode {mode!r}: use routed or composed")
+    if task is not None and mode != "routed":
+        raise AhlError(f"--task {task} answers with that task's adapter alone, so --mode {mode} "
+                       "would be ignored: drop one of them")
     if output is not None:
         return predict_to_file(texts, file, output, text_column, MODE_NAMES[mode], top_k, task,
                                Hub(store, device=device), as_json)
@@ -405,8 +412,15 @@ def store_show(ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NA
                        ("router version", str(info["router_version"] or "-")),
                        ("aliases", ", ".join(info["aliases"]) or "-"), ("run", info["run_id"]),
                        (f"test {info['metric'].replace('_', ' ')}",
-                        percent(info["metrics"].get(f"test_{info['metric']}")))]:
+                        percent(info["metrics"].get(f"test_{info['metric']}"))),
+                       ("status", info["status"])]:
         table.add_row(key, value)
+    if info["held"]:  # what the README promises beside "held": the regressions
+        table.add_row("held by gate", f"{info['held']['gate']}: "
+                      f"{regressions_text(info['held']['regressions'])}")
+    if info["origin"]:
+        table.add_row("imported from", f"{info['origin'].get('folder')} "
+                      f"({info['origin'].get('peft_type', '?')})")
     for file, sha in info["files"].items():
         table.add_row(file, sha[:16])
     out.print(table)

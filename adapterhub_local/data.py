@@ -90,7 +90,8 @@ def check_data_file(path: Path, formats=FORMATS) -> str:
         raise AhlError(f"unknown data format {path.suffix or '(no extension)'!r} for {path.name}: "
                        f"use one of {', '.join(sorted(formats))}")
     if path.stat().st_size == 0:
-        raise AhlError(f"data file {path.name} is empty: give it a header and rows")
+        wanted = "one text a line" if kind == "text" else "a header and rows"
+        raise AhlError(f"data file {path.name} is empty: give it {wanted}")
     if kind != "parquet":
         check_utf8(path)
     return kind
@@ -203,7 +204,12 @@ def text_chunks(path: str | Path, text_column: str = "text", size: int = 1000):
     with parse_errors(path, kind):
         for batch in rows.iter(batch_size=size):
             check_column(path, text_column, list(batch), "--text-column")
-            yield ["" if t is None else str(t) for t in batch[text_column]]
+            texts = batch[text_column]
+            wrong = next((t for t in texts if isinstance(t, (list, dict))), None)
+            if wrong is not None:  # str() would answer "['a']"
+                raise AhlError(f"{path.name}: a {text_column!r} value is {type(wrong).__name__} "
+                               f"{str(wrong)[:40]}, not text: give each row one text")
+            yield ["" if t is None else str(t) for t in texts]
 
 
 def batched(items, size: int):

@@ -377,6 +377,8 @@ class Hub:
 
     def gate(self, value: float | None = None, off: bool = False) -> float | None:
         """The store's default forgetting gate: read it, set it (value) or clear it (off)."""
+        if off and value is not None:
+            raise AhlError(f"a gate of {value} and --off contradict each other: give one of them")
         if off or value is not None:
             self.store.set_gate(None if off else check_gate(value))
         return self.store.gate()

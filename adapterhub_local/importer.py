@@ -42,6 +42,8 @@ class AdapterFolder:
 
 def read_adapter_folder(folder: str | Path, method: str | None = None) -> AdapterFolder:
     folder = Path(folder)
+    if not folder.exists():
+        raise AhlError(f"{folder} does not exist: check the path of the PEFT adapter folder")
     if not folder.is_dir():
         raise AhlError(f"{folder} is not a folder: import a PEFT adapter folder (what "
                        "save_pretrained writes)")

@@ -181,7 +181,7 @@ def gate_verdict(gate: float | None, task: str, previous: dict, row: dict) -> di
 
 def check_gate(gate: float) -> float:
     if not 0 <= gate < 1:
-        raise AhlError(f"gate {gate} is not an accuracy drop between 0 and 1: try --gate 0.02")
+        raise AhlError(f"gate {gate} is not an accuracy drop between 0 and 1: give e.g. 0.02")
     return float(gate)
 
 

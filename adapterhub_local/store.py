@@ -53,7 +53,10 @@ ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """'NAME', 'NAME@3' or 'NAME@production' -> (name, version or alias or None)."""
-    name, _, at = ref.partition("@")
+    name, marked, at = ref.partition("@")
+    if marked and not at:
+        raise AhlError(f"{ref!r} names no version after '@': write {name}@3, {name}@production "
+                       f"or {name}")
     return name, at or None
 
 

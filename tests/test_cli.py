@@ -89,6 +89,8 @@ def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_b
     (["add-task", "x", "--train", "{colors}", "--lr", "inf"], "--lr must be a positive number"),
     (["add-task", "x", "--train", "{colors}", "--lr", "nan"], "--lr must be a positive number"),
     (["ui", "--port", "99999"], "--port must be 1..65535"),
+    (["store", "show", "colors@"], "names no version after '@'"),
+    (["predict", "hi", "--task", "colors", "--mode", "composed"], "would be ignored: drop one"),
     # checked before --fresh clears the store (it emptied it, then failed)
     (["demo", "--fresh", "--epochs", "0"], "--epochs must be at least 1"),
 ])

@@ -140,3 +140,15 @@ def test_texts_to_predict_are_read_as_written_in_chunks_and_checked(tmp_path):
         read_texts(bad)
     with pytest.raises(AhlError, match="is a folder: give a file in it"):
         read_texts(tmp_path)
+
+
+def test_texts_that_are_not_text_and_an_empty_text_file_are_one_line(tmp_path):
+    from adapterhub_local.data import read_texts
+
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text('{"text": "fine"}\n{"text": ["a"]}\n', encoding="utf-8")
+    with pytest.raises(AhlError, match=r"a 'text' value is list \['a'\], not text"):
+        read_texts(lines)  # was answered as the text "['a']"
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(AhlError, match="is empty: give it one text a line"):
+        read_texts(tmp_path / "empty.txt")

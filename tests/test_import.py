@@ -80,6 +80,8 @@ def test_an_adapter_from_a_peft_script_is_routed_gated_and_answers_as_the_script
 
     shown = json.loads(ahl("store", "show", "moods", "--json", "--store", store).stdout)
     assert shown["origin"] == result["origin"] and shown["labels"] == ["sad", "happy"]
+    table = ahl("store", "show", "moods", "--store", store).stdout  # the table says so too
+    assert "imported from" in table and "moods_peft (LORA)" in table and "live" in table
     assert [a["task"] for a in shown["after"]] == ["colors", "animals"]
     metrics = Hub(store).metrics()
     assert metrics["tasks"] == ["colors", "animals", "moods"]

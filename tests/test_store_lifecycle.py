@@ -94,6 +94,8 @@ def test_the_gate_holds_back_a_version_that_makes_an_earlier_task_forget(
     hub = Hub(store_dir)
     held = hub.show("copycat@1")
     assert held["status"] == "held" and held["held"]["regressions"][0]["task"] == "colors"
+    table = ahl("store", "show", "copycat@1", "--store", store_dir).stdout  # as the README says
+    assert "held" in table and "held by gate" in table and "colors" in table
     assert {t["task"]: t["version"] for t in hub.tasks()} == {**before, "copycat": None}
     assert routed_tasks(hub, "colors") == {"colors"}  # routing still serves production only
 
@@ -104,6 +106,8 @@ def test_the_gate_holds_back_a_version_that_makes_an_earlier_task_forget(
 def test_a_gate_outside_zero_to_one_is_refused(store_dir, tiny_data, tiny_base):
     result = ahl("store", "gate", "2", "--store", store_dir, ok=False)
     assert result.exit_code == 1 and "between 0 and 1" in result.stderr
+    result = ahl("store", "gate", "0.05", "--off", "--store", store_dir, ok=False)
+    assert result.exit_code == 1 and "contradict each other" in result.stderr
 
 
 def test_a_failure_after_the_commit_point_is_finished_by_the_next_writer(store_dir, tiny_data,
