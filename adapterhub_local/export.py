@@ -15,11 +15,14 @@ import json
 import struct
 from pathlib import Path
 
-from adapterhub_local.store import PEFT_CONFIG, PEFT_WEIGHTS
+from adapterhub_local.store import GENERATE_FILE, HEAD_FILE, LABELS_FILE, PEFT_CONFIG, PEFT_WEIGHTS
 
 BOTTLENECK_WEIGHTS = "bottleneck.safetensors"
 BOTTLENECK_CONFIG = "bottleneck_config.json"
 WRAPPED = "base_model.model."  # where peft's saved weight names start from the wrapped model
+# Every file an export may write; other files in the folder are the user's and stay
+EXPORT_FILES = {PEFT_CONFIG, PEFT_WEIGHTS, HEAD_FILE, LABELS_FILE, GENERATE_FILE, BOTTLENECK_CONFIG,
+                BOTTLENECK_WEIGHTS, "README.md"}
 
 
 def export_version(store, loader, version, folder: Path) -> list[str]:
@@ -42,7 +45,10 @@ def export_version(store, loader, version, folder: Path) -> list[str]:
         peft_for_users(folder, public_id(info["base"]["name"]), backbone)
     (folder / "README.md").write_text(
         model_card(info, read_step(store, int(version.tags.get(STEP_TAG, 0)))), encoding="utf-8")
-    return sorted(files | {"README.md"})
+    files |= {"README.md"}
+    for stale in EXPORT_FILES - files:  # an earlier export's, overwritten with --force: a LoRA
+        (folder / stale).unlink(missing_ok=True)  # folder must not keep a bottleneck's config
+    return sorted(files)
 
 
 def peft_for_users(folder: Path, hub_id: str | None, backbone: str) -> None:

@@ -17,7 +17,7 @@ import re
 import time
 from pathlib import Path
 
-from adapterhub_local.errors import AhlError
+from adapterhub_local.errors import AhlError, brief
 from adapterhub_local.relocate import (check_database_present, guard_artifact_cache,
                                        open_folder_store)
 from adapterhub_local.tracking import TrackingWrites, error_code
@@ -147,9 +147,10 @@ class AdapterStore(TrackingWrites):
                     raise AhlError(f"the store at {self.location} refused access (HTTP {status}): "
                                    f"{fix}") from None
                 why = ("no MLflow tracking server answers there" if "Max retries" in str(e)
-                       else str(e).splitlines()[0][:160])
-                raise AhlError(f"cannot reach the store at {self.location}: {why}; start the "
-                               "server or check --store") from None
+                       else brief(e, 160))
+                fix = ("check --store, or run ahl store doctor" if self.folder is not None
+                       else "start the server or check --store")
+                raise AhlError(f"cannot reach the store at {self.location}: {why}; {fix}") from None
             if experiment is not None:
                 self._experiment_id = experiment.experiment_id
             elif create:

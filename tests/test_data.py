@@ -152,3 +152,11 @@ def test_texts_that_are_not_text_and_an_empty_text_file_are_one_line(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(AhlError, match="is empty: give it one text a line"):
         read_texts(tmp_path / "empty.txt")
+
+
+def test_another_librarys_message_is_one_whole_line():
+    from adapterhub_local.errors import brief
+
+    error = ValueError("Couldn't instantiate the backend tokenizer from one of:\n(1) a file\n(2) a slow one")
+    assert brief(error) == "Couldn't instantiate the backend tokenizer from one of: (1) a file (2) a slow one"
+    assert brief(ValueError("word " * 100), limit=23) == "word word word word ..."

@@ -101,11 +101,13 @@ def test_export_refuses_a_non_empty_folder_unless_forced(store_with_versions, tm
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / "bottleneck_config.json").write_text("{}")  # an earlier export of another method's
     result = ahl("store", "export", "colors", out, "--store", store_with_versions, ok=False)
     assert result.exit_code == 1 and "not an empty folder" in result.stderr
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["bottleneck_config.json", "keep.txt"]
     ahl("store", "export", "colors", out, "--force", "--store", store_with_versions)
-    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (out / "keep.txt").is_file()
+    assert not (out / "bottleneck_config.json").exists()  # stale: it would mislead a loader
 
 
 def test_verify_reports_altered_and_missing_files(store_with_versions):
