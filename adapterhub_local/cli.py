@@ -284,7 +284,8 @@ def tasks(store: StoreOption = None, as_json: JsonOption = False):
         return print_json(rows)
     table = Table(title="tasks")
     for column in ("task", "version", "kind", "method", "aliases", "score %", "metric"):
-        table.add_column(column)
+        # a narrow terminal folds a task's name, never cuts it ("fortune_langua…")
+        table.add_column(column, **({"overflow": "fold", "min_width": 10} if column == "task" else {}))
     for row in rows:
         table.add_row(row["task"], "held" if row["version"] is None else str(row["version"]),
                       row["kind"], row["method"], ", ".join(row["aliases"]),
@@ -322,12 +323,18 @@ def metrics(store: StoreOption = None, as_json: JsonOption = False,
 
 
 def confusion_table(confusion: dict) -> Table:
-    table = Table(title="router confusion at the last step (rows: true task, columns: routed to)")
-    table.add_column("true \\ routed")
-    for task in confusion["tasks"] + ["abstain"]:
-        table.add_column(task, justify="right")
+    # Columns by number, named in the rows: task names as headers of a dozen columns are cut to
+    # "wordne…" at 80 characters, three tasks alike
+    numbers = {task: str(i) for i, task in enumerate(confusion["tasks"], 1)}
+    table = Table(title="router confusion at the last step (rows: true task, columns: routed to, "
+                  "by number)")
+    table.add_column("true \\ routed", overflow="fold")
+    for task in confusion["tasks"]:
+        table.add_column(numbers[task], justify="right")
+    table.add_column("abstain", justify="right")
     for task, row in zip(confusion["true_tasks"], confusion["matrix"]):
-        table.add_row(task, *[str(n) for n in row])
+        label = f"{numbers[task]} {task}" if task in numbers else task
+        table.add_row(label, *[str(n) for n in row])
     return table
 
 

@@ -11,6 +11,7 @@ parallel with other writers), commit (the lease and the transaction), serving (w
 sequence (the matrices).
 """
 
+import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,9 +43,9 @@ class Hub:
         self.device = check_device_name(device)
         """auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps; default $AHL_DEVICE,
         else auto. Checked where the base loads: a device that is not there is one line."""
-        if wait < 0:
-            raise AhlError(f"--wait {wait} is negative: give the seconds to wait for the "
-                           "store's lock, e.g. --wait 300")
+        if not 0 <= wait < math.inf:  # nan and inf too: a lease's deadline must be a time
+            raise AhlError(f"--wait {wait} is not a number of seconds: give the seconds to wait "
+                           "for the store's lock, e.g. --wait 300")
         self.store = AdapterStore(store, namespace)
         self.loader = Loader(self.store, self.device)
         self.wait = wait

@@ -1,6 +1,7 @@
 """The CLI through typer's CliRunner: contracts of --json, and one clean line per user mistake."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -55,6 +56,8 @@ def test_two_tasks_then_a_second_version(store_dir, tiny_data, tiny_base):
     # The tables print too.
     assert "colors" in ahl("metrics", "--store", store_dir).stdout
     assert "animals" in ahl("tasks", "--store", store_dir).stdout
+    confusion = ahl("metrics", "--confusion", "--store", store_dir).stdout
+    assert re.search(r"│ [12] colors ", confusion) and re.search(r"│ [12] animals ", confusion)
 
 
 def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_base, tmp_path):
@@ -90,6 +93,7 @@ def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_b
     (["add-task", "x", "--train", "{colors}", "--lr", "nan"], "--lr must be a positive number"),
     (["ui", "--port", "99999"], "--port must be 1..65535"),
     (["store", "show", "colors@"], "names no version after '@'"),
+    (["store", "rm", "colors@1", "--wait", "nan"], "--wait nan is not a number of seconds"),
     (["predict", "hi", "--task", "colors", "--mode", "composed"], "would be ignored: drop one"),
     # checked before --fresh clears the store (it emptied it, then failed)
     (["demo", "--fresh", "--epochs", "0"], "--epochs must be at least 1"),
