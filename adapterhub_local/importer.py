@@ -231,7 +231,9 @@ def check_weights(bank, folder: Path, method) -> int:
     try:
         with quiet_peft_wrap():
             trial = PeftModel.from_pretrained(bank.bare_copy(), folder, adapter_name="trial")
-        kept = set(get_peft_model_state_dict(trial, adapter_name="trial"))
+        # Without the embedding check, which looks the folder's base up on the Hub (a network
+        # call and two warnings where there is none): only the adapter's own names matter here
+        kept = set(get_peft_model_state_dict(trial, adapter_name="trial", save_embedding_layers=False))
     except Exception as e:  # noqa: BLE001 - shapes, modules, peft's own checks: one answer
         raise AhlError(f"the adapter does not load on base {bank.base.name!r}: "
                        f"{' '.join(str(e).split())[:240]}") from None

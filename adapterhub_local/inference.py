@@ -234,7 +234,10 @@ class AdapterBank:
         """Write the PEFT folder (adapter_config.json, adapter_model.safetensors), head and labels."""
         folder = Path(folder)
         with quiet_peft_wrap():
-            self.model(name).save_pretrained(folder, selected_adapters=[name])
+            # No base embeddings (ahl never resizes the vocabulary): "auto" would look the
+            # adapter's base up on the Hub, a network call for a base named by its public id
+            self.model(name).save_pretrained(folder, selected_adapters=[name],
+                                             save_embedding_layers=False)
         # save_pretrained nests non-default adapters in a subfolder; flatten to a plain PEFT folder.
         nested = folder / name
         if nested.is_dir():

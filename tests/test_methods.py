@@ -246,3 +246,25 @@ def test_bad_method_input_is_one_line_and_changes_nothing(store_dir, tiny_data, 
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr, result.stderr
     assert file_digest(store_dir) == before
+
+
+def test_saving_an_adapter_never_looks_its_base_up_on_the_hub(tiny_base, tmp_path, monkeypatch):
+    """An imported folder names its base by its public id; peft's save looked that up on the
+    Hub (a network call, two warnings offline) to decide whether to save embeddings."""
+    import peft.utils.save_and_load as save_and_load
+
+    from adapterhub_local.methods import get_method, method_options
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("save_pretrained looked the base up on the Hub")
+
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_network)
+    bank = bank_for(load_base(tiny_base))
+    lora = get_method("lora")
+    bank.add_adapter("hubless", lora.build(method_options("lora", {}), bank.base), ["x", "y"], lora)
+    try:
+        bank.model("hubless").peft_config["hubless"].base_model_name_or_path = "someone/not-here"
+        bank.save_adapter("hubless", tmp_path / "out")
+    finally:
+        bank.remove_adapter("hubless")
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
