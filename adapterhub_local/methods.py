@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from adapterhub_local.errors import AhlError
+from adapterhub_local.errors import AhlError, has_type_of
 
 METHOD_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 # Linear layers to adapt per architecture (config.model_type). The pooler is left out on purpose:
@@ -94,9 +94,7 @@ def describe_methods() -> list[dict]:
         docs = option_docs(method.options)
         options = [{"name": f.name, "type": type(default).__name__, "default": default,
                     "help": docs.get(f.name, "")}
-                   for f in dataclasses.fields(method.options)
-                   for default in [f.default if f.default is not dataclasses.MISSING
-                                   else f.default_factory()]]
+                   for f in dataclasses.fields(method.options) for default in [option_default(f)]]
         rows.append({"name": method.name, "family": method.family, "options": options,
                      "mixed_batch": method.mixed_batch, "quantized": method.quantized,
                      "architectures": list(method.architectures),
@@ -132,14 +130,17 @@ def method_options(name: str, values: dict | None = None):
         raise AhlError(f"method {name!r}: {e}") from None
 
 
+def option_default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def cast_option(method: str, f: dataclasses.Field, value):
     """A string from the command line cast to the option's type; a spec's typed TOML value
     checked against it (a number where a list belongs would reach peft as a traceback)."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = option_default(f)
     kind = type(default)
     if not isinstance(value, str):
-        allowed = (int, float) if kind is float else (kind,)
-        if not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool)):
+        if not has_type_of(value, default):
             raise AhlError(f"method {method!r} option {f.name}={value!r} is not of type "
                            f"{kind.__name__}: give e.g. {f.name}={default!r}")
         return value
@@ -223,10 +224,10 @@ def check_targets(targets: list[str], base) -> list[str]:
     (a module's name, or its last dotted parts); peft would fail only once training starts."""
     import torch
 
-    names = [n for n, _ in base.model.named_modules()]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    modules = dict(base.model.named_modules())
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
     if unmatched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.model.named_modules()
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
                          if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"target_modules {', '.join(map(repr, unmatched))} match no module of "
                          f"the base: name some of its linear layers, e.g. "

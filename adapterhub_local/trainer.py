@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from adapterhub_local.errors import AhlError
+from adapterhub_local.errors import AhlError, has_type_of
 from adapterhub_local.router import ROUTER_FEATURES
 
 LOG_EVERY = 10  # steps between train-loss logs
@@ -68,8 +68,7 @@ class TrainOptions:
         # comparisons below (a traceback) or read as true.
         for f in fields(self):
             value, kind = getattr(self, f.name), type(f.default)
-            allowed = (int, float) if kind is float else (kind,)
-            if not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool)):
+            if not has_type_of(value, f.default):
                 wanted = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
                 example = "false" if kind is bool else repr(f.default)
                 raise AhlError(f"{f.name} must be {wanted}, got {value!r}: write {f.name} = "
