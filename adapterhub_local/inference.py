@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterhub_local import lexical, lora_batch
+from adapterhub_local import lexical, lora_batch, packing
 from adapterhub_local.router import FEATURES, ROUTER_FEATURES
 from adapterhub_local.store import GENERATE_FILE, HEAD_FILE, LABELS_FILE, PEFT_WEIGHTS
 
@@ -316,13 +316,13 @@ class AdapterBank:
         ids = self.base.tokenize(texts, max_length)
         with self.bare():
             for rows in length_batches(ids, range(len(ids)), batch_size):
-                batch = self.base.pad([ids[i] for i in rows])
-                hidden = self.base.states_at(blocks, batch)  # the last is the middle block's
-                out[rows] = torch.cat([torch.nn.functional.normalize(mean_pool(h, batch), dim=-1)
+                # packed: [tokens, D] each, the last the middle block's
+                hidden, packed = packing.states_at(self.base, blocks, [ids[i] for i in rows])
+                out[rows] = torch.cat([torch.nn.functional.normalize(packed.mean(h), dim=-1)
                                        for h in hidden], dim=1).cpu()  # the router's side
                 if keep_states:
-                    for k, row in enumerate(rows):
-                        states[row] = hidden[-1][k, : len(ids[row])]
+                    for row, state in zip(rows, packed.split(hidden[-1])):
+                        states[row] = state
         return out, states if keep_states else None
 
     def features(self, texts: list[str], max_length: int = 128,
@@ -381,12 +381,24 @@ class AdapterBank:
                 states: list[torch.Tensor] | None) -> torch.Tensor:
         """Mean-pooled last states of one batch, row i through adapter names[i], going on from
         the bottom half's states where given."""
+        bare = model.get_base_model()
+        blocks = bare.get_submodule(self.base.layers_name)
+        # Packed, no products on pads (packing.py); each adapter's tokens then take a product
+        # pair, kernel launches on a GPU (lora_batch.DEVICE_MAX_RUNS): there the padded batch's
+        # gathered products stay.
+        if (self.mixed_batch[names[0]] and lora_batch.covers(model)
+                and torch.device(self.base.device).type == "cpu"
+                and packing.packable(bare, blocks)):
+            packed = packing.Packing.of(ids, self.base.device)
+            after, hidden = (self.base.middle, torch.cat(states)) if states else (-1, None)
+            with lora_batch.rows(model, names, packed.lengths.tolist()):
+                return packed.mean(packing.last_states(bare, blocks, ids, packed, after, hidden))
         batch = self.base.pad(ids)
         per_row, mixed = self.batch_routing(model, names)
         resumed = contextlib.nullcontext()
         if states is not None:
             hidden = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
-            resumed = self.base.resumed_after(self.base.middle, hidden, model.get_base_model())
+            resumed = self.base.resumed_after(self.base.middle, hidden, bare)
         with resumed, per_row, quiet_forward():
             return mean_pool(model(**batch, **mixed).last_hidden_state, batch)
 

@@ -24,11 +24,15 @@ import torch
 _BATCH = threading.local()  # the adapter of each row of the forward running now (rows())
 
 
-def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[str], **kwargs):
+def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[str],
+                           lengths: list[int] | None = None, **kwargs):
     distinct = dict.fromkeys(adapter_names)
     names = [n for n in distinct if n in layer.lora_A]
     if len(distinct) == 1 and names and not layer.training and plain(layer, names):
         return one_adapter_forward(layer, x, names[0], *args, **kwargs)
+    if lengths is not None:
+        return packed_mixed_forward(layer, x, layout(adapter_names, lengths), names, *args,
+                                    **kwargs)
     weights = None if layer.training or x.dim() != 3 else stacked(layer, names)
     if weights is None:
         return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=adapter_names,
@@ -55,6 +59,31 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
     if not can_accumulate(result, b):
         return result + torch.bmm(update, b_rows).to(result.dtype)
     return result.baddbmm_(update, b_rows)  # no second [rows, tokens, out] pass
+
+
+def packed_mixed_forward(layer, x: torch.Tensor, batch: "Layout", names: list[str], *args,
+                         **kwargs):
+    """A packed batch (x: [tokens, in], each row's tokens in turn, rows ordered by adapter):
+    each adapter's tokens are one slice and take one product pair. Nothing is padded or
+    gathered; anything else goes to peft's loop, each token a row of its text's adapter."""
+    weights = None if layer.training or batch.token_slices is None else stacked(layer, names)
+    if weights is None:
+        return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=batch.token_names(),
+                                                **kwargs)
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
+                                           if k not in VARIANT_KWARG_KEYS})
+    index, a, b = weights
+    for name, start, stop in batch.token_slices:
+        if name not in index:  # base rows, or an adapter that leaves this layer alone
+            continue
+        a_t, b_t = a[index[name]].T, b[index[name]].T  # the stack's B is scaled already
+        if can_accumulate(result, b):
+            add_product_(result[start:stop], x[start:stop], a_t, b_t, 1.0)
+        else:
+            result[start:stop] += ((x[start:stop].to(a.dtype) @ a_t.T) @ b_t.T).to(result.dtype)
+    return result
 
 
 def one_adapter_forward(layer, x: torch.Tensor, name: str, *args, **kwargs):
@@ -92,10 +121,21 @@ class Layout:
     """What the layers of one forward need of its rows' adapters, worked out once (layout()):
     every layer of a forward sees the same names."""
 
-    def __init__(self, adapter_names: list[str]):
+    def __init__(self, adapter_names: list[str], lengths: list[int] | None = None):
         self.names = list(adapter_names)
+        self.lengths = lengths
         self.slices = runs_of(self.names)
+        self.token_slices = None
+        """A packed batch's runs as (name, first token, end token)."""
+        if lengths is not None and self.slices is not None:
+            ends = list(itertools.accumulate(lengths))
+            self.token_slices = [(name, ends[start] - lengths[start], ends[stop - 1])
+                                 for name, start, stop in self.slices]
         self._rows: dict[tuple, torch.Tensor] = {}
+
+    def token_names(self) -> list[str]:
+        """A packed batch's adapter of each token."""
+        return [name for name, n in zip(self.names, self.lengths) for _ in range(n)]
 
     def rows(self, index: dict, device) -> torch.Tensor:
         """Each row's place in a stack of `index`'s adapters (its last, the zero adapter, for
@@ -109,11 +149,11 @@ class Layout:
         return self._rows[key]
 
 
-def layout(adapter_names: list[str]) -> Layout:
+def layout(adapter_names: list[str], lengths: list[int] | None = None) -> Layout:
     """The running forward's Layout: the first layer makes it, the others find it."""
     kept = getattr(_BATCH, "layout", None)
-    if kept is None or kept.names != adapter_names:
-        kept = _BATCH.layout = Layout(adapter_names)
+    if kept is None or kept.names != adapter_names or kept.lengths != lengths:
+        kept = _BATCH.layout = Layout(adapter_names, lengths)
     return kept
 
 
@@ -202,7 +242,9 @@ def routed_forward(layer, x: torch.Tensor, *args, **kwargs):
     """An installed layer's forward: the gathered mixed batch when the batch's rows name their
     adapters (adapter_names, or rows()), the base layer alone under rows(model, BARE), else
     peft's own forward."""
-    names = kwargs.pop("adapter_names", None) or getattr(_BATCH, "names", None)
+    names, lengths = kwargs.pop("adapter_names", None), None
+    if names is None:
+        names, lengths = getattr(_BATCH, "names", None), getattr(_BATCH, "lengths", None)
     if names is None or layer.disable_adapters or layer.merged:
         return type(layer).forward(layer, x, *args, **kwargs)
     if names is BARE:
@@ -210,22 +252,24 @@ def routed_forward(layer, x: torch.Tensor, *args, **kwargs):
 
         return layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
                                              if k not in VARIANT_KWARG_KEYS})
-    return gathered_mixed_forward(layer, x, *args, adapter_names=names, **kwargs)
+    return gathered_mixed_forward(layer, x, *args, adapter_names=names, lengths=lengths, **kwargs)
 
 
 @contextlib.contextmanager
-def rows(model: torch.nn.Module, adapter_names: list[str] | str):
+def rows(model: torch.nn.Module, adapter_names: list[str] | str, lengths: list[int] | None = None):
     """Within, row i of a forward of `model` goes through adapter_names[i] (every row through
     the bare base for BARE: cheaper than peft's disable_adapter, which checks and toggles every
-    adapter's layers twice). Only for a model whose every LoRA layer is installed (covers):
-    another layer would not see the names."""
+    adapter's layers twice). With `lengths`, the forward is packed (packing.py): its layers see
+    [tokens, in], row i's lengths[i] tokens after row i-1's. Only for a model whose every LoRA
+    layer is installed (covers): another layer would not see the names."""
     if not covers(model):
         raise ValueError("rows() needs every LoRA layer of the model installed")
-    outer, _BATCH.names = getattr(_BATCH, "names", None), adapter_names
+    outer = getattr(_BATCH, "names", None), getattr(_BATCH, "lengths", None)
+    _BATCH.names, _BATCH.lengths = adapter_names, lengths
     try:
         yield
     finally:
-        _BATCH.names = outer
+        _BATCH.names, _BATCH.lengths = outer
 
 
 def install(model: torch.nn.Module) -> None:

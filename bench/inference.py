@@ -7,6 +7,9 @@ fit from each adapter's task statistics, word counts included (adapter i stands 
 i mod 6). The texts
 are the bundled tasks' test texts, mixed; adapter i mod N is each text's "given" task.
   floor     the bare base, full passes batched by length: no routing, no adapter
+  packed    the bare base through ahl's packed blocks (packing.py: no products on the pads),
+            the same batches: how much of routed / floor is packing, and what routing and the
+            adapters cost beyond it (routed / packed)
   mixed     peft's own mixed-batch forward (`adapter_names`: a loop over the batch's adapters in
             every layer) over full passes, the task given
   grouped   per-adapter batches, the task given: set_adapter, then the adapter's texts
@@ -36,7 +39,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
-from adapterhub_local import lexical, lora_batch  # noqa: E402
+from adapterhub_local import lexical, lora_batch, packing  # noqa: E402
 from adapterhub_local.base import load_base  # noqa: E402
 from adapterhub_local.cli import parse_method_args  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
@@ -86,6 +89,16 @@ def floor(bank, texts: list[str]) -> None:
     with bank.bare():
         for rows in length_batches(ids, range(len(ids)), BATCH):
             bank.base.model(**bank.base.pad([ids[i] for i in rows]))
+
+
+@torch.inference_mode()
+def packed(bank, texts: list[str]) -> None:
+    ids = bank.base.tokenize(texts, 128)
+    with bank.bare():
+        for rows in length_batches(ids, range(len(ids)), BATCH):
+            batch = [ids[i] for i in rows]
+            packing.last_states(bank.base.model, bank.base.layers, batch,
+                                packing.Packing.of(batch, bank.base.device))
 
 
 @torch.inference_mode()
@@ -157,6 +170,7 @@ def main() -> None:
         names = list(stats)
         given = [names[i % len(names)] for i in range(len(texts))]
         runs = {"floor": lambda: floor(bank, texts),
+                "packed": lambda: packed(bank, texts),
                 "mixed": lambda: mixed(bank, texts, given),
                 "grouped": lambda: grouped(bank, texts, given),
                 "routed": lambda: routed(bank, router, texts, adapters),
@@ -180,12 +194,14 @@ def main() -> None:
     print(f"\n{date.today()}, {machine(device)}, {torch.get_num_threads()} torch threads; "
           f"{len(texts)} mixed texts; LoRA {args.lora or 'default'}; {args.rounds} rounds; "
           "texts/s, and routed / floor")
-    print("| adapters | bare forward (floor) | peft mixed batch, task given | per-adapter batches, "
-          "task given | ahl routed | routed / floor | one text per call: floor ms, routed ms, "
-          "floor / routed |\n|---:|---:|---:|---:|---:|---:|---|")
+    print("| adapters | bare forward (floor) | bare, packed | peft mixed batch, task given | "
+          "per-adapter batches, task given | ahl routed | routed / floor | routed / packed | "
+          "one text per call: floor ms, routed ms, floor / routed |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for count, tput in rows:
-        print(f"| {count} | {tput['floor']:.0f} | {tput['mixed']:.0f} | {tput['grouped']:.0f} | "
-              f"{tput['routed']:.0f} | {tput['routed'] / tput['floor']:.2f}x | "
+        print(f"| {count} | {tput['floor']:.0f} | {tput['packed']:.0f} | {tput['mixed']:.0f} | "
+              f"{tput['grouped']:.0f} | {tput['routed']:.0f} | {tput['routed'] / tput['floor']:.2f}x | "
+              f"{tput['routed'] / tput['packed']:.2f}x | "
               f"{1000 / tput['floor_one']:.1f}, {1000 / tput['routed_one']:.1f}, "
               f"{tput['routed_one'] / tput['floor_one']:.2f}x |")
     first, last = memory[0], memory[-1]

@@ -101,6 +101,45 @@ def test_bottom_half_features_pool_each_block_side_by_side(tiny_base, tmp_path):
     assert FEATURES["bottom_half"](14) == [0, 7, 14] and FEATURES["bottom_half"](0) == [0]
 
 
+def test_the_bottom_half_runs_packed_as_the_padded_forward_computes_it(bank, monkeypatch):
+    """A BERT base's bottom half runs its texts packed (no pads in the linear layers), through
+    adapters wrapping its blocks (ahl_a adapts every block; the bare context skips them), and
+    gives what transformers' padded forward gives; a base in training mode is padded."""
+    from adapterhub_local import packing
+
+    ids = bank.base.tokenize(TEXTS, 128)
+    with bank.bare():
+        padded = bank.base.states_at([0], bank.base.pad(ids))[0]
+    monkeypatch.setattr(type(bank.base), "states_at", refuse)  # the padded forward
+    features, states = bank.encode(TEXTS, features="middle")
+    mask = bank.base.pad(ids)["attention_mask"].unsqueeze(-1)
+    want = torch.nn.functional.normalize((padded * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(features, want, rtol=1e-5, atol=1e-6)
+    for k, state in enumerate(states):
+        torch.testing.assert_close(state, padded[k, : len(ids[k])], rtol=1e-5, atol=1e-6)
+    assert len({len(x) for x in ids}) > 2  # texts of several lengths: there were pads
+    bank.base.model.train()
+    try:
+        assert not packing.packable(bank.base.model, bank.base.layers)  # dropout: padded
+    finally:
+        bank.base.model.eval()
+
+
+def test_a_packing_pads_and_pools_each_texts_own_tokens():
+    from adapterhub_local.packing import Packing
+
+    ids = [[5, 6, 7], [8], [9, 10]]
+    packing = Packing.of(ids, "cpu")
+    tokens = torch.arange(12.0).view(6, 2)
+    grid = packing.pad(tokens)
+    assert grid.shape == (3, 3, 2) and grid[1, 1:].abs().sum() == 0  # the short text's pads
+    torch.testing.assert_close(packing.unpad(grid), tokens)
+    torch.testing.assert_close(packing.mean(tokens), torch.stack(
+        [tokens[:3].mean(0), tokens[3], tokens[4:].mean(0)]))
+    assert [len(x) for x in packing.split(tokens)] == [3, 1, 2]
+    assert packing.positions.tolist() == [0, 1, 2, 0, 0, 1]
+
+
 def test_the_default_lora_group_wraps_the_bank_base_itself(bank):
     """One method in use costs one base in memory: LoRA wraps the bank's base in place."""
     assert bank.model("ahl_a").get_base_model() is bank.base.model
@@ -128,15 +167,22 @@ def test_answer_mixes_tasks_that_share_a_label_set():
     assert answer(Route([], [], 0.0, "empty text"), probs, labels)["label"] is None
 
 
-def test_going_on_from_the_routers_states_equals_a_full_pass(bank):
-    """Adapters that leave the bottom half bare reuse the router's pass through it."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_going_on_from_the_routers_states_equals_a_full_pass(bank, packed, monkeypatch):
+    """Adapters that leave the bottom half bare reuse the router's pass through it; packed
+    (packing.py) or padded (other bases, GPUs), the answers are the same."""
+    from adapterhub_local import packing
+
     assert bank.resumes("ahl_top") and not bank.resumes("ahl_a")
     adapters = ["ahl_top", "ahl_a", "ahl_top", "ahl_b", "ahl_top", "ahl_top"]
     _, states = bank.encode(TEXTS)
+    other = bank.probabilities(TEXTS, adapters, states=states)
+    monkeypatch.setattr(packing, "packable", lambda *args: packed)
     resumed = bank.probabilities(TEXTS, adapters, states=states)
     full = bank.probabilities(TEXTS, adapters)
-    for got, want in zip(resumed, full):
+    for got, want, default in zip(resumed, full, other):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, default, rtol=1e-5, atol=1e-6)
     assert len(list(bank.base.layers)) == 2 and all(  # the blocks are back after resuming
         type(block).__name__ == "BertLayer" for block in bank.base.layers)
 
@@ -279,6 +325,40 @@ def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank, monkeypatch
             gathered = model(**batch).last_hidden_state
     torch.testing.assert_close(sliced, looped, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_through_many_adapters_give_pefts_padded_loop(bank, monkeypatch):
+    """A packed forward (packing.py) sends each text's tokens through its row's adapter: rows
+    ordered by adapter take a product pair per adapter's slice of tokens; rows out of order go
+    to peft's loop with each token a row. Both give peft's own padded loop's states."""
+    from peft.tuners.lora.layer import Linear
+
+    from adapterhub_local import lora_batch, packing
+
+    model = bank.evaluating("ahl_a")
+    bare = model.get_base_model()
+    blocks = bare.get_submodule(bank.base.layers_name)
+    texts = TEXTS * 2
+    names = ["__base__", "ahl_a", "ahl_b", "ahl_top", "ahl_a", "ahl_b"] * 2
+    ordered = sorted(range(len(names)), key=names.__getitem__)
+    peft_loop, fallbacks = Linear._mixed_batch_forward, []
+    monkeypatch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
+                        or peft_loop(*a, **k))
+    for rows in (ordered, list(range(len(names)))):
+        row_names, ids = [names[i] for i in rows], bank.base.tokenize([texts[i] for i in rows], 32)
+        packed = packing.Packing.of(ids, "cpu")
+        fallbacks.clear()
+        with torch.inference_mode():
+            with lora_batch.frozen(set(names)), lora_batch.rows(model, row_names,
+                                                                packed.lengths.tolist()):
+                got = packing.last_states(bare, blocks, ids, packed)
+            used_peft = bool(fallbacks)
+            with lora_batch.uninstalled(model):
+                want = model(**bank.base.pad(ids), adapter_names=row_names).last_hidden_state
+        assert used_peft == (rows != ordered)
+        torch.testing.assert_close(got, packed.unpad(want), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode(), bank.bare():
+        assert not torch.allclose(got, packed.unpad(bare(**bank.base.pad(ids)).last_hidden_state))
 
 
 def test_evaluating_skips_eval_only_while_nothing_left_eval_mode(bank):
