@@ -330,7 +330,7 @@ def test_rows_ordered_by_adapter_run_as_slices_like_pefts_loop(bank, monkeypatch
 def test_packed_rows_through_many_adapters_give_pefts_padded_loop(bank, monkeypatch):
     """A packed forward (packing.py) sends each text's tokens through its row's adapter: rows
     ordered by adapter take a product pair per adapter's slice of tokens; rows out of order go
-    to peft's loop with each token a row. Both give peft's own padded loop's states."""
+    to peft's loop with each token a row. Each gives peft's own padded loop's states."""
     from peft.tuners.lora.layer import Linear
 
     from adapterhub_local import lora_batch, packing
@@ -344,7 +344,11 @@ def test_packed_rows_through_many_adapters_give_pefts_padded_loop(bank, monkeypa
     peft_loop, fallbacks = Linear._mixed_batch_forward, []
     monkeypatch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
                         or peft_loop(*a, **k))
-    for rows in (ordered, list(range(len(names)))):
+    accumulates = lora_batch.can_accumulate
+    for rows, in_place in ((ordered, True), (ordered, False), (list(range(len(names))), True)):
+        # not in place: the sum out of place, as for a base whose dtype is not the adapters'
+        monkeypatch.setattr(lora_batch, "can_accumulate", accumulates if in_place
+                            else lambda *args: False)
         row_names, ids = [names[i] for i in rows], bank.base.tokenize([texts[i] for i in rows], 32)
         packed = packing.Packing.of(ids, "cpu")
         fallbacks.clear()
