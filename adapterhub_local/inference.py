@@ -299,7 +299,7 @@ class AdapterBank:
         """Whether the adapter leaves the bottom half bare, so that its rows can go on from the
         states the router's pass already computed instead of starting over."""
         layers = getattr(self.model(name).peft_config[name], "layers_to_transform", None)
-        if layers is None:
+        if layers is None or self.base.middle < 0:  # a one-block base has no bottom half
             return False
         return min([layers] if isinstance(layers, int) else layers) > self.base.middle
 
@@ -389,10 +389,7 @@ class AdapterBank:
         if (self.mixed_batch[names[0]] and lora_batch.covers(model)
                 and torch.device(self.base.device).type == "cpu"
                 and packing.packable(bare, blocks)):
-            packed = packing.Packing.of(ids, self.base.device)
-            after, hidden = (self.base.middle, torch.cat(states)) if states else (-1, None)
-            with lora_batch.rows(model, names, packed.lengths.tolist()):
-                return packed.mean(packing.last_states(bare, blocks, ids, packed, after, hidden))
+            return self._pooled_packed(model, blocks, ids, names, states)
         batch = self.base.pad(ids)
         per_row, mixed = self.batch_routing(model, names)
         resumed = contextlib.nullcontext()
@@ -401,6 +398,15 @@ class AdapterBank:
             resumed = self.base.resumed_after(self.base.middle, hidden, bare)
         with resumed, per_row, quiet_forward():
             return mean_pool(model(**batch, **mixed).last_hidden_state, batch)
+
+    def _pooled_packed(self, model, blocks, ids: list[list[int]], names: list[str],
+                       states: list[torch.Tensor] | None) -> torch.Tensor:
+        """_pooled over packed texts (packing.py)."""
+        packed = packing.Packing.of(ids, self.base.device)
+        after, hidden = (self.base.middle, torch.cat(states)) if states else (-1, None)
+        with lora_batch.rows(model, names, packed.lengths.tolist()):
+            last = packing.last_states(model.get_base_model(), blocks, ids, packed, after, hidden)
+        return packed.mean(last)
 
     def predict(self, name: str, texts: list[str], max_length: int = 128) -> tuple[list[int], list[float]]:
         """(label ids, probabilities of those labels) for texts through one adapter."""

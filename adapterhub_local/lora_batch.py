@@ -15,6 +15,7 @@ each forward, walking all of the model's modules, and those grow with the adapte
 
 import contextlib
 import copy
+import functools
 import itertools
 import threading
 import types
@@ -64,11 +65,13 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
 def packed_mixed_forward(layer, x: torch.Tensor, batch: "Layout", names: list[str], *args,
                          **kwargs):
     """A packed batch (x: [tokens, in], each row's tokens in turn, rows ordered by adapter):
-    each adapter's tokens are one slice and take one product pair. Nothing is padded or
-    gathered; anything else goes to peft's loop, each token a row of its text's adapter."""
-    weights = None if layer.training or batch.token_slices is None else stacked(layer, names)
-    if weights is None:
-        return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=batch.token_names(),
+    each adapter's tokens are one slice and take one product pair, from the layer's stack of the
+    batch's adapters or, where their ranks differ (a store that spans a change of the default
+    rank), from each adapter's own weights. Nothing is padded or gathered. LoRA variants and
+    biases, training, and rows out of order go to peft's loop, each token a row of its text's
+    adapter."""
+    if layer.training or batch.token_slices is None or not all(plain(layer, [n]) for n in names):
+        return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=batch.token_names,
                                                 **kwargs)
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
@@ -76,20 +79,26 @@ def packed_mixed_forward(layer, x: torch.Tensor, batch: "Layout", names: list[st
                                            if k not in VARIANT_KWARG_KEYS})
     if not names:  # none of the batch's adapters adapts this layer
         return result
-    index, a, b = weights
-    x, accumulate = x.to(a.dtype), can_accumulate(result, b)
+    weights, adapted = stacked(layer, names), set(names)
+    x = x.to(layer.lora_A[names[0]].weight.dtype)
+    accumulate = can_accumulate(result, layer.lora_B[names[0]].weight)
     # Dozens of slices a layer at many adapters: each is two products on a few dozen tokens, so
-    # the loop's own views and calls count; the stacks' rows are used as they lie ([in, r] and
+    # the loop's own views and calls count; a stack's rows are used as they lie ([in, r] and
     # the scaled [r, out]), without transposing.
     for name, start, stop in batch.token_slices:
-        i = index.get(name)
-        if i is None:  # base rows, or an adapter that leaves this layer alone
+        if name not in adapted:  # base rows, or an adapter that leaves this layer alone
             continue
-        update = torch.mm(x[start:stop], a[i])
-        if accumulate:
-            result[start:stop].addmm_(update, b[i])
+        if weights is not None:
+            index, a, b = weights
+            a, b, scale = a[index[name]], b[index[name]], 1.0
         else:
-            result[start:stop] += torch.mm(update, b[i]).to(result.dtype)
+            a, b = layer.lora_A[name].weight.T, layer.lora_B[name].weight.T
+            scale = layer.scaling[name]
+        update = torch.mm(x[start:stop], a)
+        if accumulate:
+            result[start:stop].addmm_(update, b, alpha=scale)
+        else:
+            result[start:stop] += (torch.mm(update, b) * scale).to(result.dtype)
     return result
 
 
@@ -140,6 +149,7 @@ class Layout:
                                  for name, start, stop in self.slices]
         self._rows: dict[tuple, torch.Tensor] = {}
 
+    @functools.cached_property
     def token_names(self) -> list[str]:
         """A packed batch's adapter of each token."""
         return [name for name, n in zip(self.names, self.lengths) for _ in range(n)]

@@ -10,6 +10,7 @@ calling the block's own submodules, so adapters that wrap them (LoRA with its ba
 disable_adapter) act as in the padded forward. Other bases keep transformers' padded forward.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,12 @@ class Packing:
         starts = torch.cumsum(lengths, 0) - lengths
         position = torch.arange(len(text), device=device) - starts[text]
         return cls(lengths, width, text * width + position, text)
+
+    @functools.cached_property
+    def keys(self) -> torch.Tensor:
+        """Attention's mask over the padded grid: [texts, 1, 1, width], False on the pads."""
+        places = torch.arange(self.width, device=self.where.device)
+        return (places < self.lengths.unsqueeze(-1))[:, None, None, :]
 
     @property
     def positions(self) -> torch.Tensor:
@@ -59,14 +66,21 @@ class Packing:
 
 
 def packable(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> bool:
-    """Whether block() computes what `blocks` of `model` do: a BERT encoder in eval mode whose
-    blocks carry no hooks (block() calls their submodules, not the blocks)."""
+    """Whether block() computes what `blocks` of `model` do: transformers' BertLayers of a BERT
+    encoder in eval mode (block() leaves dropout out), with absolute positions (embed() numbers
+    each text's tokens from 0), and no hook or patched forward on a module whose forward
+    block() and embed() skip (they call the blocks' submodules, not the blocks)."""
+    from transformers.models.bert.modeling_bert import BertLayer
+
     config = model.config
-    return (getattr(config, "model_type", None) == "bert" and not config.is_decoder
-            and getattr(config, "position_embedding_type", "absolute") == "absolute"
-            and not config.chunk_size_feed_forward and not model.training
-            and hasattr(model, "embeddings")
-            and not any(b._forward_hooks or b._forward_pre_hooks for b in blocks))
+    if (getattr(config, "model_type", None) != "bert" or config.is_decoder or model.training
+            or getattr(config, "position_embedding_type", "absolute") != "absolute"
+            or not all(type(b) is BertLayer for b in blocks)):
+        return False
+    skipped = [model, model.encoder] + [m for b in blocks for m in (
+        b, b.attention, b.attention.self, b.attention.output, b.output)]
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m)
+                   for m in skipped)
 
 
 def embed(model: torch.nn.Module, ids: list[list[int]], packing: Packing) -> torch.Tensor:
@@ -84,10 +98,9 @@ def block(layer: torch.nn.Module, hidden: torch.Tensor, packing: Packing) -> tor
         x = packing.pad(projection(hidden))
         return x.view(texts, packing.width, heads, -1).transpose(1, 2)
 
-    keys = (torch.arange(packing.width, device=hidden.device) < packing.lengths.unsqueeze(-1))
     context = F.scaled_dot_product_attention(
         grid(attention.query), grid(attention.key), grid(attention.value),
-        attn_mask=keys[:, None, None, :], scale=attention.scaling)
+        attn_mask=packing.keys, scale=attention.scaling)
     context = packing.unpad(context.transpose(1, 2).reshape(texts, packing.width, -1))
     output = layer.attention.output
     attended = output.LayerNorm(output.dense(context) + hidden)
@@ -115,9 +128,8 @@ def states_at(base, blocks: list[int], ids: list[list[int]]) -> tuple[list[torch
     layers = base.layers
     if not packable(base.model, layers):
         return [packing.unpad(h) for h in base.states_at(blocks, base.pad(ids))], packing
-    hidden, kept = embed(base.model, ids, packing), []
-    for i in range(blocks[-1] + 1):
-        hidden = block(layers[i], hidden, packing)
-        if i in blocks:
-            kept.append(hidden)
-    return kept, packing
+    wanted = [b % len(layers) for b in blocks]  # as layers[b] reads them (a one-block base: -1)
+    outputs = [embed(base.model, ids, packing)]
+    for i in range(max(wanted) + 1):
+        outputs.append(block(layers[i], outputs[-1], packing))
+    return [outputs[b + 1] for b in wanted], packing

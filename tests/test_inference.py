@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig
 
 from adapterhub_local.base import load_base
-from adapterhub_local.inference import answer, bank_for
+from adapterhub_local.inference import answer, bank_for, mean_pool
 from adapterhub_local.methods import get_method
 from adapterhub_local.router import FEATURES, Route
 from conftest import refuse
@@ -118,11 +118,19 @@ def test_the_bottom_half_runs_packed_as_the_padded_forward_computes_it(bank, mon
     for k, state in enumerate(states):
         torch.testing.assert_close(state, padded[k, : len(ids[k])], rtol=1e-5, atol=1e-6)
     assert len({len(x) for x in ids}) > 2  # texts of several lengths: there were pads
+    blocks = bank.base.layers
     bank.base.model.train()
     try:
-        assert not packing.packable(bank.base.model, bank.base.layers)  # dropout: padded
+        assert not packing.packable(bank.base.model, blocks)  # dropout: padded
     finally:
         bank.base.model.eval()
+    # A hook on a module whose forward the packed block skips: padded, so that it runs
+    hook = blocks[1].attention.output.register_forward_hook(lambda module, args, out: out)
+    try:
+        assert not packing.packable(bank.base.model, blocks)
+    finally:
+        hook.remove()
+    assert packing.packable(bank.base.model, blocks)
 
 
 def test_a_packing_pads_and_pools_each_texts_own_tokens():
@@ -138,6 +146,38 @@ def test_a_packing_pads_and_pools_each_texts_own_tokens():
         [tokens[:3].mean(0), tokens[3], tokens[4:].mean(0)]))
     assert [len(x) for x in packing.split(tokens)] == [3, 1, 2]
     assert packing.positions.tolist() == [0, 1, 2, 0, 0, 1]
+
+
+def test_a_one_block_base_reads_and_answers_from_its_only_block(tiny_base, tmp_path):
+    """A one-block base has no bottom half (middle is -1): the router reads its only block's
+    states (as layers[-1]), and adapters never go on from them but run the whole pass."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path)
+    one = bank_for(load_base(str(tmp_path)))
+    batch = one.base.pad(one.base.tokenize(TEXTS, 128))
+    with torch.no_grad():
+        last = one.base.model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((last * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(one.features(TEXTS), torch.cat([pooled, pooled], 1),
+                               rtol=1e-4, atol=1e-5)  # bottom_half: blocks -1 and 0, one block
+    torch.manual_seed(1)
+    one.add_adapter("ahl_one", LoraConfig(r=4, target_modules=["query"], init_lora_weights=False,
+                                          layers_to_transform=[0], layers_pattern="layer"),
+                    ["x", "y"], get_method("lora"))
+    _, states = one.encode(TEXTS)
+    assert not one.resumes("ahl_one")
+    model = one.evaluating("ahl_one")
+    with torch.no_grad():
+        logits = one.heads["ahl_one"](mean_pool(model(**batch).last_hidden_state, batch))
+    for got, want in zip(one.probabilities(TEXTS, ["ahl_one"] * len(TEXTS), states=states),
+                         logits.softmax(-1)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_default_lora_group_wraps_the_bank_base_itself(bank):
@@ -178,6 +218,8 @@ def test_going_on_from_the_routers_states_equals_a_full_pass(bank, packed, monke
     _, states = bank.encode(TEXTS)
     other = bank.probabilities(TEXTS, adapters, states=states)
     monkeypatch.setattr(packing, "packable", lambda *args: packed)
+    if packed:  # neither half pads its texts
+        monkeypatch.setattr(type(bank.base), "pad", refuse)
     resumed = bank.probabilities(TEXTS, adapters, states=states)
     full = bank.probabilities(TEXTS, adapters)
     for got, want, default in zip(resumed, full, other):
@@ -335,32 +377,41 @@ def test_packed_rows_through_many_adapters_give_pefts_padded_loop(bank, monkeypa
 
     from adapterhub_local import lora_batch, packing
 
-    model = bank.evaluating("ahl_a")
-    bare = model.get_base_model()
-    blocks = bare.get_submodule(bank.base.layers_name)
-    texts = TEXTS * 2
-    names = ["__base__", "ahl_a", "ahl_b", "ahl_top", "ahl_a", "ahl_b"] * 2
-    ordered = sorted(range(len(names)), key=names.__getitem__)
-    peft_loop, fallbacks = Linear._mixed_batch_forward, []
-    monkeypatch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
-                        or peft_loop(*a, **k))
-    accumulates = lora_batch.can_accumulate
-    for rows, in_place in ((ordered, True), (ordered, False), (list(range(len(names))), True)):
-        # not in place: the sum out of place, as for a base whose dtype is not the adapters'
-        monkeypatch.setattr(lora_batch, "can_accumulate", accumulates if in_place
-                            else lambda *args: False)
-        row_names, ids = [names[i] for i in rows], bank.base.tokenize([texts[i] for i in rows], 32)
-        packed = packing.Packing.of(ids, "cpu")
-        fallbacks.clear()
-        with torch.inference_mode():
-            with lora_batch.frozen(set(names)), lora_batch.rows(model, row_names,
-                                                                packed.lengths.tolist()):
-                got = packing.last_states(bare, blocks, ids, packed)
-            used_peft = bool(fallbacks)
-            with lora_batch.uninstalled(model):
-                want = model(**bank.base.pad(ids), adapter_names=row_names).last_hidden_state
-        assert used_peft == (rows != ordered)
-        torch.testing.assert_close(got, packed.unpad(want), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(5)  # rank 8 beside the others' 4: no stack, each adapter's own weights
+    bank.add_adapter("ahl_r8", LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"],
+                                          init_lora_weights=False), ["u", "v"], get_method("lora"))
+    try:
+        model = bank.evaluating("ahl_a")
+        bare = model.get_base_model()
+        blocks = bare.get_submodule(bank.base.layers_name)
+        texts = TEXTS * 3
+        names = ["__base__", "ahl_a", "ahl_b", "ahl_top", "ahl_a", "ahl_b"] * 2 + ["ahl_r8"] * 6
+        ordered = sorted(range(len(names)), key=names.__getitem__)
+        peft_loop, fallbacks = Linear._mixed_batch_forward, []
+        monkeypatch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
+                            or peft_loop(*a, **k))
+        accumulates = lora_batch.can_accumulate
+        stacked = sorted(range(12), key=names.__getitem__)  # one rank: the layers' stacks
+        cases = [(stacked, True), (ordered, True), (ordered, False), (list(range(12)), True)]
+        for rows, by_addmm in cases:
+            # not by addmm_: the update added as a tensor, as to a base whose dtype is not the
+            # adapters'
+            monkeypatch.setattr(lora_batch, "can_accumulate", accumulates if by_addmm
+                                else lambda *args: False)
+            row_names, ids = [names[i] for i in rows], bank.base.tokenize([texts[i] for i in rows], 32)
+            packed = packing.Packing.of(ids, "cpu")
+            fallbacks.clear()
+            with torch.inference_mode():
+                with lora_batch.frozen(set(names)), lora_batch.rows(model, row_names,
+                                                                    packed.lengths.tolist()):
+                    got = packing.last_states(bare, blocks, ids, packed)
+                used_peft = bool(fallbacks)
+                with lora_batch.uninstalled(model):
+                    want = model(**bank.base.pad(ids), adapter_names=row_names).last_hidden_state
+            assert used_peft == (rows == cases[-1][0])
+            torch.testing.assert_close(got, packed.unpad(want), rtol=1e-5, atol=1e-5)
+    finally:
+        bank.remove_adapter("ahl_r8")
     with torch.inference_mode(), bank.bare():
         assert not torch.allclose(got, packed.unpad(bare(**bank.base.pad(ids)).last_hidden_state))
 
