@@ -117,6 +117,27 @@ def test_dashboards_in_the_mlflow_store(two_task_store):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+def test_a_heatmap_shows_each_share_in_viridis_and_leaves_missing_cells_blank():
+    import numpy as np
+
+    from adapterhub_local.dashboards import heatmap, shade
+
+    assert shade(0.0) == (68, 1, 84) and shade(1.0) == (253, 231, 37)  # viridis's ends
+    assert max(abs(a - b) for a, b in zip(shade(0.5), (33, 145, 140))) <= 2  # and its middle
+    image = heatmap("t", [[0.0, None], [1.0, 0.25]], ["task_a", "task_b"], ["1", "2"])
+    colours = {tuple(int(c) for c in pixel) for pixel in image.reshape(-1, 3)}
+    assert {shade(0.0), shade(1.0), shade(0.25)} <= colours
+    white = (image == 255).all(-1).sum()
+    cells_only = heatmap("t", [[0.0, 0.5], [1.0, 0.25]], ["task_a", "task_b"], ["1", "2"])
+    assert white - (cells_only == 255).all(-1).sum() >= 40 * 24 * 0.8  # the None cell is blank
+    assert (image < 40).all(-1).sum() > 100  # labels and title in black
+    # Column labels wider than their cells stand upright below the grid: a taller image
+    upright = heatmap("t", [[0.5, 0.5]], ["task_a"], ["a_long_task_name", "another_long_one"])
+    level = heatmap("t", [[0.5, 0.5]], ["task_a"], ["1", "2"])
+    assert upright.shape[0] > level.shape[0] + 40 and upright.shape[2] == 3
+    assert np.asarray(upright).dtype == np.uint8
+
+
 def test_a_drawing_that_failed_is_made_up_by_the_next(store_dir, tiny_data, tiny_base, monkeypatch,
                                                       caplog):
     """Heatmaps are drawn after the commit, on a thread: a failed drawing costs no step (the
