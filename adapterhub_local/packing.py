@@ -1,4 +1,4 @@
-"""The bottom half of a BERT-shaped encoder over packed tokens: no products on padding.
+"""A BERT encoder's blocks over packed tokens: no products on padding.
 
 A batch of texts padded to its longest runs every linear layer on the pads too: the bench's
 600 mixed test texts, batched by length, are 13,504 tokens padded against 10,353 real ones, and
@@ -7,7 +7,8 @@ the linear layers are most of a block's cost. Packed, a batch's texts follow one
 ([texts, heads, width, d]), with SDPA's mask keeping the pads out. The block is transformers'
 BertLayer written out in eval mode (post-LayerNorm, absolute positions, no cross-attention),
 calling the block's own submodules, so adapters that wrap them (LoRA with its bare context,
-disable_adapter) act as in the padded forward. Other bases keep transformers' padded forward.
+disable_adapter) act as in the padded forward; lora_batch sends each text's tokens through its
+adapter (rows(..., lengths)). Other bases keep transformers' padded forward.
 """
 
 import functools
