@@ -13,6 +13,7 @@ fails or dies with its process costs only pictures, which the next drawing makes
 import logging
 import threading
 
+from adapterhub_local.errors import brief
 from adapterhub_local.forgetting import Matrix
 from adapterhub_local.sequence import MATRICES, matrices_of, read_steps, sequence_run
 
@@ -131,7 +132,7 @@ def draw_in_background(store) -> threading.Thread:
             draw_steps(store)
         except Exception as e:  # pictures only: the step itself is committed
             log.warning("could not draw the forgetting heatmaps (%s); the next add-task "
-                        "draws them", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                        "draws them", brief(e))
 
     thread = threading.Thread(target=draw, name=THREAD, daemon=True)
     thread.start()

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterhub_local.errors import AhlError
+from adapterhub_local.errors import AhlError, brief
 from adapterhub_local.export import move_backbone
 from adapterhub_local.methods import get_method
 from adapterhub_local.store import (GENERATE_FILE, HEAD_FILE, LABELS_FILE, PEFT_CONFIG, PEFT_WEIGHTS,
@@ -236,7 +236,7 @@ def check_weights(bank, folder: Path, method) -> int:
         kept = set(get_peft_model_state_dict(trial, adapter_name="trial", save_embedding_layers=False))
     except Exception as e:  # noqa: BLE001 - shapes, modules, peft's own checks: one answer
         raise AhlError(f"the adapter does not load on base {bank.base.name!r}: "
-                       f"{' '.join(str(e).split())[:240]}") from None
+                       f"{brief(e, 240)}") from None
     extra, missing = sorted(set(shapes) - kept), sorted(kept - set(shapes))
     if extra or missing:
         raise AhlError(f"the adapter's weights do not fit base {bank.base.name!r}: "

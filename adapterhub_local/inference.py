@@ -389,7 +389,7 @@ class AdapterBank:
         if (self.mixed_batch[names[0]] and lora_batch.covers(model)
                 and torch.device(self.base.device).type == "cpu"
                 and packing.packable(bare, blocks)):
-            return self._pooled_packed(model, blocks, ids, names, states)
+            return self._pooled_packed(model, bare, blocks, ids, names, states)
         batch = self.base.pad(ids)
         per_row, mixed = self.batch_routing(model, names)
         resumed = contextlib.nullcontext()
@@ -399,13 +399,13 @@ class AdapterBank:
         with resumed, per_row, quiet_forward():
             return mean_pool(model(**batch, **mixed).last_hidden_state, batch)
 
-    def _pooled_packed(self, model, blocks, ids: list[list[int]], names: list[str],
+    def _pooled_packed(self, model, bare, blocks, ids: list[list[int]], names: list[str],
                        states: list[torch.Tensor] | None) -> torch.Tensor:
-        """_pooled over packed texts (packing.py)."""
+        """_pooled over packed texts (packing.py); `bare` is the model's base model."""
         packed = packing.Packing.of(ids, self.base.device)
         after, hidden = (self.base.middle, torch.cat(states)) if states else (-1, None)
         with lora_batch.rows(model, names, packed.lengths.tolist()):
-            last = packing.last_states(model.get_base_model(), blocks, ids, packed, after, hidden)
+            last = packing.last_states(bare, blocks, ids, packed, after, hidden)
         return packed.mean(last)
 
     def predict(self, name: str, texts: list[str], max_length: int = 128) -> tuple[list[int], list[float]]:

@@ -38,11 +38,7 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
     if weights is None:
         return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=adapter_names,
                                                 **kwargs)
-    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
-
-    for key in VARIANT_KWARG_KEYS:  # arguments of LoRA variants, unused by plain LoRA
-        kwargs.pop(key, None)
-    result = layer.base_layer(x, *args, **kwargs)
+    result = base_output(layer, x, *args, **kwargs)
     if not names:  # none of the batch's adapters adapts this layer
         return result
     index, a, b = weights
@@ -73,10 +69,7 @@ def packed_mixed_forward(layer, x: torch.Tensor, batch: "Layout", names: list[st
     if layer.training or batch.token_slices is None or not all(plain(layer, [n]) for n in names):
         return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=batch.token_names,
                                                 **kwargs)
-    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
-
-    result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
-                                           if k not in VARIANT_KWARG_KEYS})
+    result = base_output(layer, x, *args, **kwargs)
     if not names:  # none of the batch's adapters adapts this layer
         return result
     weights, adapted = stacked(layer, names), set(names)
@@ -89,8 +82,8 @@ def packed_mixed_forward(layer, x: torch.Tensor, batch: "Layout", names: list[st
         if name not in adapted:  # base rows, or an adapter that leaves this layer alone
             continue
         if weights is not None:
-            index, a, b = weights
-            a, b, scale = a[index[name]], b[index[name]], 1.0
+            i = weights[0][name]
+            a, b, scale = weights[1][i], weights[2][i], 1.0
         else:
             a, b = layer.lora_A[name].weight.T, layer.lora_B[name].weight.T
             scale = layer.scaling[name]
@@ -105,16 +98,22 @@ def packed_mixed_forward(layer, x: torch.Tensor, batch: "Layout", names: list[st
 def one_adapter_forward(layer, x: torch.Tensor, name: str, *args, **kwargs):
     """Every row through one plain adapter (one task's evaluation, a one-text request): its own
     weights, with nothing to stack or gather."""
-    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
-
-    result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
-                                           if k not in VARIANT_KWARG_KEYS})
+    result = base_output(layer, x, *args, **kwargs)
     a, b, scale = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
     if can_accumulate(result, b):
         add_product_(result, x, a, b, scale)
         return result
     update = (x.to(a.dtype) @ a.T) @ b.T
     return result + update.to(result.dtype) * scale
+
+
+def base_output(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The LoRA layer's base layer alone, without the arguments of LoRA variants (unused by
+    plain LoRA, unknown to a plain Linear)."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    return layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
+                                         if k not in VARIANT_KWARG_KEYS})
 
 
 def can_accumulate(result: torch.Tensor, b: torch.Tensor) -> bool:
@@ -265,10 +264,7 @@ def routed_forward(layer, x: torch.Tensor, *args, **kwargs):
     if names is None or layer.disable_adapters or layer.merged:
         return type(layer).forward(layer, x, *args, **kwargs)
     if names is BARE:
-        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
-
-        return layer.base_layer(x, *args, **{k: v for k, v in kwargs.items()
-                                             if k not in VARIANT_KWARG_KEYS})
+        return base_output(layer, x, *args, **kwargs)
     return gathered_mixed_forward(layer, x, *args, adapter_names=names, lengths=lengths, **kwargs)
 
 

@@ -215,8 +215,13 @@ def build_lora(options: LoraOptions, base):
     from peft import LoraConfig
 
     return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                      target_modules=check_targets(options.target_modules, base) or linear_targets(base),
+                      target_modules=targets_or_default(options.target_modules, base),
                       **layer_selection(options.layers, base))
+
+
+def targets_or_default(targets: list[str], base) -> list[str]:
+    """The given target modules, checked against the base, else its linear layers' defaults."""
+    return check_targets(targets, base) or linear_targets(base)
 
 
 def check_targets(targets: list[str], base) -> list[str]:
@@ -290,7 +295,7 @@ def build_adalora(options: AdaloraOptions, base):
     # total_step, tinit and tfinal are placeholders until the trainer knows the run's length.
     return AdaLoraConfig(init_r=options.init_r, target_r=options.target_r,
                          lora_alpha=options.alpha, lora_dropout=options.dropout,
-                         target_modules=check_targets(options.target_modules, base) or linear_targets(base),
+                         target_modules=targets_or_default(options.target_modules, base),
                          total_step=10, tinit=0, tfinal=0, **layer_selection(options.layers, base))
 
 
@@ -334,7 +339,7 @@ def build_lycoris(config_name: str) -> Callable:
 
         return getattr(peft, config_name)(
             r=options.r, alpha=options.alpha,
-            target_modules=check_targets(options.target_modules, base) or linear_targets(base),
+            target_modules=targets_or_default(options.target_modules, base),
             **layer_selection(options.layers, base))
     return build
 

@@ -11,7 +11,7 @@ from adapterhub_local.base import fingerprint, load_base, resolve_base
 from adapterhub_local.data import (KINDS, TaskData, check_task_name, load_generate_data, load_spec,
                                    load_task_data)
 from adapterhub_local.device import resolve_device
-from adapterhub_local.errors import AhlError
+from adapterhub_local.errors import AhlError, brief
 from adapterhub_local.router import ROUTER_FEATURES
 from adapterhub_local.scoring import DEFAULT_METRIC, check_metric
 from adapterhub_local.serving import kind_of, metric_of
@@ -102,7 +102,7 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
     try:
         peft_config = get_method(method).build(options, loaded)  # bad combinations fail here
     except ValueError as e:
-        raise AhlError(f"method {method!r}: {str(e).splitlines()[0]}") from None
+        raise AhlError(f"method {method!r}: {brief(e)}") from None
     return Plan(data, method, options, peft_config, train_options, base_name,
                 store.router_features(ROUTER_FEATURES), device, generate)
 

@@ -76,17 +76,22 @@ def test_router_features_ignore_loaded_adapters(tiny_base, bank):
     torch.testing.assert_close(bank.features(TEXTS), want, rtol=1e-4, atol=1e-5)
 
 
-def test_bottom_half_features_pool_each_block_side_by_side(tiny_base, tmp_path):
-    """What the router reads by default: blocks across the bottom half, each mean-pooled to
-    unit length, concatenated; "middle" (older stores) is the middle block's alone."""
+def bank_of_depth(tiny_base: str, folder, blocks: int):
+    """The bank of the tiny base's architecture with `blocks` blocks, random, saved in folder."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     config = AutoConfig.from_pretrained(tiny_base)
-    config.num_hidden_layers = 6  # middle = block 2: the bottom half is three blocks
+    config.num_hidden_layers = blocks
     torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path)
-    six = bank_for(load_base(str(tmp_path)))
+    AutoModel.from_config(config).save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(folder)
+    return bank_for(load_base(str(folder)))
+
+
+def test_bottom_half_features_pool_each_block_side_by_side(tiny_base, tmp_path):
+    """What the router reads by default: blocks across the bottom half, each mean-pooled to
+    unit length, concatenated; "middle" (older stores) is the middle block's alone."""
+    six = bank_of_depth(tiny_base, tmp_path, 6)  # middle = block 2: the bottom half is three blocks
     batch = six.base.pad(six.base.tokenize(TEXTS, 128))
     with torch.no_grad():
         states = six.base.model(**batch, output_hidden_states=True).hidden_states
@@ -95,7 +100,7 @@ def test_bottom_half_features_pool_each_block_side_by_side(tiny_base, tmp_path):
     torch.testing.assert_close(six.features(TEXTS), torch.cat(pooled[1:4], 1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(six.features(TEXTS, features="middle"), pooled[3], rtol=1e-4, atol=1e-5)
     features, kept = six.encode(TEXTS)
-    assert features.shape == (len(TEXTS), 3 * config.hidden_size)
+    assert features.shape == (len(TEXTS), 3 * six.base.hidden_size)
     torch.testing.assert_close(kept[0], states[3][0, : len(kept[0])])
     # However deep the base, three blocks: the statistics grow with the square of the width.
     assert FEATURES["bottom_half"](14) == [0, 7, 14] and FEATURES["bottom_half"](0) == [0]
@@ -151,14 +156,7 @@ def test_a_packing_pads_and_pools_each_texts_own_tokens():
 def test_a_one_block_base_reads_and_answers_from_its_only_block(tiny_base, tmp_path):
     """A one-block base has no bottom half (middle is -1): the router reads its only block's
     states (as layers[-1]), and adapters never go on from them but run the whole pass."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(tiny_base)
-    config.num_hidden_layers = 1
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path)
-    one = bank_for(load_base(str(tmp_path)))
+    one = bank_of_depth(tiny_base, tmp_path, 1)
     batch = one.base.pad(one.base.tokenize(TEXTS, 128))
     with torch.no_grad():
         last = one.base.model(**batch).last_hidden_state
