@@ -4,9 +4,11 @@ peft's mixed batch (`adapter_names`) loops over the distinct adapters of a batch
 adapted layer: a gather, two rank-r products and a scatter each, so a batch over 30 adapters
 costs 30 small steps a layer. Here each row's A and B are gathered from the batch's adapters,
 stacked, and every row's update is two batched products however many adapters there are (the
-BGMV of S-LoRA and Punica). Installed on the LoRA layers of ahl's own models only, for plain
-LoRA in eval mode; anything else (training, DoRA and other variants, LoRA biases, ranks that
-differ within a batch) goes through peft's own loop.
+BGMV of S-LoRA and Punica). A packed batch (packing.py, the CPU's) needs none of that: each
+adapter's tokens are one slice and take a product pair with its own weights. Installed on the
+LoRA layers of ahl's own models only, for plain LoRA in eval mode; anything else (training, DoRA
+and other variants, LoRA biases, ranks that differ within a padded batch) goes through peft's
+own loop.
 
 A batch's rows are given either as peft's `adapter_names` or, cheaper, with `rows(names)`
 around the forward: peft's `adapter_names` registers and removes a hook on every LoRA layer for
@@ -61,38 +63,47 @@ def gathered_mixed_forward(layer, x: torch.Tensor, *args, adapter_names: list[st
 def packed_mixed_forward(layer, x: torch.Tensor, batch: "Layout", names: list[str], *args,
                          **kwargs):
     """A packed batch (x: [tokens, in], each row's tokens in turn, rows ordered by adapter):
-    each adapter's tokens are one slice and take one product pair, from the layer's stack of the
-    batch's adapters or, where their ranks differ (a store that spans a change of the default
-    rank), from each adapter's own weights. Nothing is padded or gathered. LoRA variants and
-    biases, training, and rows out of order go to peft's loop, each token a row of its text's
-    adapter."""
-    if layer.training or batch.token_slices is None or not all(plain(layer, [n]) for n in names):
+    each adapter's tokens are one slice and take one product pair with that adapter's own
+    weights (own_weights), whatever its rank. Nothing is padded, gathered or stacked. LoRA
+    variants and biases, training, and rows out of order go to peft's loop, each token a row of
+    its text's adapter."""
+    weights = None if layer.training or batch.token_slices is None else own_weights(layer, names)
+    if weights is None:
         return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=batch.token_names,
                                                 **kwargs)
     result = base_output(layer, x, *args, **kwargs)
     if not names:  # none of the batch's adapters adapts this layer
         return result
-    weights, adapted = stacked(layer, names), set(names)
-    x = x.to(layer.lora_A[names[0]].weight.dtype)
-    accumulate = can_accumulate(result, layer.lora_B[names[0]].weight)
-    # Dozens of slices a layer at many adapters: each is two products on a few dozen tokens, so
-    # the loop's own views and calls count; a stack's rows are used as they lie ([in, r] and
-    # the scaled [r, out]), without transposing.
+    a, b, _ = weights[names[0]]
+    x, accumulate = x.to(a.dtype), can_accumulate(result, b)
+    # Dozens of slices a layer at many adapters, each two products on a few dozen tokens: the
+    # loop's own lookups and views count, so each adapter's are made once (own_weights).
     for name, start, stop in batch.token_slices:
-        if name not in adapted:  # base rows, or an adapter that leaves this layer alone
+        if name not in weights:  # base rows, or an adapter that leaves this layer alone
             continue
-        if weights is not None:
-            i = weights[0][name]
-            a, b, scale = weights[1][i], weights[2][i], 1.0
-        else:
-            a, b = layer.lora_A[name].weight.T, layer.lora_B[name].weight.T
-            scale = layer.scaling[name]
+        a, b, scale = weights[name]
         update = torch.mm(x[start:stop], a)
         if accumulate:
             result[start:stop].addmm_(update, b, alpha=scale)
         else:
             result[start:stop] += (torch.mm(update, b) * scale).to(result.dtype)
     return result
+
+
+def own_weights(layer, names: list[str]) -> dict[str, tuple] | None:
+    """{adapter: (A [in, r], B [r, out], scale)} of the layer, views of each adapter's own
+    weights as the slice loop reads them, or None where one of `names` is not plain LoRA (a
+    variant or a bias: peft's loop takes it). Within frozen() each layer makes an adapter's
+    views once for all of the scope's batches."""
+    scope = getattr(_BATCH, "stacks", None)
+    views = scope[2].setdefault(id(layer), {}) if scope is not None else {}
+    for name in names:
+        if name not in views:
+            is_plain = name not in layer.lora_variant and layer.lora_B[name].bias is None
+            # Transposed views: contiguous copies cost more than the products gain from them
+            views[name] = (layer.lora_A[name].weight.T, layer.lora_B[name].weight.T,
+                           layer.scaling[name]) if is_plain else None
+    return None if any(views[n] is None for n in names) else views
 
 
 def one_adapter_forward(layer, x: torch.Tensor, name: str, *args, **kwargs):
@@ -241,10 +252,10 @@ def stack(layer, names: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
 @contextlib.contextmanager
 def frozen(adapters):
     """A scope in which no LoRA weight changes (one AdapterBank.probabilities call) and batches
-    draw on `adapters`: each layer stacks those once for all of the scope's batches instead of
-    once a batch. Only the scope's adapters, not all that are loaded: one text's answer with a
+    draw on `adapters`: each layer stacks those (or, packed, makes their views) once for all of
+    the scope's batches instead of once a batch. Only the scope's adapters, not all that are loaded: one text's answer with a
     hundred adapters loaded would otherwise stack all hundred, in every layer."""
-    outer, _BATCH.stacks = getattr(_BATCH, "stacks", None), (set(adapters), {})
+    outer, _BATCH.stacks = getattr(_BATCH, "stacks", None), (set(adapters), {}, {})
     try:
         yield
     finally:

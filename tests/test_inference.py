@@ -375,7 +375,7 @@ def test_packed_rows_through_many_adapters_give_pefts_padded_loop(bank, monkeypa
 
     from adapterhub_local import lora_batch, packing
 
-    torch.manual_seed(5)  # rank 8 beside the others' 4: no stack, each adapter's own weights
+    torch.manual_seed(5)  # rank 8 beside the others' 4: a packed slice takes any rank
     bank.add_adapter("ahl_r8", LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"],
                                           init_lora_weights=False), ["u", "v"], get_method("lora"))
     try:
@@ -389,8 +389,8 @@ def test_packed_rows_through_many_adapters_give_pefts_padded_loop(bank, monkeypa
         monkeypatch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
                             or peft_loop(*a, **k))
         accumulates = lora_batch.can_accumulate
-        stacked = sorted(range(12), key=names.__getitem__)  # one rank: the layers' stacks
-        cases = [(stacked, True), (ordered, True), (ordered, False), (list(range(12)), True)]
+        one_rank = sorted(range(12), key=names.__getitem__)
+        cases = [(one_rank, True), (ordered, True), (ordered, False), (list(range(12)), True)]
         for rows, by_addmm in cases:
             # not by addmm_: the update added as a tensor, as to a base whose dtype is not the
             # adapters'
@@ -412,6 +412,48 @@ def test_packed_rows_through_many_adapters_give_pefts_padded_loop(bank, monkeypa
         bank.remove_adapter("ahl_r8")
     with torch.inference_mode(), bank.bare():
         assert not torch.allclose(got, packed.unpad(bare(**bank.base.pad(ids)).last_hidden_state))
+
+
+def test_a_packed_batch_with_a_lora_bias_goes_to_pefts_loop(bank, monkeypatch):
+    """An adapter that is not plain LoRA (here a LoRA bias, which the slice loop's product pair
+    would leave out) sends its packed batch to peft's loop, and the states are still peft's."""
+    from peft.tuners.lora.layer import Linear
+
+    from adapterhub_local import lora_batch, packing
+
+    torch.manual_seed(6)
+    bank.add_adapter("ahl_bias", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                            init_lora_weights=False, lora_bias=True),
+                     ["u", "v"], get_method("lora"))
+    try:
+        model = bank.evaluating("ahl_a")
+        biases = [m.lora_B["ahl_bias"].bias for m in model.modules()
+                  if isinstance(m, Linear) and "ahl_bias" in m.lora_B]
+        with torch.no_grad():
+            for bias in biases:
+                bias.normal_()
+        bare = model.get_base_model()
+        names = ["ahl_a"] * 3 + ["ahl_bias"] * 3
+        ids = bank.base.tokenize(TEXTS, 32)
+        packed = packing.Packing.of(ids, "cpu")
+        peft_loop, fallbacks = Linear._mixed_batch_forward, []
+        monkeypatch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: fallbacks.append(1)
+                            or peft_loop(*a, **k))
+        with torch.inference_mode():
+            with lora_batch.frozen(set(names)), lora_batch.rows(model, names,
+                                                                packed.lengths.tolist()):
+                got = packing.last_states(bare, bare.get_submodule(bank.base.layers_name), ids,
+                                          packed)
+            assert fallbacks
+            with lora_batch.uninstalled(model):
+                want = model(**bank.base.pad(ids), adapter_names=names).last_hidden_state
+                for bias in biases:  # the bias counts: the check above could fail without it
+                    bias.zero_()
+                bias_free = model(**bank.base.pad(ids), adapter_names=names).last_hidden_state
+        torch.testing.assert_close(got, packed.unpad(want), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(want, bias_free)
+    finally:
+        bank.remove_adapter("ahl_bias")
 
 
 def test_evaluating_skips_eval_only_while_nothing_left_eval_mode(bank):
