@@ -247,8 +247,10 @@ def print_step(result: dict) -> None:
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, now, learned, routed, routing in zip(result["tasks"], result["row"], result["learned"],
                                                    result["routed_row"], result["routing_row"]):
-        table.add_row(task, percent(now), percent(learned), signed(now - learned),
-                      percent(routed), percent(routing))
+        # A removed task keeps its column of the matrices, without values from its removal on
+        change = None if now is None or learned is None else now - learned
+        table.add_row(task, percent(now), percent(learned), signed(change), percent(routed),
+                      percent(routing))
     table.caption = (f"oracle: average {percent(result['average_accuracy'])}  "
                      f"BWT {signed(result['bwt'])}  forgetting {signed(result['forgetting'])}\n"
                      f"routed average {percent(result['routed_average_accuracy'])}  "

@@ -59,6 +59,15 @@ def test_rm_hides_a_version_from_queries_and_routing_but_keeps_its_history(
         assert result.exit_code == 1 and message in result.stderr, result.stderr
     assert file_digest(store_dir) == before
 
+    # The next step's table shows the removed task's column without values, as the matrices do
+    printed = ahl("add-task", "colors", "--train", tiny_data["colors"]["train"], "--test",
+                  tiny_data["colors"]["test"], "--base", tiny_base, "--epochs", "1",
+                  "--store", store_dir).stdout
+    cells = next([c.strip() for c in line.split("│")[1:-1]] for line in printed.splitlines()
+                 if "animals" in line)
+    assert cells[0] == "animals" and cells[1] == cells[3] == "-", printed  # now, change
+    assert float(cells[2]) >= 0  # when it was learned
+
 
 def test_a_task_added_again_is_routed_again_after_its_old_version_was_removed(
         store_dir, tiny_data, tiny_base):
