@@ -205,13 +205,13 @@ def parse_errors(path: Path, kind: str):
 
 def text_chunks(path: str | Path, text_column: str = "text", size: int = 1000):
     """The texts of a file to predict (as read_texts reads them), `size` at a time, read
-    lazily: memory stays the same however long the file. A missing cell is an empty text."""
+    lazily: memory stays the same however long the file. A missing cell or a blank line is an
+    empty text (answered as one), so that the answers line up with the rows."""
     path = Path(path)
     kind = check_data_file(path, PREDICT_FORMATS)
     if kind == "text":
-        with open(path, encoding="utf-8") as f:
-            lines = (line.strip() for line in f)
-            yield from batched((line for line in lines if line), size)
+        with open(path, encoding="utf-8") as f:  # a blank line too: answer i is line i's
+            yield from batched((line.strip() for line in f), size)
         return
     if kind == "csv":  # pandas in chunks, checked as add-task's files are (csv_frames)
         for frame in csv_frames(path, chunksize=size, converters={text_column: str}):

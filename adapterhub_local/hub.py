@@ -223,11 +223,12 @@ class Hub:
         """One answer per text: {"text", "task", "label", "score", "adapters"}, with
         "completion" instead of "label" where a generate task answers. Without `task`
         the router decides: "pick" one adapter, or "compose" the top_k (default: the k the
-        composed matrix is measured with, evaluation.COMPOSE_TOP_K). task/label are None
+        composed matrix is measured with, evaluation.COMPOSE_TOP_K); the CLI's names for them,
+        "routed" and "composed", work too. Given `task`, its adapter answers every text. task/label are None
         when it abstains ("reason" says why) or when the adapter it needs failed its checksum
         ("error" names it; other inputs are answered)."""
         texts = check_texts(texts)
-        check_predict_options(mode, top_k)
+        mode = check_predict_options(mode, top_k)
         if not texts:
             return []
         return self.answerer(mode, top_k, task)(texts)
@@ -267,7 +268,7 @@ class Hub:
         "answered", "abstained", "errors"}."""
         from adapterhub_local.stream import check_paths, predict_file
 
-        check_predict_options(mode, top_k)
+        mode = check_predict_options(mode, top_k)
         check_paths(Path(source), Path(output))  # before the model loads
         return predict_file(self.answerer(mode, top_k, task), source, output, text_column,
                             progress=progress)
@@ -441,11 +442,17 @@ class Hub:
                            "ahl add-task NAME --train FILE")
 
 
-def check_predict_options(mode: str, top_k: int | None) -> None:
+def check_predict_options(mode: str, top_k: int | None) -> str:
+    """The mode as predict names it (pick, compose), given by that name or by the CLI's and the
+    matrices' (routed, composed)."""
+    mode = MODE_NAMES.get(mode, mode) if isinstance(mode, str) else mode
     if mode not in PREDICT_MODES:
-        raise AhlError(f"unknown mode {mode!r}: use pick or compose")
+        raise AhlError(f"unknown mode {mode!r}: use routed (pick) or composed (compose)")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+        raise AhlError(f"top_k must be a whole number, got {top_k!r}: try 2")
     if top_k is not None and top_k < 1:
-        raise AhlError(f"top_k must be at least 1, got {top_k}: try --top-k 2")
+        raise AhlError(f"top_k must be at least 1, got {top_k}: try 2")
+    return mode
 
 
 def check_texts(texts) -> list[str]:

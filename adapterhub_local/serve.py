@@ -161,17 +161,17 @@ class ServingSetModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
 
         from adapterhub_local.evaluation import COMPOSE_TOP_K
-        from adapterhub_local.hub import MODE_NAMES, PREDICT_MODES, check_predict_options
+        from adapterhub_local.hub import check_predict_options
         from adapterhub_local.inference import answer_routes, route_texts
 
         params = params or {}
         try:
             cells = texts_of(model_input)
-            mode, top_k = params.get("mode", "routed"), int(params.get("top_k", COMPOSE_TOP_K))
-            mode = MODE_NAMES.get(mode, mode)  # Hub.predict's names (pick, compose) work too
-            if mode not in PREDICT_MODES:
-                raise AhlError(f"unknown mode {params['mode']!r}: use routed or composed")
-            check_predict_options(mode, top_k)
+            try:
+                top_k = int(params.get("top_k", COMPOSE_TOP_K))
+            except (TypeError, ValueError):
+                raise AhlError(f"top_k must be a whole number, got {params['top_k']!r}: try 2") from None
+            mode = check_predict_options(params.get("mode", "routed"), top_k)
         except AhlError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
         good = [i for i, c in enumerate(cells) if isinstance(c, str)]

@@ -31,10 +31,15 @@ def sample(task: str, seed: int = 9) -> str:
 
 def test_compose_weights_sum_to_one(two_task_store):
     texts = [sample("colors"), sample("animals"), sample("colors", 3)]
-    answers = Hub(two_task_store).predict(texts, mode="compose", top_k=2)
+    hub = Hub(two_task_store)
+    answers = hub.predict(texts, mode="compose", top_k=2)
     for a in answers:
         assert len(a["adapters"]) == 2
         assert sum(x["weight"] for x in a["adapters"]) == pytest.approx(1.0)
+    # The CLI's names for the modes work as well
+    assert hub.predict(texts, mode="composed", top_k=2) == answers
+    assert hub.predict(texts, mode="routed") == hub.predict(texts, mode="pick")
+    assert all(len(a["adapters"]) == 1 for a in hub.predict(texts, mode="routed"))
 
 
 def test_route_and_oracle_paths(two_task_store):
@@ -73,6 +78,10 @@ def test_bad_inputs_are_one_line_errors(two_task_store, tmp_path):
         hub.predict(["red"], task="ghost")
     with pytest.raises(AhlError, match="top_k must be at least 1"):
         hub.predict(["red"], mode="compose", top_k=0)
+    with pytest.raises(AhlError, match="top_k must be a whole number, got '2'"):
+        hub.predict(["red"], mode="compose", top_k="2")
+    with pytest.raises(AhlError, match="unknown mode 'best': use routed"):
+        hub.predict(["red"], mode="best")
     with pytest.raises(AhlError, match="ahl add-task"):
         Hub(tmp_path / "empty").predict(["red"])
 
@@ -81,7 +90,9 @@ def test_cli_predict_file_json_and_errors(two_task_store, tmp_path):
     mixed = tmp_path / "mixed.txt"
     mixed.write_text(f"{sample('colors')}\n\n{sample('animals')}\n", encoding="utf-8")
     answers = json.loads(ahl("predict", "--file", mixed, "--json", "--store", two_task_store).stdout)
-    assert [a["task"] for a in answers] == ["colors", "animals"]
+    # A blank line is an empty text, answered as one: answer i is line i's
+    assert [(a["task"], a.get("reason")) for a in answers] == [
+        ("colors", None), (None, "empty text"), ("animals", None)]
     assert set(answers[0]) >= {"text", "task", "label", "score", "adapters"}
     composed = json.loads(ahl("predict", sample("animals"), "--mode", "composed", "--json", "--store",
                               two_task_store).stdout)

@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_and_other_rows_are_answered(served_store, model_f
     with pytest.raises(mlflow.exceptions.MlflowException, match="no 'text' column") as missing:
         model.predict(pd.DataFrame({"sentence": ["a"]}))
     assert "\n" not in missing.value.message
-    with pytest.raises(mlflow.exceptions.MlflowException, match="unknown mode 'best': use routed or composed"):
+    with pytest.raises(mlflow.exceptions.MlflowException, match="unknown mode 'best': use routed"):
         model.predict(["a"], params={"mode": "best"})
 
 
