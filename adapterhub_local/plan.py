@@ -16,7 +16,7 @@ from adapterhub_local.router import ROUTER_FEATURES
 from adapterhub_local.scoring import DEFAULT_METRIC, check_metric
 from adapterhub_local.serving import kind_of, metric_of
 from adapterhub_local.methods import get_method, method_options
-from adapterhub_local.store import TAG
+from adapterhub_local.store import LABELS_FILE, TAG
 from adapterhub_local.trainer import TrainOptions, auto_epochs
 
 
@@ -89,6 +89,8 @@ def plan_add_task(store, name, train, test, spec, text_column, label_column, met
         data = load_task_data(name, train, test, text_column or "text", label_column or "label",
                               seed=train_options.seed)
     data.license = license
+    if kind == "classify":
+        check_same_labels(store, current, name, data.labels)
     if kind == "classify" and "epochs" not in defaults and train_args.get("epochs") is None:
         train_options = replace(train_options, epochs=auto_epochs(data.strata(), train_options))
     # The command line's base, else the store's, else the spec's (a store keeps its base).
@@ -140,6 +142,21 @@ def check_same_kind(current, name: str, kind: str, metric: str) -> None:
         raise AhlError(f"task {name!r} is a {kind_of(current)} task scored by "
                        f"{metric_of(current)}; this add-task makes a {kind} task scored by "
                        f"{metric}: keep its kind and metric, or add it under a new name")
+
+
+def check_same_labels(store, current, name: str, labels: list[str]) -> None:
+    """A new version of a classify task shares at least one label with the version before it
+    (`current`, or None): one that shares none is another task under a taken name, which would
+    replace the task's answers everywhere and read as transfer in its matrix column."""
+    if current is None:
+        return
+    before = json.loads(store.local_artifact(f"{current.source}/{LABELS_FILE}")
+                        .read_text(encoding="utf-8"))
+    if not set(before) & set(labels):
+        shown = ", ".join(before[:4]) + (", ..." if len(before) > 4 else "")
+        raise AhlError(f"task {name!r} (version {current.version}: {shown}) shares no label with "
+                       f"this data's: add it under a new name, or remove the task's version "
+                       f"first (ahl store rm {name}@{current.version}) to replace it")
 
 
 def plan_generation(data: TaskData, base, train: TrainOptions, defaults: dict) -> dict:

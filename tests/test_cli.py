@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from adapterhub_local import AhlError, Hub
 from adapterhub_local.cli import app
-from conftest import FAST, file_digest
+from conftest import FAST, copy_store, file_digest
 
 runner = CliRunner()
 FAST_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
@@ -176,6 +176,27 @@ def test_an_empty_name_and_the_internal_router_model_are_one_line_errors(store_d
     result = ahl("store", "export", "colors@1", tmp_path / "a_file", "--force", "--store",
                  store_dir, ok=False)
     assert result.exit_code == 1 and "is a file" in result.stderr
+
+
+def test_another_tasks_data_under_a_taken_name_and_one_column_as_both_are_refused(
+        colors_only_store, tiny_data, tiny_base, tmp_path):
+    """A new version must share a label with the one before it (otherwise it is another task,
+    which would replace colors' answers everywhere), and a task must not read its answer in its
+    input: one line each, the store unchanged."""
+    store = copy_store(colors_only_store, tmp_path / "store")
+    ahl("tasks", "--store", store)  # a moved store rewrites its locations when first opened
+    before = file_digest(store)
+    cases = [(["colors", "--train", tiny_data["animals"]["train"]],
+              "task 'colors' (version 1: blue, red) shares no label with this data's: add it "
+              "under a new name, or remove the task's version first (ahl store rm colors@1)"),
+             (["shapes", "--train", tiny_data["animals"]["train"], "--text-column", "label"],
+              "--text-column and --label-column are both 'label'")]
+    for args, message in cases:
+        result = ahl("add-task", *args, "--base", tiny_base, "--epochs", "1", "--store", store,
+                     ok=False)
+        assert result.exit_code == 1 and message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1
+    assert file_digest(store) == before
 
 
 def test_fresh_clears_a_store_with_its_query_cache_but_not_foreign_files(store_dir):
