@@ -7,6 +7,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,21 @@ ALIASES = {"sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2", "minilm
            "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
 
 _loaded: dict[str, "Base"] = {}
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str):
+    """Within, these loggers pass errors only; each gets its own level back after (a library
+    leaves its user's logging as it was)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @dataclass
@@ -252,6 +268,12 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
         if bars:
             hf_logging.enable_progress_bar()
     check_weights(canonical, path, info)
+    # The adapters' engine, imported here where every path that trains or answers passes first:
+    # peft imports bitsandbytes, which looks for an optional CPU kernel through `kernels` and
+    # logs a warning where it is missing (offline: "Skipping publisher trust check ..."), then
+    # takes its plain CPU path, which is what we want. Quiet for that import only.
+    with quiet_loggers("bitsandbytes", "kernels"):
+        import peft  # noqa: F401
     model, lm_head = (loaded.base_model, loaded.get_output_embeddings()) if causal else (loaded, None)
     for module in (model, lm_head):
         if module is not None:

@@ -241,12 +241,27 @@ assert state() == before, "import"
 hub = Hub({str(store_dir)!r})
 hub.add_task("colors", {str(tiny_data["colors"]["train"])!r}, base={tiny_base!r}, epochs=1)
 hub.predict(["red crimson"])
-after = state()
-assert after[0] == before[0] and after[1] == before[1], "use"
+assert state() == before, "use"
 print("unchanged")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "unchanged", done.stderr[-2000:]
+
+
+def test_a_notebooks_prediction_prints_no_warnings_of_an_optional_kernel(two_task_store):
+    """peft imports bitsandbytes, which on CPUs with AVX512-BF16 looks for an optional kernel
+    and warns where it is missing: ahl's first import of peft keeps that off a notebook's output
+    (elsewhere there is nothing to warn about and this passes as it is)."""
+    import subprocess
+    import sys
+
+    script = f"""
+from adapterhub_local import Hub
+print(len(Hub({str(two_task_store)!r}).predict(["red crimson"])))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr[-2000:]
+    assert "publisher trust check" not in done.stderr and "gemm_4bit" not in done.stderr
 
 
 def test_epochs_not_given_are_chosen_for_the_tasks_size(store_dir, tiny_data, tiny_base):
