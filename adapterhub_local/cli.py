@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import shutil
 import signal
 from pathlib import Path
@@ -55,7 +56,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                        "without forgetting the old ones.")
 store_app = typer.Typer(no_args_is_help=True, help="Query the versioned adapter store.")
 app.add_typer(store_app, name="store")
-out = Console()
+# Piped or redirected, rich lays tables out 80 columns wide, which wraps task names and cuts
+# a metrics table's names to "wor…" from a few tasks on: wider there (COLUMNS still wins).
+PIPED_WIDTH = 160
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPED_WIDTH)
 err = Console(stderr=True)
 
 StoreOption = Annotated[Optional[str], typer.Option(
