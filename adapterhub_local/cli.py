@@ -39,11 +39,6 @@ for _name, _value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"
     os.environ.setdefault(_name, _value)
 for _logger in ("mlflow", "alembic"):
     logging.getLogger(_logger).setLevel(logging.WARNING)
-# bitsandbytes (QLoRA, LoftQ; peft imports it) looks for an optional CPU kernel at import, on CPUs
-# with AVX512-BF16 through the `kernels` package, and both warn when it is not there (offline:
-# "Skipping publisher trust check ..."); it then uses its plain CPU path, which is what we want.
-for _logger in ("bitsandbytes", "kernels"):
-    logging.getLogger(_logger).setLevel(logging.ERROR)
 
 from adapterhub_local import query_cache  # noqa: E402
 from adapterhub_local.card import percent, signed  # noqa: E402

@@ -1,4 +1,8 @@
-"""The one error type for user mistakes: the CLI prints its message as one line, no traceback."""
+"""The one error type for user mistakes: the CLI prints its message as one line, no traceback.
+And what a user sees of other libraries: their errors on one line, their log lines quieted."""
+
+import contextlib
+import logging
 
 
 class AhlError(Exception):
@@ -21,3 +25,18 @@ def brief(error: BaseException, limit: int = 200) -> str:
     if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR):
+    """Within, these loggers pass `level` and above only; each gets its own level back after
+    (a library leaves its user's logging as it was)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, levels):
+            logger.setLevel(old)

@@ -7,7 +7,6 @@ adapters. A folder store keeps a SQLite backend and the artifact root inside the
 Artifacts are read back as safetensors and JSON only.
 """
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -17,7 +16,7 @@ import re
 import time
 from pathlib import Path
 
-from adapterhub_local.errors import AhlError, brief
+from adapterhub_local.errors import AhlError, brief, quiet_loggers
 from adapterhub_local.relocate import (check_database_present, guard_artifact_cache,
                                        open_folder_store)
 from adapterhub_local.tracking import TrackingWrites, error_code
@@ -58,22 +57,6 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
         raise AhlError(f"{ref!r} names no version after '@': write {name}@3, {name}@production "
                        f"or {name}")
     return name, at or None
-
-
-@contextlib.contextmanager
-def quiet_table_creation():
-    """Without MLflow's INFO lines as it creates a new store's tables ("Creating initial MLflow
-    database tables...", alembic's migrations): noise in a command's output. Only these
-    loggers, only for this block; their levels are put back after."""
-    loggers = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic.runtime.migration")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 class AdapterStore(TrackingWrites):
@@ -124,7 +107,10 @@ class AdapterStore(TrackingWrites):
             # two processes doing it at once on one file collide, so a process's first use
             # waits for the others' (an advisory flock on the database file itself; SQLite's
             # own locks are separate).
-            with open(self.folder / "mlflow.db", "ab") as lock, quiet_table_creation():
+            # Without MLflow's INFO lines as it creates a new store's tables ("Creating initial
+            # MLflow database tables...", alembic's migrations): noise in a command's output.
+            with open(self.folder / "mlflow.db", "ab") as lock, quiet_loggers(
+                    "mlflow.store.db.utils", "alembic.runtime.migration", level=logging.WARNING):
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
                 client.search_experiments(max_results=1)  # the tracking store's tables
