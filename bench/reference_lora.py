@@ -13,7 +13,8 @@ row prints its training seconds too: the script adapts the bottom half, so it ca
 router's pass at prediction time, and its training cannot reuse the bottom half's states.
 
     .venv/bin/python bench/reference_lora.py [--tasks-dir tasks/confusable]
-        [--tasks wordnet_things,chat_language] [--ahl layers=all] [--seeds 0,1] [--script-epochs 5]
+        [--tasks wordnet_things,chat_language] [--ahl layers=all] [--no-default] [--seeds 0,1]
+        [--script-epochs 5]
 
 With several seeds, every run is repeated per seed (the script's too) and the tables show means
 over the seeds; the per-seed lines are printed as they finish.
@@ -59,13 +60,15 @@ def main() -> None:
     parser.add_argument("--tasks-dir", type=Path, default=TASKS, help="a sequence's folder [default: the bundled tasks/]")
     parser.add_argument("--tasks", help="comma-separated task names [default: the folder's sequence.toml]")
     parser.add_argument("--ahl", action="append", default=[], help="an ahl variant: k=v,k=v")
+    parser.add_argument("--no-default", action="store_true", help="leave out ahl's default row (its accuracy is deterministic per seed on one machine: compare with an earlier run)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, each a full set of runs [default: 0]")
     parser.add_argument("--script-epochs", default="5,3", help="the script's rows [default: 5,3]; 5 is the reference; 'none' runs ahl alone")
     args = parser.parse_args()
     options = TrainOptions()
     seeds = [int(s) for s in args.seeds.split(",")]
     script_epochs = [] if args.script_epochs == "none" else [int(e) for e in args.script_epochs.split(",")]
-    variants = [("ahl default", {}, {})] + [ahl_variant(v) for v in args.ahl]
+    variants = [] if args.no_default else [("ahl default", {}, {})]
+    variants += [ahl_variant(v) for v in args.ahl]
     warm_up(options)
     results: dict = {}  # label -> task -> [(seconds, accuracy) per seed], then their means
     sequence = tomllib.loads((args.tasks_dir / "sequence.toml").read_text(encoding="utf-8"))["tasks"]

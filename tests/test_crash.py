@@ -24,6 +24,9 @@ import adapterhub_local.evaluation as evaluation
 import adapterhub_local.trainer as trainer
 
 stage, marker = sys.argv[1], sys.argv[2]
+# Ctrl-C as in a terminal, however the tests were started: a shell's background job (make test
+# &) inherits SIGINT ignored, and Python then leaves it ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
