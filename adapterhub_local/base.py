@@ -190,17 +190,62 @@ def fingerprint(path: Path) -> str:
     return sha.hexdigest()
 
 
-def check_weights(name: str, path: Path, info: dict) -> None:
-    """Refuse a base whose files leave weights of its blocks unset: transformers fills them
-    with random values and loads it anyway, and adapters would train on noise. (A missing
-    pooler is fine: tasks pool the last states themselves.)"""
+def missing_weights(info: dict) -> list[str]:
+    """The weights of a loaded model's blocks its files left unset or mis-shaped (transformers
+    fills them with random values and loads it anyway). A missing pooler is fine: tasks pool
+    the last states themselves."""
     missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
     mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
-    if missing or mismatched:
-        which = missing or mismatched
+    return missing or mismatched
+
+
+def check_weights(name: str, path: Path, info: dict) -> None:
+    """Refuse a base whose files leave weights unset: adapters would train on noise."""
+    which = missing_weights(info)
+    if which:
         raise AhlError(f"base {name!r} at {path}: its weights file lacks or mis-shapes {len(which)} "
                        f"of the model's weights (e.g. {which[0]}): point --base at a complete "
                        "model folder (config.json with its safetensors)")
+
+
+def read_model(folder: Path, **where) -> tuple:
+    """(tokenizer, model, loading info, causal) from a model folder, or from a GGUF file in it
+    (where: gguf_file=NAME; its tensors are dequantized)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = "gguf_file" in where
+    tokenizer = AutoTokenizer.from_pretrained(folder, **where)
+    # A causal LM keeps its output layer for generate tasks; its backbone is the module
+    # AutoModel would load, which every kind of task reads. (A GGUF file is an LLM: its config
+    # names no architectures, and is not parsed twice to find that out.)
+    causal = gguf or any(a.endswith("ForCausalLM") for a in
+                         AutoConfig.from_pretrained(folder).architectures or [])
+    loader = AutoModelForCausalLM if causal else AutoModel
+    model, info = loader.from_pretrained(folder, **where, **({} if gguf else {"use_safetensors": True}),
+                                         output_loading_info=True)
+    return tokenizer, model, info, causal
+
+
+def read_gguf(path: Path, sha: str) -> tuple:
+    """read_model's answer for a GGUF file: from the folder an earlier load converted it to in
+    ahl's cache (gguf_cache), else from the file, which then leaves that folder."""
+    folder = gguf_cache.converted(sha)
+    if folder is not None:
+        try:
+            tokenizer, model, info, causal = read_model(folder)
+            if not missing_weights(info):
+                # Named as a load from the file names it: peft copies the name into every
+                # adapter's config, and a store import reads it.
+                model.config._name_or_path = tokenizer.name_or_path = str(path.parent)
+                return tokenizer, model, info, causal
+        except Exception:  # noqa: BLE001 (a file cut short by a crash, edited by hand)
+            pass
+        gguf_cache.forget(sha)  # converted again below
+    with gguf_cache.quiet_gguf():
+        tokenizer, model, info, causal = read_model(path.parent, gguf_file=path.name)
+    if not missing_weights(info):
+        gguf_cache.keep_converted(sha, path, model, tokenizer)
+    return tokenizer, model, info, causal
 
 
 def load_base(name: str | None = None, device: str = "cpu") -> Base:
@@ -209,41 +254,24 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
     key = f"{path}@{device}"
     if key in _loaded:
         return _loaded[key]
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()  # a bar for loading 100 tensors from a local file is noise
     hf_logging.set_verbosity_error()  # its load report: missing weights are refused below
     sha = fingerprint(path)
-    # GGUF: tensors and tokenizer in one file, dequantized to fp32; read from the file once,
-    # then from the folder that first load left in ahl's cache (gguf_cache).
-    converted = gguf_cache.converted(sha) if path.suffix == ".gguf" else None
-    gguf = path.suffix == ".gguf" and converted is None
-    folder, where = (path.parent, {"gguf_file": path.name}) if gguf else (converted or path, {})
     try:
-        with gguf_cache.quiet_gguf() if gguf else contextlib.nullcontext():
-            tokenizer = AutoTokenizer.from_pretrained(folder, **where)
-            # A causal LM keeps its output layer for generate tasks; its backbone is the module
-            # AutoModel would load, which every kind of task reads. (A GGUF file is an LLM: its
-            # config names no architectures, and is not parsed twice to find that out.)
-            causal = gguf or any(a.endswith("ForCausalLM") for a in
-                                 AutoConfig.from_pretrained(folder).architectures or [])
-            loader = AutoModelForCausalLM if causal else AutoModel
-            loaded, info = loader.from_pretrained(
-                folder, **where, **({} if gguf else {"use_safetensors": True}),
-                output_loading_info=True)
+        # GGUF: tensors and tokenizer in one file, dequantized to fp32.
+        tokenizer, loaded, info, causal = (read_gguf(path, sha) if path.suffix == ".gguf"
+                                           else read_model(path))
     except (OSError, ValueError) as e:
-        fix = f" (delete {converted}: ahl converts the GGUF file again)" if converted else ""
-        raise AhlError(f"could not load base {canonical!r} from {folder if converted else path}: "
-                       f"{brief(e)}{fix}") from None
+        raise AhlError(f"could not load base {canonical!r} from {path}: "
+                       f"{brief(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)  # the user's settings, as they were
         if bars:
             hf_logging.enable_progress_bar()
     check_weights(canonical, path, info)
-    if gguf:
-        gguf_cache.keep_converted(sha, path, loaded, tokenizer)
     # The adapters' engine, imported here where every path that trains or answers passes first:
     # peft imports bitsandbytes, which looks for an optional CPU kernel through `kernels` and
     # logs a warning where it is missing (offline: "Skipping publisher trust check ..."), then

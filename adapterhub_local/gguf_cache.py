@@ -1,82 +1,103 @@
 """A GGUF base, read once: its dequantized weights and tokenizer kept as a plain folder.
 
 transformers parses a GGUF file's metadata (the whole vocabulary) three times to load one model,
-tokenizer and config, then maps its tensor names: about 25 s for SmolLM2-135M on 2 cores, for
-every command of every process. The first load writes what it got as safetensors and JSON,
-under $AHL_CACHE (default: $XDG_CACHE_HOME/adapterhub-local, else ~/.cache/adapterhub-local)
-and named by the GGUF file's sha256; later loads read that folder in under a second, with the
+tokenizer and config, then maps its tensor names: 18 s for SmolLM2-135M on 2 cores, in every
+process. The first load writes what it got (safetensors, JSON, the chat template's text) under
+$AHL_CACHE (default: $XDG_CACHE_HOME/adapterhub-local, else ~/.cache/adapterhub-local), named
+by the GGUF file's sha256; later processes read that folder (4 s with their imports), to the
 same weights bit for bit. AHL_CACHE=off keeps nothing. The store still names the GGUF file and
-its sha256: the folder is a cache, and deleting it costs one slow load.
+its sha256: the folder is only a cache, and a damaged or deleted one costs one slow load.
 """
 
 import contextlib
 import copy
+import json
 import os
 import shutil
-import tempfile
+import time
+import uuid
 from pathlib import Path
 
 ENV = "AHL_CACHE"
-COMPLETE = "gguf.json"  # written last: a folder without it was cut short and is not read
-NEEDED = (COMPLETE, "config.json", "model.safetensors", "tokenizer.json")
+COMPLETE = "gguf.json"  # written last, listing the folder's files: without it, not read
+STALE_S = 3600  # a temporary folder this old was left by a killed conversion
 
 
 def cache_root() -> Path | None:
-    """Where ahl keeps converted bases, or None when AHL_CACHE=off."""
+    """Where ahl keeps converted bases, or None when AHL_CACHE=off (or there is no home)."""
     chosen = os.environ.get(ENV, "")
     if chosen.lower() == "off":
         return None
     if chosen:
         return Path(chosen).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:
+        return None
     return Path(xdg) / "adapterhub-local"
 
 
 def converted(sha256: str) -> Path | None:
-    """The converted folder of the GGUF file with this sha256, if a complete one is kept."""
+    """The converted folder of the GGUF file with this sha256, if a whole one is kept: its
+    completion mark written, and every file it lists there."""
     root = cache_root()
-    folder = root / "gguf" / sha256 if root else None
-    return folder if folder and all((folder / name).is_file() for name in NEEDED) else None
+    if root is None:
+        return None
+    folder = root / "gguf" / sha256
+    try:
+        files = json.loads((folder / COMPLETE).read_text(encoding="utf-8"))["files"]
+        return folder if all((folder / name).is_file() for name in files) else None
+    except (OSError, ValueError, KeyError, TypeError):  # absent, unreadable, edited by hand
+        return None
+
+
+def forget(sha256: str) -> None:
+    """Delete a converted folder that would not load (the next load converts again)."""
+    root = cache_root()
+    if root is not None:
+        shutil.rmtree(root / "gguf" / sha256, ignore_errors=True)
 
 
 def keep_converted(sha256: str, source: Path, model, tokenizer) -> None:
-    """Write the loaded model (a transformers model from a GGUF file, fp32) and its tokenizer
-    as a folder that from_pretrained reads, atomically: a half-written folder is never seen,
-    and of two processes converting at once the first to finish wins. A cache that cannot be
-    written (read-only, full) only means the next load is slow again."""
-    import json
-
+    """Write the loaded model (a transformers model from a GGUF file) and its tokenizer as a
+    folder that from_pretrained reads, atomically: a half-written folder is never seen, and of
+    two processes converting at once the first to finish wins. Best effort: a cache that cannot
+    be written (read-only, full) only means the next load is slow again."""
     from safetensors.torch import save_model
 
     root = cache_root()
-    if root is None:
+    # Only plain weights: a loader that kept the file's packed blocks would cache those.
+    if root is None or not all(t.is_floating_point() for t in model.state_dict().values()):
         return
     final = root / "gguf" / sha256
+    work = final.parent / f".{sha256[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=final.parent))
-        try:
-            config = copy.deepcopy(model.config)
-            # transformers marks a GGUF load as quantized (and refuses to save it); the weights
-            # it made are plain fp32, which is what the folder holds.
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            # A GGUF config names no architecture; the folder's must, or it loads as a bare
-            # backbone whose weights' names miss the causal LM's prefix.
-            config.architectures = [type(model).__name__]
-            config.save_pretrained(work)
-            model.generation_config.save_pretrained(work)
-            save_model(model, str(work / "model.safetensors"))  # tied weights once
-            tokenizer.save_pretrained(work)
-            (work / COMPLETE).write_text(json.dumps({"source": source.name, "sha256": sha256}),
-                                         encoding="utf-8")
-            if final.is_dir() and converted(sha256) is None:  # files deleted by hand
-                shutil.rmtree(final, ignore_errors=True)
-            os.rename(work, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)  # left only when another process won
-    except OSError:
+        for old in final.parent.glob(f".{sha256[:12]}-*"):
+            if time.time() - old.stat().st_mtime > STALE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        work.mkdir()  # with the user's umask: a shared cache stays readable to the others
+        config = copy.deepcopy(model.config)
+        # transformers marks a GGUF load as quantized (and refuses to save it); the weights it
+        # made are plain, which is what the folder holds. A GGUF config names no architecture;
+        # the folder's must, or it loads as a bare backbone missing the causal LM's prefix.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(work)
+        model.generation_config.save_pretrained(work)
+        save_model(model, str(work / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(work)
+        files = sorted(p.name for p in work.iterdir())
+        (work / COMPLETE).write_text(json.dumps({"source": source.name, "sha256": sha256,
+                                                 "files": files}), encoding="utf-8")
+        if final.is_dir() and converted(sha256) is None:  # damaged: replaced
+            shutil.rmtree(final, ignore_errors=True)
+        os.rename(work, final)
+    except Exception:  # noqa: BLE001 (safetensors' and transformers' own errors too)
         pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # left only when it was not renamed
 
 
 @contextlib.contextmanager

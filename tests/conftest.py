@@ -171,7 +171,7 @@ def two_task_store(tmp_path_factory, colors_only_store, tiny_data) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def converted_bases(tmp_path_factory):
-    """ahl's cache (a GGUF base's converted folder, 540 MB for SmolLM2) in the session's own
+    """ahl's cache (a GGUF base's converted folder, 517 MB for SmolLM2) in the session's own
     folder, deleted at its end: tests never write the user's ~/.cache."""
     folder = tmp_path_factory.mktemp("ahl-cache")
     os.environ["AHL_CACHE"] = str(folder)

@@ -196,8 +196,18 @@ def test_another_base_is_refused_and_changes_nothing(store_dir, tiny_data, tiny_
     assert file_digest(store_dir) == before
 
 
-def test_the_gguf_cache_reads_only_whole_folders_and_never_fails_a_load(tmp_path, monkeypatch):
-    """(The conversion itself, on the real SmolLM2 file: test_integration.)"""
+def test_the_gguf_cache_keeps_whole_folders_only_and_never_fails_a_load(tiny_llama, tmp_path,
+                                                                        monkeypatch):
+    """keep_converted on a tiny causal Llama (as a GGUF load gives one): one whole folder that
+    from_pretrained reads to the same weights, written once however often it is called; a
+    folder missing a file it lists is not read, and is replaced; a write that fails leaves
+    nothing and raises nothing; a killed conversion's old temporary folder is swept. (The
+    conversion of a real GGUF file and the load from the folder: test_integration.)"""
+    import os
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from adapterhub_local import gguf_cache
 
     monkeypatch.setenv("AHL_CACHE", "off")
@@ -205,20 +215,37 @@ def test_the_gguf_cache_reads_only_whole_folders_and_never_fails_a_load(tmp_path
     monkeypatch.delenv("AHL_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert gguf_cache.cache_root() == tmp_path / "xdg" / "adapterhub-local"
+
     monkeypatch.setenv("AHL_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "cache" / "gguf" / "ab12"
-    folder.mkdir(parents=True)
-    for name in gguf_cache.NEEDED:
-        if name != gguf_cache.COMPLETE:
-            (folder / name).write_text("{}")
-    assert gguf_cache.converted("ab12") is None  # cut short before its completion mark
-    (folder / gguf_cache.COMPLETE).write_text("{}")
-    assert gguf_cache.converted("ab12") == folder
-    (folder / "model.safetensors").unlink()  # deleted by hand: not read, converted again
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    stale = tmp_path / "cache" / "gguf" / ".ab12-1-dead"
+    stale.mkdir(parents=True)
+    os.utime(stale, (time.time() - 2 * gguf_cache.STALE_S,) * 2)
+    gguf_cache.keep_converted("ab12", tmp_path / "x.gguf", model, tokenizer)
+    gguf_cache.keep_converted("ab12", tmp_path / "x.gguf", model, tokenizer)  # the same folder
+    folder = gguf_cache.converted("ab12")
+    assert folder == tmp_path / "cache" / "gguf" / "ab12"
+    assert [p.name for p in folder.parent.iterdir()] == ["ab12"]  # the stale one swept too
+    again = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+    (folder / "tokenizer_config.json").unlink()  # deleted by hand: the folder is not read
     assert gguf_cache.converted("ab12") is None
+    gguf_cache.keep_converted("ab12", tmp_path / "x.gguf", model, tokenizer)  # and is replaced
+    assert gguf_cache.converted("ab12") == folder and (folder / "tokenizer_config.json").is_file()
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error")  # as safetensors says it
+
+    monkeypatch.setattr("safetensors.torch.save_model", full_disk)
+    gguf_cache.keep_converted("cd34", tmp_path / "y.gguf", model, tokenizer)
+    assert gguf_cache.converted("cd34") is None
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["ab12"]  # no temporary left
     (tmp_path / "a_file").write_text("")
-    monkeypatch.setenv("AHL_CACHE", str(tmp_path / "a_file"))  # unwritable: the load goes on
-    assert gguf_cache.keep_converted("ab12", tmp_path / "x.gguf", model=None, tokenizer=None) is None
+    monkeypatch.setenv("AHL_CACHE", str(tmp_path / "a_file"))  # unwritable: nothing raised
+    gguf_cache.keep_converted("ab12", tmp_path / "x.gguf", model, tokenizer)
+    assert gguf_cache.converted("ab12") is None
 
 
 def test_bad_inputs_leave_the_store_exactly_as_it_was(store_dir, tiny_data, tiny_base):

