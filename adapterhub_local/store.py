@@ -53,6 +53,9 @@ ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """'NAME', 'NAME@3' or 'NAME@production' -> (name, version or alias or None)."""
     name, marked, at = ref.partition("@")
+    if not name:
+        raise AhlError(f"{ref!r} names no task: write TASK{ref if marked else ''} (ahl tasks "
+                       "lists them)")
     if marked and not at:
         raise AhlError(f"{ref!r} names no version after '@': write {name}@3, {name}@production "
                        f"or {name}")

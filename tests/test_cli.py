@@ -93,6 +93,7 @@ def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_b
     (["add-task", "x", "--train", "{colors}", "--lr", "nan"], "--lr must be a positive number"),
     (["ui", "--port", "99999"], "--port must be 1..65535"),
     (["store", "show", "colors@"], "names no version after '@'"),
+    (["store", "show", "@1"], "'@1' names no task: write TASK@1"),
     (["store", "rm", "colors@1", "--wait", "nan"], "--wait nan is not a number of seconds"),
     (["predict", "hi", "--task", "colors", "--mode", "composed"], "would be ignored: drop one"),
     # checked before --fresh clears the store (it emptied it, then failed)
