@@ -228,7 +228,7 @@ def read_model(folder: Path, **where) -> tuple:
 
 def read_gguf(path: Path, sha: str) -> tuple:
     """read_model's answer for a GGUF file: from the folder an earlier load converted it to in
-    ahl's cache (gguf_cache), else from the file, which then leaves that folder."""
+    ahl's cache (gguf_cache), else from the file, which then leaves (or replaces) that folder."""
     folder = gguf_cache.converted(sha)
     if folder is not None:
         try:
@@ -239,8 +239,7 @@ def read_gguf(path: Path, sha: str) -> tuple:
                 model.config._name_or_path = tokenizer.name_or_path = str(path.parent)
                 return tokenizer, model, info, causal
         except Exception:  # noqa: BLE001 (a file cut short by a crash, edited by hand)
-            pass
-        gguf_cache.forget(sha)  # converted again below
+            pass  # converted again below
     with gguf_cache.quiet_gguf():
         tokenizer, model, info, causal = read_model(path.parent, gguf_file=path.name)
     if not missing_weights(info):
@@ -261,7 +260,6 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
     hf_logging.set_verbosity_error()  # its load report: missing weights are refused below
     sha = fingerprint(path)
     try:
-        # GGUF: tensors and tokenizer in one file, dequantized to fp32.
         tokenizer, loaded, info, causal = (read_gguf(path, sha) if path.suffix == ".gguf"
                                            else read_model(path))
     except (OSError, ValueError) as e:

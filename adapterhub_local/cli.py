@@ -11,9 +11,9 @@ import json
 import logging
 import math
 import os
-import sys
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 

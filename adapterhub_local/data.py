@@ -241,9 +241,9 @@ def batched(items, size: int):
         yield chunk
 
 
-def check_columns_differ(columns: dict[str, str]) -> None:
+def check_columns_differ(input_option: str, input_column: str, answer_option: str,
+                         answer_column: str) -> None:
     """Refuse one column read as both a task's input and its answer (it would learn to copy)."""
-    (input_option, input_column), (answer_option, answer_column) = columns.items()
     if input_column == answer_column:
         raise AhlError(f"{input_option} and {answer_option} are both {input_column!r}: a task "
                        "must not read its answer in its input; name the two columns apart")
@@ -254,7 +254,7 @@ def load_task_data(name: str, train: str | Path, test: str | Path | None = None,
                    seed: int = 0) -> TaskData:
     """Read, validate and split one task's data."""
     check_task_name(name)
-    check_columns_differ({"--text-column": text_column, "--label-column": label_column})
+    check_columns_differ("--text-column", text_column, "--label-column", label_column)
     texts, labels, dropped = read_rows(train, text_column, label_column)
     label_names = sorted(set(labels))
     if len(label_names) < 2:
@@ -298,7 +298,7 @@ def load_generate_data(name: str, train: str | Path, test: str | Path | None = N
                        seed: int = 0) -> TaskData:
     """Read, validate and split one generate task's (prompt, completion) rows."""
     check_task_name(name)
-    check_columns_differ({"--prompt-column": prompt_column, "--completion-column": completion_column})
+    check_columns_differ("--prompt-column", prompt_column, "--completion-column", completion_column)
     prompts, completions, dropped = read_pairs(train, prompt_column, completion_column)
     if test is not None:
         test_prompts, test_completions, test_dropped = read_pairs(test, prompt_column,

@@ -51,18 +51,12 @@ def converted(sha256: str) -> Path | None:
         return None
 
 
-def forget(sha256: str) -> None:
-    """Delete a converted folder that would not load (the next load converts again)."""
-    root = cache_root()
-    if root is not None:
-        shutil.rmtree(root / "gguf" / sha256, ignore_errors=True)
-
-
 def keep_converted(sha256: str, source: Path, model, tokenizer) -> None:
     """Write the loaded model (a transformers model from a GGUF file) and its tokenizer as a
-    folder that from_pretrained reads, atomically: a half-written folder is never seen, and of
-    two processes converting at once the first to finish wins. Best effort: a cache that cannot
-    be written (read-only, full) only means the next load is slow again."""
+    folder that from_pretrained reads, atomically: a half-written folder is never seen. It
+    replaces whatever folder is there (the caller converted because that one would not load;
+    a racing writer's holds the same). Best effort: a cache that cannot be written (read-only,
+    full) only means the next load is slow again."""
     from safetensors.torch import save_model
 
     root = cache_root()
@@ -71,6 +65,7 @@ def keep_converted(sha256: str, source: Path, model, tokenizer) -> None:
         return
     final = root / "gguf" / sha256
     work = final.parent / f".{sha256[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    replaced = work.with_name(work.name + "-replaced")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         for old in final.parent.glob(f".{sha256[:12]}-*"):
@@ -91,13 +86,14 @@ def keep_converted(sha256: str, source: Path, model, tokenizer) -> None:
         files = sorted(p.name for p in work.iterdir())
         (work / COMPLETE).write_text(json.dumps({"source": source.name, "sha256": sha256,
                                                  "files": files}), encoding="utf-8")
-        if final.is_dir() and converted(sha256) is None:  # damaged: replaced
-            shutil.rmtree(final, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(final, replaced)  # moved aside: a reader's open files stay readable
         os.rename(work, final)
     except Exception:  # noqa: BLE001 (safetensors' and transformers' own errors too)
         pass
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # left only when it was not renamed
+        for leftover in (work, replaced):  # work is left only when it was not renamed
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager

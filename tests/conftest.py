@@ -176,6 +176,7 @@ def converted_bases(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ahl-cache")
     os.environ["AHL_CACHE"] = str(folder)
     yield folder
+    del os.environ["AHL_CACHE"]
     shutil.rmtree(folder, ignore_errors=True)
 
 
