@@ -47,7 +47,8 @@ from adapterhub_local import Hub, lexical  # noqa: E402
 from adapterhub_local.data import load_spec, load_task_data  # noqa: E402
 from adapterhub_local.evaluation import COMPOSE_TOP_K, score_task  # noqa: E402
 from adapterhub_local.inference import length_batches, mean_pool  # noqa: E402
-from adapterhub_local.router import FEATURES, GaussianRouter, Route, task_stats, within_class  # noqa: E402
+from adapterhub_local.router import (FEATURES, GaussianRouter, Route, calibration_share,  # noqa: E402
+                                     task_stats, within_class)
 from adapterhub_local.serving import TEST_ARTIFACT  # noqa: E402
 from adapterhub_local.trainer import split_validation  # noqa: E402
 
@@ -348,6 +349,86 @@ class ScaledCovariance(GaussianRouter):
         return self.per_task((scores / self.temperature_).log_softmax(1)).exp()
 
 
+class BlendedCovariance(GaussianRouter):
+    """Regularized discriminant analysis (Friedman 1989) from the kept statistics: each task's
+    classes share a covariance between the pooled one S and the task's own within-class one
+    S_t, (1 - b) S + b S_t (both shrunk as the router shrinks). In S's whitened space (W =
+    S^-1/2) that is I + b (W S_t W - I); its eigen-directions v give the task's precision as
+    the shared one plus a correction along u = W v, of which the `rank` largest are kept (None:
+    all, exact RDA; the rest read as the shared covariance). b (0 is the shipped router) and a
+    temperature are chosen by the held-out rows' mean log-probability of their own task.
+    Costs an eigendecomposition per task at every fit and a [D, rank] matrix per task."""
+
+    blends = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7)
+    temperatures = tuple(2.0 ** k for k in range(-2, 9))
+    rank: int | None = None
+
+    def fit(self, stats):
+        super().fit(stats)
+        counts = torch.cat([s.counts for s in stats.values()])
+        means, pooled = within_class(counts, torch.cat([s.sums for s in stats.values()]),
+                                     sum(s.scatter.double() for s in stats.values()))
+        eye = torch.eye(len(pooled), dtype=pooled.dtype)
+
+        def shrink(cov):
+            return (1 - self.shrinkage_) * cov + self.shrinkage_ * eye * cov.trace() / len(cov)
+
+        values, vectors = torch.linalg.eigh(shrink(pooled))
+        whiten = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+        excess = []  # per task: eigenvalues of W S_t W - I, and u = W v
+        for s in stats.values():
+            own = shrink(within_class(s.counts, s.sums, s.scatter)[1])
+            lam, v = torch.linalg.eigh(whiten @ own @ whiten - eye)
+            excess.append((lam, whiten @ v))
+        totals = torch.stack([s.counts.sum() for s in stats.values()])
+        self.log_prior_ = (counts / totals[self.class_task_] / len(stats)).clamp(min=1e-12).log()
+        self.means64_ = means
+        held_x, held_task = self._calibration_rows(stats)
+        shared = self.class_distances(held_x).double()
+        evidence = 0
+        if self.words_ is not None:
+            per_task = calibration_share(len(stats))
+            evidence = self.words_weight_ * self.words_.scores(
+                [g for s in stats.values() for g in s.calibration_grams[:per_task]])
+        best = None
+        for blend in self.blends:
+            parts = []
+            for lam, u in excess:
+                c = 1 / (1 + blend * lam) - 1  # the correction to the whitened precision
+                keep = c.abs().topk(min(self.rank or len(c), len(c))).indices
+                parts.append((u[:, keep], c[keep], torch.log1p(blend * lam[keep]).sum()))
+            raw = self._scores(held_x.double(), shared, parts)
+            for T in self.temperatures:
+                log_probs = self.per_task((raw / T + evidence).log_softmax(1))
+                score = log_probs[torch.arange(len(held_task)), held_task].mean().item()
+                if best is None or score > best[0]:
+                    best = (score, T, parts)
+        _, self.blend_temperature_, self.parts_ = best
+        return self
+
+    def _scores(self, x, shared, parts):
+        """Class log-likelihoods plus priors, [n, classes]: the shared distances corrected."""
+        scores = torch.empty(len(x), len(self.class_task_), dtype=torch.float64)
+        for t, (u, c, logdet) in enumerate(parts):
+            cols = (self.class_task_ == t).nonzero().flatten()
+            proj = (x @ u).unsqueeze(1) - (self.means64_[cols] @ u).unsqueeze(0)  # [n, k, rank]
+            scores[:, cols] = (-0.5 * (shared[:, cols] + (proj.square() * c).sum(-1))
+                               - 0.5 * logdet + self.log_prior_[cols])
+        return scores
+
+    def task_probabilities(self, x, grams=None):
+        x = x.double()
+        scores = self._scores(x, self.class_distances(x).double(), self.parts_) / self.blend_temperature_
+        if self.words_ is not None and grams is not None:
+            scores = scores + self.words_weight_ * self.words_.scores(grams)
+        return self.per_task(scores.log_softmax(1)).exp().float()
+
+
+def blended(rank: int | None):
+    kind = type("BlendedCovariance", (BlendedCovariance,), {"rank": rank})
+    return lambda s, names: s.gaussian(names, s.blocks("bottom_half"), kind, words=all_grams)
+
+
 def entropy(probs: torch.Tensor) -> float:
     """Entropy of label probabilities over log(labels): 0 sure, 1 uniform."""
     return -(probs * probs.clamp(min=1e-12).log()).sum().item() / math.log(len(probs))
@@ -412,6 +493,8 @@ VARIANTS = {
         names, s.blocks("bottom_half"), BiasCalibrated),
     "Gaussian, bottom-half blocks, covariance scaled per task": lambda s, names: s.gaussian(
         names, s.blocks("bottom_half"), ScaledCovariance),
+    "... + word evidence, each task's covariance blended in (RDA)": blended(None),
+    "... + word evidence, RDA, each task's correction of rank 64": blended(64),
     "the store's own router, as add-task fit it": Sequence.stored,
     "... then the top two re-weighed by adapter sureness": Sequence.second_stage,
     "... then the top two re-weighed by adapter energy": Sequence.energy_stage,
