@@ -208,6 +208,17 @@ def check_weights(name: str, path: Path, info: dict) -> None:
                        "model folder (config.json with its safetensors)")
 
 
+def check_tokenizer(name: str, path: Path, tokenizer, model) -> None:
+    """Refuse a tokenizer far smaller than the model's vocabulary: transformers builds one of a
+    few special tokens from a folder that lacks the tokenizer's files, and every word then reads
+    as unknown (adapters train, and learn nothing)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) < rows / 2:  # real ones differ by added tokens or padded embeddings
+        raise AhlError(f"base {name!r} at {path}: its tokenizer has {len(tokenizer)} tokens for the "
+                       f"model's {rows} (its files are missing): copy the model's tokenizer files "
+                       "(tokenizer.json, or vocab.txt with tokenizer_config.json) into the folder")
+
+
 def read_model(folder: Path, **where) -> tuple:
     """(tokenizer, model, loading info, causal) from a model folder, or from a GGUF file in it
     (where: gguf_file=NAME; its tensors are dequantized)."""
@@ -263,13 +274,15 @@ def load_base(name: str | None = None, device: str = "cpu") -> Base:
         tokenizer, loaded, info, causal = (read_gguf(path, sha) if path.suffix == ".gguf"
                                            else read_model(path))
     except (OSError, ValueError) as e:
-        raise AhlError(f"could not load base {canonical!r} from {path}: "
-                       f"{brief(e)}") from None
+        raise AhlError(f"could not load base {canonical!r} from {path}: {brief(e)} (point --base "
+                       "at a folder transformers loads: config.json, tokenizer files and "
+                       "safetensors weights; or at a .gguf file)") from None
     finally:
         hf_logging.set_verbosity(verbosity)  # the user's settings, as they were
         if bars:
             hf_logging.enable_progress_bar()
     check_weights(canonical, path, info)
+    check_tokenizer(canonical, path, tokenizer, loaded)
     # The adapters' engine, imported here where every path that trains or answers passes first:
     # peft imports bitsandbytes, which looks for an optional CPU kernel through `kernels` and
     # logs a warning where it is missing (offline: "Skipping publisher trust check ..."), then

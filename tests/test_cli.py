@@ -129,21 +129,41 @@ def test_spec_mistakes_are_one_line_and_write_nothing(tmp_path, tiny_data, tiny_
     assert message in result.stderr and not (tmp_path / "s").exists()
 
 
-def test_a_base_whose_weights_do_not_fill_its_config_is_refused(tmp_path, tiny_data, tiny_base):
-    """transformers loads such a folder with random weights and a report; ahl would have
-    trained on noise and bound the store to it."""
-    import shutil
-
+def weights_of_another_model(folder):
     import torch
     from safetensors.torch import save_file
 
-    fake = tmp_path / "fake"
-    shutil.copytree(tiny_base, fake)
-    save_file({"unrelated": torch.zeros(2)}, fake / "model.safetensors")
-    result = ahl("add-task", "x", "--train", tiny_data["colors"]["train"], "--base", fake,
+    save_file({"unrelated": torch.zeros(2)}, folder / "model.safetensors")
+
+
+def no_tokenizer_files(folder):
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def unknown_architecture(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "nonsense"}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    # transformers loads each of these with random weights and a report, with a tokenizer of
+    # five special tokens (every word unknown), or not at all: ahl would have trained on noise
+    # and bound the store to it, or shown transformers' reason without the fix.
+    (weights_of_another_model, "its weights file lacks or mis-shapes"),
+    (no_tokenizer_files, "its tokenizer has 5 tokens for the model's"),
+    (unknown_architecture, "(point --base at a folder transformers loads"),
+])
+def test_a_broken_base_folder_is_refused_in_one_line(tmp_path, tiny_data, tiny_base, damage, message):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_base, broken)
+    damage(broken)
+    result = ahl("add-task", "x", "--train", tiny_data["colors"]["train"], "--base", broken,
                  "--store", tmp_path / "s", ok=False)
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
-    assert "its weights file lacks or mis-shapes" in result.stderr and "LOAD REPORT" not in result.output
+    assert message in result.stderr and "LOAD REPORT" not in result.output
     assert not (tmp_path / "s").exists()
 
 
