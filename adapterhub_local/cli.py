@@ -344,7 +344,7 @@ def predict(
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to answer.")] = None,
     file: Annotated[Optional[Path], typer.Option(help="More texts: .txt (one a line), .csv, .jsonl or .parquet.")] = None,
     text_column: Annotated[str, typer.Option(help="The text column of --file tables.")] = "text",
-    task: Annotated[Optional[str], typer.Option(help="Answer with this task's adapter (no routing).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Answer with this task's adapter (no routing): NAME for its serving version, NAME@VERSION or NAME@ALIAS for another (e.g. a candidate the gate holds back).")] = None,
     mode: Annotated[str, typer.Option(help="routed: the router picks one adapter; composed: its top-k answer together.")] = "routed",
     top_k: Annotated[int, typer.Option(help="Adapters to compose in composed mode.")] = 2,
     output: Annotated[Optional[Path], typer.Option(help="Write the answers of --file here (.jsonl or .parquet), in chunks: memory stays the same however long the file.")] = None,

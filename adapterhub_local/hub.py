@@ -224,7 +224,8 @@ class Hub:
         "completion" instead of "label" where a generate task answers. Without `task`
         the router decides: "pick" one adapter, or "compose" the top_k (default: the k the
         composed matrix is measured with, evaluation.COMPOSE_TOP_K); the CLI's names for them,
-        "routed" and "composed", work too. Given `task`, its adapter answers every text. task/label are None
+        "routed" and "composed", work too. Given `task`, its adapter answers every text: the
+        serving version's, or the one `task` names as NAME@VERSION or NAME@ALIAS. task/label are None
         when it abstains ("reason" says why) or when the adapter it needs failed its checksum
         ("error" names it; other inputs are answered)."""
         texts = check_texts(texts)
@@ -244,7 +245,15 @@ class Hub:
         from adapterhub_local.router import Route
 
         top_k = COMPOSE_TOP_K if top_k is None else top_k
+        # NAME@VERSION (or @ALIAS) pins a version, serving or not: a candidate the gate holds
+        # back can be tried before it is promoted. Resolved before the model loads.
+        pinned = self.store.resolve(task) if task is not None and "@" in task else None
         bank, router, adapters, versions, broken = self.loader.open_router(self.store.base_binding()[0])
+        if pinned is not None:
+            task = parse_ref(task)[0]
+            adapters, versions = dict(adapters), {**versions, task: int(pinned.version)}
+            broken = {t: why for t, why in broken.items() if t != task}
+            adapters[task] = self.loader.load_version(bank, task, pinned)
         if task is not None and task not in versions:
             raise AhlError(f"no task {task!r} in store {self.store.location} (tasks: "
                            f"{', '.join(versions)}): check the name")

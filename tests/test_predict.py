@@ -101,6 +101,8 @@ def test_cli_predict_file_json_and_errors(two_task_store, tmp_path):
     for args, message in [(["--file", tmp_path / "missing.txt"], "does not exist"),
                           (["--file", table], "no column 'text'"),
                           (["x", "--task", "ghost"], "no task 'ghost'"),
+                          (["x", "--task", "colors@5"], "task 'colors' has no version 5"),
+                          (["x", "--task", "colors@"], "names no version after '@'"),
                           (["x", "--mode", "mixed"], "unknown --mode"),
                           ([], "no texts")]:
         result = ahl("predict", *args, "--store", two_task_store, ok=False)

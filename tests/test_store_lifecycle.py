@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from adapterhub_local import Hub
+from adapterhub_local import AhlError, Hub
 from conftest import FAST, file_digest, tiny_rows, write_csv
 from test_cli import ahl
 
@@ -107,6 +107,14 @@ def test_the_gate_holds_back_a_version_that_makes_an_earlier_task_forget(
     assert "held" in table and "held by gate" in table and "colors" in table
     assert {t["task"]: t["version"] for t in hub.tasks()} == {**before, "copycat": None}
     assert routed_tasks(hub, "colors") == {"colors"}  # routing still serves production only
+    # The held candidate answers when named with its version, before a person promotes it.
+    texts = [t for t, _ in tiny_rows("colors", 4, seed=7)]
+    tried = hub.predict(texts, task="copycat@1")
+    assert [(a["task"], a["adapters"]) for a in tried] == [
+        ("copycat", [{"task": "copycat", "version": 1, "weight": 1.0}])] * len(texts)
+    assert {a["label"] for a in tried} <= {"red", "blue"}
+    with pytest.raises(AhlError, match="no task 'copycat'"):  # unnamed, only what serves
+        hub.predict(texts, task="copycat")
 
     hub.promote("copycat", 1, "production")  # a person overrides the gate
     assert "copycat" in routed_tasks(Hub(store_dir), "colors")
