@@ -28,6 +28,10 @@ ALIASES = {"sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2", "minilm
 _loaded: dict[str, "Base"] = {}
 
 
+# PEFT methods whose virtual tokens come before the text's and take positions with them.
+PREPENDING = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING"}
+
+
 @dataclass
 class Base:
     """A loaded, frozen base model with its tokenizer and fingerprint."""
@@ -60,6 +64,34 @@ class Base:
         ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.recent = {(t, max_length): x for t, x in zip(texts, ids)}
         return ids
+
+    @functools.cached_property
+    def max_positions(self) -> int | None:
+        """How many tokens the base reads: the rows of its learned position table, where it has
+        one (BERT's 512; RoBERTa's less its padding offset). None where positions are computed
+        (rotary, as Llama's), which read longer texts, if less well."""
+        table = getattr(getattr(self.model, "embeddings", None), "position_embeddings", None)
+        if not isinstance(table, torch.nn.Embedding):
+            return None
+        return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
+
+    def check_length(self, max_length: int, adapter_config: dict) -> None:
+        """Refuse texts of max_length tokens, plus the virtual tokens a prompt-learning adapter
+        (adapter_config: its PEFT config's fields) puts before them, that overrun the position
+        table: training would fail on the first long text, with a traceback."""
+        kind = getattr(adapter_config.get("peft_type"), "value", adapter_config.get("peft_type"))
+        virtual = (adapter_config.get("num_virtual_tokens") or 0) if kind in PREPENDING else 0
+        limit = self.max_positions
+        if limit is None or max_length + virtual <= limit:
+            return
+        if virtual:
+            fix = (f"pass --max-length {limit - virtual} or less" if limit - virtual >= 8
+                   else f"use num_virtual_tokens={limit - max_length} or fewer")
+            raise AhlError(f"--max-length {max_length} plus the adapter's {virtual} virtual tokens "
+                           f"is {max_length + virtual} tokens, more than the {limit} positions base "
+                           f"{self.name!r} reads: {fix}")
+        raise AhlError(f"--max-length {max_length} is more than the {limit} positions base "
+                       f"{self.name!r} reads: pass --max-length {limit} or less")
 
     @property
     def generates(self) -> bool:

@@ -127,6 +127,7 @@ class Hub:
                              source.method, None, base, train_args, self.device, kind,
                              prompt_column, completion_column)
         loaded = load_base(plan.base, plan.device)
+        loaded.check_length(plan.train.max_length, source.config)
         check_named_base(source, loaded)
         head = read_head(source, loaded, plan.data.labels) if plan.data.kind == "classify" else None
         if head is not None:
@@ -168,6 +169,8 @@ class Hub:
         from adapterhub_local.plan import run_params
 
         loaded = load_base(plan.base, plan.device)
+        if adapter is None:  # to be trained (an import's was checked with its own config)
+            loaded.check_length(plan.train.max_length, vars(plan.peft_config))
         bank = bank_for(loaded)
         run_id = self.store.start_run(plan.data.name, params=run_params(plan, loaded),
                                       tags={f"{TAG}base.sha256": loaded.sha256})

@@ -49,7 +49,7 @@ def build_tiny_base(folder: Path) -> str:
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=2, intermediate_size=64,
-                         max_position_embeddings=64)).save_pretrained(folder)
+                         max_position_embeddings=256)).save_pretrained(folder)
     return str(folder)
 
 

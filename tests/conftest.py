@@ -60,7 +60,14 @@ def tiny_base(tmp_path_factory) -> str:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    model = BertModel(config)  # the weights the tests were written with
+    # Then 256 positions, as ahl's default --max-length (128) needs (real bases read 512): the
+    # new rows drawn apart, so that every other weight stays as it was.
+    rows = torch.randn(192, 32, generator=torch.Generator().manual_seed(1)) * config.initializer_range
+    table = torch.cat([model.embeddings.position_embeddings.weight.data, rows])
+    model.embeddings.position_embeddings = torch.nn.Embedding.from_pretrained(table, freeze=False)
+    model.config.max_position_embeddings = len(table)
+    model.save_pretrained(folder, safe_serialization=True)
     return str(folder)
 
 
