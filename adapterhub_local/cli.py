@@ -239,7 +239,10 @@ def print_step(result: dict) -> None:
               f"{percent(result['accuracy'])}%, {result['train_rows']} rows, "
               + (f"imported from {result['origin']['folder']}" if result.get("origin") else
                  f"{result['steps']} steps in {result['train_seconds']:.0f}s")
-              + (f", {result['dropped_rows']} empty rows dropped" if result["dropped_rows"] else ""))
+              + (f", {result['dropped_rows']} empty rows dropped" if result["dropped_rows"] else "")
+              + (f"; {result['test_rows_seen']} of its {result['test_rows']} test texts are training "
+                 "texts too (the test score overstates: give --test rows it never saw)"
+                 if result.get("test_rows_seen") else ""))
     table = Table(title=f"after step {result['step']}: oracle score % per task (accuracy, or a "
                         "generate task's metric)")
     for column in ("task", "now", "when learned", "change", "routed", "routing"):

@@ -53,30 +53,44 @@ class TaskData:
     license: str = ""
     """The data's licence where its task spec says it (`license = "..."`): model cards name it."""
 
+    @property
+    def test_seen(self) -> int:
+        """How many test texts are training texts too (a file given as both, or duplicate rows
+        on both sides of a split): their score measures memory, not learning."""
+        seen = set(self.train_texts)
+        return sum(text in seen for text in self.test_texts)
+
     def strata(self) -> list[int]:
         """What splits keep in proportion: the labels of classify rows, one class otherwise."""
         return self.train_labels if self.kind == "classify" else [0] * len(self.train_texts)
 
 
 def check_task_name(name: str) -> str:
+    if TASK_NAME.match(name[:64] if name else "") and len(name) > 64:
+        raise AhlError(f"task name {name[:20]}... is {len(name)} characters long: use at most 64")
     if not TASK_NAME.match(name or ""):
         raise AhlError(f"task name {name!r} is not a plain identifier: use letters, digits, '_' "
                        "or '-', starting with a letter (e.g. 'sentiment_v2')")
     return name
 
 
-def read_table(path: str | Path, columns: dict[str, str], as_text: bool = False) -> dict[str, list]:
-    """The needed columns of a file, checked, as lists (a missing cell None); columns maps each
-    to the option naming it. as_text: a CSV's cells of those columns are read as written (no
-    "007" -> 7)."""
+def read_table(path: str | Path, columns: dict[str, str]) -> dict[str, list]:
+    """The needed columns of a file, checked, as lists (a missing cell None, in a CSV an empty
+    string: as_written); columns maps each to the option naming it."""
     path = Path(path)
     kind = check_data_file(path)
-    text = {"converters": {c: str for c in columns}} if as_text and kind == "csv" else {}
-    table = read_csv(path, **text) if kind == "csv" else load_table(path, kind, **text)
+    table = read_csv(path, **as_written(columns)) if kind == "csv" else load_table(path, kind)
     found = list(table) if kind == "csv" else table.column_names
     for column, option in columns.items():
         check_column(path, column, found, option)
     return {column: table[column] for column in columns}
+
+
+def as_written(columns) -> dict:
+    """pandas' options that read a CSV's `columns` as written: "007" stays "007" (not 7), and
+    "None", "NA" or "null" are texts and labels like any other (pandas' defaults read them as
+    missing cells: a class called "None" vanished); only an empty cell is empty."""
+    return {"dtype": {c: str for c in columns}, "keep_default_na": False}
 
 
 def check_data_file(path: Path, formats=FORMATS) -> str:
@@ -98,9 +112,16 @@ def check_data_file(path: Path, formats=FORMATS) -> str:
 
 
 def check_column(path: Path, column: str, found: list[str], option: str) -> None:
-    if column not in found:
-        raise AhlError(f"{path.name} has no column {column!r} (columns found: "
-                       f"{', '.join(found) or 'none'}): pass {option} NAME")
+    if column in found:
+        return
+    # A header read as one column holding the separator: the file is not comma-separated.
+    separator = next((c for c in ";\t|" if len(found) == 1 and c in found[0]), None)
+    if separator is not None:
+        raise AhlError(f"{path.name}'s header reads as one column {found[0]!r}: its fields are "
+                       f"separated by {separator!r}, not commas; save it comma-separated (a "
+                       "tab-separated file: name it .tsv)")
+    raise AhlError(f"{path.name} has no column {column!r} (columns found: "
+                   f"{', '.join(found) or 'none'}): pass {option} NAME")
 
 
 def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
@@ -109,20 +130,30 @@ def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
 
 
 def read_rows(path: str | Path, text_column: str, label_column: str) -> tuple[list[str], list[str], int]:
-    """Read (texts, labels, dropped) from one file; labels come back as strings."""
+    """Read (texts, labels, dropped) from one file, both as text without surrounding spaces
+    ("pos " is "pos"); a row without either is dropped."""
     path = Path(path)
     table = read_table(path, {text_column: "--text-column", label_column: "--label-column"})
     texts, labels, dropped = [], [], 0
     for text, label in zip(table[text_column], table[label_column]):
-        if not isinstance(text, str) or not text.strip() or label is None:
+        check_text(path, text_column, text)
+        text, label = ("" if v is None else str(v).strip() for v in (text, label))
+        if not text or not label:
             dropped += 1
             continue
-        texts.append(text.strip())
-        labels.append(str(label))
+        texts.append(text)  # a JSON number is its text
+        labels.append(label)
     if not texts:
         raise AhlError(f"{path.name} has no rows with a non-empty text and a label: fill in "
                        f"the {text_column!r} and {label_column!r} columns")
     return texts, labels, dropped
+
+
+def check_text(path: Path, column: str, value) -> None:
+    """Refuse a JSON list or object where a text belongs (str() would read "['a']")."""
+    if isinstance(value, (list, dict)):
+        raise AhlError(f"{path.name}: a {column!r} value is {type(value).__name__} "
+                       f"{str(value)[:40]}, not text: give each row one text")
 
 
 def check_utf8(path: Path) -> None:
@@ -198,9 +229,27 @@ def parse_errors(path: Path, kind: str):
     except AhlError:
         raise
     except Exception as e:
+        bad = first_bad_json_line(path) if kind == "json" else None
+        if bad is not None:  # datasets says only "An error occurred while generating the dataset"
+            raise AhlError(f"line {bad[0]} of {path.name} is not valid JSON ({bad[1]}): fix or "
+                           "drop that line (JSON Lines: one object a line)") from None
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise AhlError(f"could not parse {path.name} as {kind}: {reason[:200]}; fix the file "
                        "or save it as CSV with a header row") from None
+
+
+def first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(line number, the parser's reason) of a JSON Lines file's first line that is not JSON."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except ValueError as e:
+                return number, getattr(e, "msg", str(e))
+    return None
 
 
 def text_chunks(path: str | Path, text_column: str = "text", size: int = 1000):
@@ -210,11 +259,12 @@ def text_chunks(path: str | Path, text_column: str = "text", size: int = 1000):
     path = Path(path)
     kind = check_data_file(path, PREDICT_FORMATS)
     if kind == "text":
-        with open(path, encoding="utf-8") as f:  # a blank line too: answer i is line i's
+        # utf-8-sig: an editor's byte-order mark is not part of the first text
+        with open(path, encoding="utf-8-sig") as f:  # a blank line too: answer i is line i's
             yield from batched((line.strip() for line in f), size)
         return
     if kind == "csv":  # pandas in chunks, checked as add-task's files are (csv_frames)
-        for frame in csv_frames(path, chunksize=size, converters={text_column: str}):
+        for frame in csv_frames(path, chunksize=size, **as_written([text_column])):
             check_column(path, text_column, list(frame), "--text-column")
             yield ["" if t is None else str(t) for t in frame[text_column]]
         return
@@ -223,10 +273,8 @@ def text_chunks(path: str | Path, text_column: str = "text", size: int = 1000):
         for batch in rows.iter(batch_size=size):
             check_column(path, text_column, list(batch), "--text-column")
             texts = batch[text_column]
-            wrong = next((t for t in texts if isinstance(t, (list, dict))), None)
-            if wrong is not None:  # str() would answer "['a']"
-                raise AhlError(f"{path.name}: a {text_column!r} value is {type(wrong).__name__} "
-                               f"{str(wrong)[:40]}, not text: give each row one text")
+            for text in texts:
+                check_text(path, text_column, text)
             yield ["" if t is None else str(t) for t in texts]
 
 
@@ -329,7 +377,7 @@ def read_pairs(path: str | Path, prompt_column: str, completion_column: str):
     with a prompt and no completion is an error (there is nothing to learn from it)."""
     path = Path(path)
     table = read_table(path, {prompt_column: "--prompt-column",
-                              completion_column: "--completion-column"}, as_text=True)
+                              completion_column: "--completion-column"})
     prompts, completions, dropped = [], [], 0
     for row, (prompt, completion) in enumerate(zip(table[prompt_column], table[completion_column])):
         prompt = None if prompt is None else str(prompt)
@@ -354,8 +402,10 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[lis
     counts = {label: labels.count(label) for label in set(labels)}
     rare = [label for label, n in counts.items() if n < 2]
     if rare:
-        raise AhlError(f"labels {sorted(rare)} have a single row, too few to split off a test "
-                       "set: add rows or pass --test FILE")
+        named = ", ".join(repr(label) for label in sorted(rare)[:5]) + (
+            f" and {len(rare) - 5} more" if len(rare) > 5 else "")
+        raise AhlError(f"{len(rare)} labels have a single row ({named}), too few to split off a "
+                       "test set: add rows or pass --test FILE")
     indices = list(range(len(labels)))
     n_test = max(len(counts), round(len(labels) * fraction))
     if len(labels) - n_test < len(counts):

@@ -28,7 +28,7 @@ from adapterhub_local.lineage import lineage_tree, version_lineage
 from adapterhub_local.sequence import (MODES, last_step, matrices_of, read_steps,
                                        step_summary)
 from adapterhub_local.serving import Loader, check_gate, kind_of, metric_of, serving_set
-from adapterhub_local.store import PRODUCTION, TAG, AdapterStore, parse_ref
+from adapterhub_local.store import PRODUCTION, TAG, AdapterStore, parse_ref, whole_task
 
 PREDICT_MODES = ("pick", "compose")
 MODE_NAMES = {"routed": "pick", "composed": "compose"}  # the CLI's (and the matrices') names
@@ -199,7 +199,8 @@ class Hub:
                 "train_seconds": round(train_seconds, 2), "steps": report.steps,
                 "precision": report.precision,
                 "train_rows": report.train_rows, "test_rows": len(plan.data.test_texts),
-                "dropped_rows": plan.data.dropped, "trainable_params": report.trainable_params,
+                "dropped_rows": plan.data.dropped, "test_rows_seen": plan.data.test_seen,
+                "trainable_params": report.trainable_params,
                 "parent": record["parent"],
                 "run_id": run_id, "router_version": record["router"],
                 "lock_wait_seconds": round(lease.waited, 2), "commit_seconds": round(commit_seconds, 2),
@@ -352,13 +353,14 @@ class Hub:
 
     def versions(self, task: str) -> list[dict]:
         """Every version of a task, oldest first, as `show` gives each."""
+        task = whole_task(task, "versions")
         self.store.resolve(task)  # an unknown task is a one-line error naming the known ones
         return [version_lineage(self.store, v) for v in self.store.versions(task)]
 
     def lineage(self, task: str) -> dict:
         """Every version of a task, removed ones included, as a tree: each version's parent,
         the tasks it was trained after, base, data digest, method, accuracy and status."""
-        return lineage_tree(self.store, task)
+        return lineage_tree(self.store, whole_task(task, "lineage"))
 
     # -- changing what serves (each under the store's lock) -----------------------------------
 

@@ -218,6 +218,7 @@ def lineage_tags(plan: Plan, base, parent, files: dict, accuracy: float) -> dict
         f"{TAG}data.test_rows": len(data.test_texts), f"{TAG}data.source": data.source,
         **({f"{TAG}data.license": data.license} if data.license else {}),
         f"{TAG}data.split": json.dumps(data.split), f"{TAG}data.dropped": data.dropped,
+        f"{TAG}data.test_seen": data.test_seen,
         f"{TAG}parent": parent.version if parent else "",
         f"{TAG}labels": json.dumps(data.labels), f"{TAG}files": json.dumps(files),
         f"{TAG}accuracy": f"{accuracy:.6f}", f"{TAG}package_version": __version__,

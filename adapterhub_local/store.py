@@ -62,6 +62,16 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, at or None
 
 
+def whole_task(ref: str, command: str) -> str:
+    """The task of a command that covers all its versions (store versions, store lineage):
+    NAME@VERSION there is a mistake (it answered with no versions)."""
+    task, at = parse_ref(ref)
+    if at is not None:
+        raise AhlError(f"ahl store {command} covers every version of a task: write {task} (ahl "
+                       f"store show {ref} shows that one)")
+    return task
+
+
 class AdapterStore(TrackingWrites):
     """Registered adapter versions, their lineage and the sequence run, over an MLflow backend.
     This half reads; tracking.TrackingWrites writes."""
@@ -334,6 +344,9 @@ class AdapterStore(TrackingWrites):
         if not ALIAS.match(alias) or alias.isdigit():
             raise AhlError(f"alias {alias!r} is not a plain name: use letters, digits, '_' or '-', "
                            "starting with a letter (e.g. production)")
+        if alias.lower() == "latest":  # MLflow's own name for the newest version
+            raise AhlError(f"alias {alias!r} is reserved by MLflow (it always means the newest "
+                           "version): pick another name, e.g. production or candidate")
         return self.resolve(f"{task}@{int(version) if str(version).isdigit() else version}")
 
     def promote(self, task: str, version: str, alias: str):

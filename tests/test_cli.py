@@ -96,6 +96,14 @@ def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_b
     (["store", "show", "@1"], "'@1' names no task: write TASK@1"),
     (["store", "rm", "colors@1", "--wait", "nan"], "--wait nan is not a number of seconds"),
     (["predict", "hi", "--task", "colors", "--mode", "composed"], "would be ignored: drop one"),
+    # the tiny base reads 256 positions: training failed on the first longer text
+    (["add-task", "x", "--train", "{colors}", "--max-length", "257"],
+     "--max-length 257 is more than the 256 positions base"),
+    (["add-task", "x", "--train", "{colors}", "--max-length", "256", "--method", "prompt-tuning"],
+     "--max-length 256 plus the adapter's 20 virtual tokens is 276 tokens"),
+    (["store", "promote", "colors", "1", "--alias", "Latest"], "is reserved by MLflow"),
+    (["store", "versions", "colors@1"], "covers every version of a task: write colors"),
+    (["store", "lineage", "colors@production"], "covers every version of a task: write colors"),
     # checked before --fresh clears the store (it emptied it, then failed)
     (["demo", "--fresh", "--epochs", "0"], "--epochs must be at least 1"),
 ])
@@ -165,6 +173,13 @@ def test_a_broken_base_folder_is_refused_in_one_line(tmp_path, tiny_data, tiny_b
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
     assert message in result.stderr and "LOAD REPORT" not in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_a_test_file_of_training_rows_is_flagged(tmp_path, tiny_data, tiny_base):
+    train = tiny_data["colors"]["train"]
+    printed = ahl("add-task", "colors", "--train", train, "--test", train, "--base", tiny_base,
+                  "--epochs", "1", "--store", tmp_path / "s").stdout
+    assert "test texts are training texts too (the test score overstates" in printed
 
 
 def test_a_file_given_as_the_store_is_one_line(tmp_path):

@@ -55,9 +55,15 @@ def test_empty_texts_are_dropped_and_counted(tmp_path):
      "no column 'text' (columns found: sentence, label)"),
     (lambda p: (p / "x.csv").write_text("") and p / "x.csv" or p / "x.csv", "is empty"),
     (lambda p: write_csv(p / "x.csv", [("red thing", "red")] * 5), "single label"),
+    (lambda p: (p / "x.csv").write_text("text;label\nred thing;red\n") and p / "x.csv",
+     "separated by ';', not commas"),
+    (lambda p: write_csv(p / "x.csv", [(f"thing {i}", f"l{i}") for i in range(9)]),
+     "9 labels have a single row ('l0', 'l1', 'l2', 'l3', 'l4' and 4 more)"),
     (lambda p: (p / "x.csv").write_bytes("text,label\ncaf\xe9,a\nb,b\n".encode("latin-1"))
      and p / "x.csv", "not valid UTF-8"),
     (lambda p: write_csv(p / "x.csv", [("", "a"), (" ", "b")]), "no rows with a non-empty text"),
+    (lambda p: (p / "x.jsonl").write_text('{"text": "a", "label": "b"}\n{"text": "c", label}\n')
+     and p / "x.jsonl", "line 2 of x.jsonl is not valid JSON"),
     (lambda p: (p / "x.csv").write_text("text,label\nhi, there,a\nb,c\n") and p / "x.csv",
      "first row has more fields than its header's 2"),  # an unquoted comma in a text
 ])
@@ -78,6 +84,12 @@ def test_a_test_label_never_seen_in_training_is_refused(tmp_path):
 def test_task_names_must_be_plain_identifiers(tiny_data, name):
     with pytest.raises(AhlError, match="not a plain identifier"):
         load_task_data(name, tiny_data["colors"]["train"])
+
+
+def test_a_task_name_too_long_says_so(tiny_data):
+    load_task_data("a" * 64, tiny_data["colors"]["train"])
+    with pytest.raises(AhlError, match="is 65 characters long: use at most 64"):
+        load_task_data("a" * 65, tiny_data["colors"]["train"])
 
 
 def test_spec_resolves_files_next_to_it_and_keeps_defaults(tmp_path, tiny_data):
@@ -125,15 +137,46 @@ def test_csv_reads_as_the_datasets_library_reads_it(tmp_path, as_text):
     assert read_csv(csv_file)["n"][:3] == [1.0, None, 2.5]  # pandas' types and missing cells
 
 
+def test_labels_and_texts_are_read_as_written(tmp_path):
+    """A class called "None" or "NA" is a class, "007" is not 7, "pos " is "pos", and a JSON
+    number is a text: pandas' defaults had dropped, merged or renamed such rows silently."""
+    from adapterhub_local.data import read_rows
+
+    rows = tmp_path / "rows.csv"
+    written = ["None", "NA", "007", "7", "pos ", "pos", "null", "#N/A", ""]
+    rows.write_text("text,label\n" + "".join(f"t{i},{label}\n" for i, label in enumerate(written))
+                    + "NA,x\n", encoding="utf-8")
+    texts, labels, dropped = read_rows(rows, "text", "label")
+    assert labels == ["None", "NA", "007", "7", "pos", "pos", "null", "#N/A", "x"] and dropped == 1
+    assert texts[-1] == "NA"
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"text": 42, "label": 1}\n{"text": "hi", "label": 2}\n', encoding="utf-8")
+    assert read_rows(numbers, "text", "label")[:2] == (["42", "hi"], ["1", "2"])
+
+
+def test_test_texts_that_are_training_texts_are_counted(tmp_path):
+    rows = [(f"text {i}", "ab"[i % 2]) for i in range(20)]
+    train = write_csv(tmp_path / "train.csv", rows)
+    fresh = write_csv(tmp_path / "fresh.csv", [(f"new {i}", "ab"[i % 2]) for i in range(6)])
+    assert load_task_data("t", train, train).test_seen == 20  # one file as both
+    assert load_task_data("t", train, fresh).test_seen == 0
+    twice = write_csv(tmp_path / "twice.csv", rows * 2)  # each row on both sides of the split
+    data = load_task_data("t", twice)
+    assert data.test_seen == len(data.test_texts) > 0
+
+
 def test_texts_to_predict_are_read_as_written_in_chunks_and_checked(tmp_path):
     """predict --file's CSV texts: as written ("007" stays "007"), a chunk at a time, and a
     text with an unquoted comma refused as add-task refuses it (it was answered as its tail)."""
     from adapterhub_local.data import read_texts, text_chunks
 
     good = tmp_path / "good.csv"
-    good.write_text('text\nhello\n007\n"a, quoted"\n\nlast\n', encoding="utf-8")
-    assert read_texts(good) == ["hello", "007", "a, quoted", "last"]
-    assert list(text_chunks(good, size=3)) == [["hello", "007", "a, quoted"], ["last"]]
+    good.write_text('text\nhello\n007\n"a, quoted"\n\nNA\n""\nlast\n', encoding="utf-8")
+    assert read_texts(good) == ["hello", "007", "a, quoted", "NA", "", "last"]
+    assert list(text_chunks(good, size=3)) == [["hello", "007", "a, quoted"], ["NA", "", "last"]]
+    lines = tmp_path / "bom.txt"
+    lines.write_bytes("\ufefffirst\nsecond\n".encode("utf-8"))
+    assert read_texts(lines) == ["first", "second"]
     bad = tmp_path / "bad.csv"
     bad.write_text("text\nCiao, come stai?\nhello world\n", encoding="utf-8")
     with pytest.raises(AhlError, match="first row has more fields than its header's 1: quote"):
