@@ -28,10 +28,6 @@ ALIASES = {"sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2", "minilm
 _loaded: dict[str, "Base"] = {}
 
 
-# PEFT methods whose virtual tokens come before the text's and take positions with them.
-PREPENDING = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING"}
-
-
 @dataclass
 class Base:
     """A loaded, frozen base model with its tokenizer and fingerprint."""
@@ -67,26 +63,24 @@ class Base:
 
     @functools.cached_property
     def max_positions(self) -> int | None:
-        """How many tokens the base reads: the rows of its learned position table, where it has
-        one (BERT's 512; RoBERTa's less its padding offset). None where positions are computed
-        (rotary, as Llama's), which read longer texts, if less well."""
+        """How many tokens the base reads: the rows of its learned position table where it has
+        one (BERT's 512; RoBERTa's 514 less its padding offset), else the context its config
+        names (Llama's, whose positions are computed); None where neither says."""
         table = getattr(getattr(self.model, "embeddings", None), "position_embeddings", None)
-        if not isinstance(table, torch.nn.Embedding):
-            return None
-        return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
+        if isinstance(table, torch.nn.Embedding):
+            return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
+        return getattr(self.model.config, "max_position_embeddings", None)
 
-    def check_length(self, max_length: int, adapter_config: dict) -> None:
-        """Refuse texts of max_length tokens, plus the virtual tokens a prompt-learning adapter
-        (adapter_config: its PEFT config's fields) puts before them, that overrun the position
-        table: training would fail on the first long text, with a traceback."""
-        kind = getattr(adapter_config.get("peft_type"), "value", adapter_config.get("peft_type"))
-        virtual = (adapter_config.get("num_virtual_tokens") or 0) if kind in PREPENDING else 0
+    def check_length(self, max_length: int, virtual: int = 0) -> None:
+        """Refuse texts of max_length tokens, plus the `virtual` tokens a prompt-learning
+        adapter puts before them (methods.virtual_tokens), that overrun the base's positions:
+        training would fail on the first long text, with a traceback."""
         limit = self.max_positions
         if limit is None or max_length + virtual <= limit:
             return
         if virtual:
-            fix = (f"pass --max-length {limit - virtual} or less" if limit - virtual >= 8
-                   else f"use num_virtual_tokens={limit - max_length} or fewer")
+            fix = (f"pass --max-length {limit - virtual} or less" if limit - virtual >= 8 else
+                   f"pass --max-length and num_virtual_tokens that add up to {limit} or less")
             raise AhlError(f"--max-length {max_length} plus the adapter's {virtual} virtual tokens "
                            f"is {max_length + virtual} tokens, more than the {limit} positions base "
                            f"{self.name!r} reads: {fix}")
@@ -244,8 +238,11 @@ def check_tokenizer(name: str, path: Path, tokenizer, model) -> None:
     """Refuse a tokenizer far smaller than the model's vocabulary: transformers builds one of a
     few special tokens from a folder that lacks the tokenizer's files, and every word then reads
     as unknown (adapters train, and learn nothing)."""
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) < rows / 2:  # real ones differ by added tokens or padded embeddings
+    try:
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except NotImplementedError:  # an architecture without one table of token embeddings
+        rows = None
+    if rows is not None and len(tokenizer) < rows / 2:  # real ones differ by added or padded rows
         raise AhlError(f"base {name!r} at {path}: its tokenizer has {len(tokenizer)} tokens for the "
                        f"model's {rows} (its files are missing): copy the model's tokenizer files "
                        "(tokenizer.json, or vocab.txt with tokenizer_config.json) into the folder")

@@ -137,6 +137,7 @@ def read_rows(path: str | Path, text_column: str, label_column: str) -> tuple[li
     texts, labels, dropped = [], [], 0
     for text, label in zip(table[text_column], table[label_column]):
         check_text(path, text_column, text)
+        check_text(path, label_column, label)
         text, label = ("" if v is None else str(v).strip() for v in (text, label))
         if not text or not label:
             dropped += 1
@@ -168,15 +169,16 @@ def check_utf8(path: Path) -> None:
 
 def read_csv(path: Path, **options) -> dict[str, list]:
     """{column: values} of a CSV or TSV file, read by pandas as the datasets library reads it
-    (its CSV reader is pandas': the same types, a missing cell None), without importing datasets: half a second
-    of every add-task process, where MLflow has imported pandas already."""
+    with the same options (its CSV reader is pandas'), without importing datasets: half a
+    second of every add-task process, where MLflow has imported pandas already. ahl passes
+    as_written's options for the columns it reads."""
     frame = next(csv_frames(path, **options))
     return {str(column): frame[column].tolist() for column in frame.columns}
 
 
 def csv_frames(path: Path, chunksize: int | None = None, **options):
     """A CSV or TSV file's rows as pandas frames (the whole file, or `chunksize` rows at a
-    time), a missing cell None."""
+    time), a missing cell None (with as_written's options, an empty one is "")."""
     import pandas as pd
 
     with parse_errors(path, "csv"):
@@ -229,7 +231,7 @@ def parse_errors(path: Path, kind: str):
     except AhlError:
         raise
     except Exception as e:
-        bad = first_bad_json_line(path) if kind == "json" else None
+        bad = first_bad_json_line(path) if path.suffix.lower() == ".jsonl" else None
         if bad is not None:  # datasets says only "An error occurred while generating the dataset"
             raise AhlError(f"line {bad[0]} of {path.name} is not valid JSON ({bad[1]}): fix or "
                            "drop that line (JSON Lines: one object a line)") from None
@@ -240,8 +242,6 @@ def parse_errors(path: Path, kind: str):
 
 def first_bad_json_line(path: Path) -> tuple[int, str] | None:
     """(line number, the parser's reason) of a JSON Lines file's first line that is not JSON."""
-    import json
-
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             try:
@@ -380,6 +380,8 @@ def read_pairs(path: str | Path, prompt_column: str, completion_column: str):
                               completion_column: "--completion-column"})
     prompts, completions, dropped = [], [], 0
     for row, (prompt, completion) in enumerate(zip(table[prompt_column], table[completion_column])):
+        check_text(path, prompt_column, prompt)  # not a list of chat messages: one text each
+        check_text(path, completion_column, completion)
         prompt = None if prompt is None else str(prompt)
         if not prompt or not prompt.strip():
             dropped += 1

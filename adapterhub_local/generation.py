@@ -37,11 +37,6 @@ class Generated:
     probability: a mixture whose other members weigh less cannot change this output."""
 
 
-def context_of(base) -> int | None:
-    """The most positions the base reads (None where its config does not say)."""
-    return getattr(base.model.config, "max_position_embeddings", None)
-
-
 def template_of(base) -> str | None:
     """The base's chat template (what a version records, by digest), or None."""
     return getattr(base.tokenizer, "chat_template", None) or None

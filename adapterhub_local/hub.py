@@ -111,7 +111,7 @@ class Hub:
                                                in_label_order, read_adapter_folder, read_head,
                                                stage)
         from adapterhub_local.inference import bank_for
-        from adapterhub_local.methods import get_method
+        from adapterhub_local.methods import get_method, virtual_tokens
         from adapterhub_local.plan import plan_add_task
         from adapterhub_local.trainer import TrainReport
 
@@ -127,7 +127,6 @@ class Hub:
                              source.method, None, base, train_args, self.device, kind,
                              prompt_column, completion_column)
         loaded = load_base(plan.base, plan.device)
-        loaded.check_length(plan.train.max_length, source.config)
         check_named_base(source, loaded)
         head = read_head(source, loaded, plan.data.labels) if plan.data.kind == "classify" else None
         if head is not None:
@@ -145,6 +144,8 @@ class Hub:
             bank.remove_adapter(staging)
             bank.load_adapter(staging, staged, get_method(source.method))
             try:
+                model = bank.model(staging)
+                loaded.check_length(plan.train.max_length, virtual_tokens(model.peft_config[staging]))
                 val = (fit_head(bank, staging, plan.data, plan.train)
                        if head is None and plan.data.kind == "classify" else None)
             except BaseException:
@@ -166,11 +167,12 @@ class Hub:
         evaluation of every task, the step, the gate) and its heatmaps drawn after."""
         from adapterhub_local.base import load_base
         from adapterhub_local.inference import adapter_name, bank_for
+        from adapterhub_local.methods import virtual_tokens
         from adapterhub_local.plan import run_params
 
         loaded = load_base(plan.base, plan.device)
         if adapter is None:  # to be trained (an import's was checked with its own config)
-            loaded.check_length(plan.train.max_length, vars(plan.peft_config))
+            loaded.check_length(plan.train.max_length, virtual_tokens(plan.peft_config))
         bank = bank_for(loaded)
         run_id = self.store.start_run(plan.data.name, params=run_params(plan, loaded),
                                       tags={f"{TAG}base.sha256": loaded.sha256})
@@ -259,6 +261,11 @@ class Hub:
             broken = {t: why for t, why in broken.items() if t != task}
             adapters[task] = self.loader.load_version(bank, task, pinned)
         if task is not None and task not in versions:
+            held = [] if task.startswith("_") else self.store.versions(task)  # "_": ours
+            if held:
+                raise AhlError(f"task {task!r} has no serving version (the gate holds its versions "
+                               f"back): name one, e.g. --task {task}@{held[-1].version} (ahl store "
+                               f"versions {task})")
             raise AhlError(f"no task {task!r} in store {self.store.location} (tasks: "
                            f"{', '.join(versions)}): check the name")
 

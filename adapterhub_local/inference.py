@@ -486,12 +486,12 @@ def generate_answers(bank, texts: list[str], mixtures: list, adapters: dict[str,
     """{row: generation.Generated} for the rows with a mixture of generate tasks (generation.
     complete). A prompt too long for the base's context with its budget fails its row (an
     "error" in `failed`) instead of the batch."""
-    from adapterhub_local.generation import budget_of, complete, context_of, prompt_ids
+    from adapterhub_local.generation import budget_of, complete, prompt_ids
 
     rows = [row for row, mixture in enumerate(mixtures) if mixture]
     named = {row: [(adapters[t], w) for t, w in mixtures[row]] for row in rows}
     ids = dict(zip(rows, prompt_ids(bank.base, [texts[row] for row in rows])))
-    context = context_of(bank.base)
+    context = bank.base.max_positions
     for row in rows:
         needed = len(ids[row]) + budget_of(bank, named[row])
         if context is not None and needed > context:

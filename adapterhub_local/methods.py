@@ -84,6 +84,12 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def virtual_tokens(peft_config) -> int:
+    """Positions a prompt-learning adapter's virtual tokens take before the text's (prompt,
+    prefix and p-tuning all shift the text's positions by them); 0 for every other method."""
+    return peft_config.num_virtual_tokens if peft_config.is_prompt_learning else 0
+
+
 def describe_methods() -> list[dict]:
     """Every method with its family, options (default and meaning), whether its adapters share
     mixed batches, and the base architectures it works on: what `ahl methods` prints."""

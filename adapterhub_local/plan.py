@@ -164,14 +164,13 @@ def plan_generation(data: TaskData, base, train: TrainOptions, defaults: dict) -
     layer for text, every prompt and completion fits --max-length and the base's context, and
     decoding may run a quarter longer than the longest training completion (or the spec's
     max_new_tokens)."""
-    from adapterhub_local.generation import (completion_ids, context_of, prompt_ids,
-                                             template_digest)
+    from adapterhub_local.generation import completion_ids, prompt_ids, template_digest
 
     if not base.generates:
         raise AhlError(f"base {base.name!r} is an encoder ({base.model.config.model_type}) "
                        "without an output layer for text: generate tasks need a causal LM "
                        "base, e.g. --base smollm2")
-    context = context_of(base) or train.max_length
+    context = base.max_positions or train.max_length
     limit = min(train.max_length, context)
     prompts = data.train_texts + data.test_texts
     completions = completion_ids(base, data.train_targets + data.test_targets)

@@ -333,20 +333,27 @@ class AdapterStore(TrackingWrites):
                 raise AhlError(f"task {task!r} has no version {at}{why} (versions: "
                                f"{', '.join(str(v.version) for v in versions)}): pick one of those")
             return match[0]
+        if at.lower() == "latest":  # MLflow's own alias reads removed and pending versions too
+            return versions[-1]
         try:
-            return self.client.get_model_version_by_alias(self.model_name(task), at)
+            number = self.client.get_model_version_by_alias(self.model_name(task), at).version
         except Exception:
             raise AhlError(f"task {task!r} has no version or alias {at!r}: see ahl store "
                            f"versions {task}") from None
+        match = [v for v in versions if str(v.version) == str(number)]
+        if not match:
+            raise AhlError(f"{task}@{at} points at version {number}, removed by ahl store rm (or "
+                           f"not committed): ahl store promote {task} VERSION --alias {at} moves it")
+        return match[0]
 
     def check_promote(self, task: str, version: str, alias: str):
         """The version `promote` would point the alias at; AhlError on bad input."""
         if not ALIAS.match(alias) or alias.isdigit():
             raise AhlError(f"alias {alias!r} is not a plain name: use letters, digits, '_' or '-', "
                            "starting with a letter (e.g. production)")
-        if alias.lower() == "latest":  # MLflow's own name for the newest version
-            raise AhlError(f"alias {alias!r} is reserved by MLflow (it always means the newest "
-                           "version): pick another name, e.g. production or candidate")
+        if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise AhlError(f"alias {alias!r} is reserved by MLflow (latest and v1, v2, ... name "
+                           "versions): pick another name, e.g. production or candidate")
         return self.resolve(f"{task}@{int(version) if str(version).isdigit() else version}")
 
     def promote(self, task: str, version: str, alias: str):

@@ -85,7 +85,7 @@ def tiny_llama(tiny_base, tmp_path_factory) -> str:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-                         max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return str(folder)
 

@@ -101,6 +101,8 @@ def test_spec_file_supplies_name_files_and_defaults(store_dir, tiny_data, tiny_b
      "--max-length 257 is more than the 256 positions base"),
     (["add-task", "x", "--train", "{colors}", "--max-length", "256", "--method", "prompt-tuning"],
      "--max-length 256 plus the adapter's 20 virtual tokens is 276 tokens"),
+    (["add-task", "x", "--train", "{colors}", "--max-length", "8", "--method", "prompt-tuning",
+      "--method-arg", "num_virtual_tokens=250"], "that add up to 256 or less"),
     (["store", "promote", "colors", "1", "--alias", "Latest"], "is reserved by MLflow"),
     (["store", "versions", "colors@1"], "covers every version of a task: write colors"),
     (["store", "lineage", "colors@production"], "covers every version of a task: write colors"),
@@ -173,6 +175,13 @@ def test_a_broken_base_folder_is_refused_in_one_line(tmp_path, tiny_data, tiny_b
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
     assert message in result.stderr and "LOAD REPORT" not in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_the_positions_a_base_reads(tiny_base, tiny_llama):
+    from adapterhub_local.base import load_base
+
+    assert load_base(tiny_base).max_positions == 256  # rows of its learned position table
+    assert load_base(tiny_llama).max_positions == 256  # the context its config names (rotary)
 
 
 def test_a_test_file_of_training_rows_is_flagged(tmp_path, tiny_data, tiny_base):

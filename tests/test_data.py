@@ -64,6 +64,8 @@ def test_empty_texts_are_dropped_and_counted(tmp_path):
     (lambda p: write_csv(p / "x.csv", [("", "a"), (" ", "b")]), "no rows with a non-empty text"),
     (lambda p: (p / "x.jsonl").write_text('{"text": "a", "label": "b"}\n{"text": "c", label}\n')
      and p / "x.jsonl", "line 2 of x.jsonl is not valid JSON"),
+    (lambda p: (p / "x.jsonl").write_text('{"text": "a", "label": ["b"]}\n') and p / "x.jsonl",
+     "a 'label' value is list"),
     (lambda p: (p / "x.csv").write_text("text,label\nhi, there,a\nb,c\n") and p / "x.csv",
      "first row has more fields than its header's 2"),  # an unquoted comma in a text
 ])
@@ -119,7 +121,7 @@ def test_bundled_specs_load():
 def test_csv_reads_as_the_datasets_library_reads_it(tmp_path, as_text):
     """CSV and TSV files are read by pandas directly (no import of datasets in add-task): the
     same values of the same types as datasets' own CSV reader gives, edge cases included."""
-    from adapterhub_local.data import load_table, read_csv
+    from adapterhub_local.data import as_written, load_table, read_csv
 
     csv_file = tmp_path / "edge.csv"
     csv_file.write_text('text,label,n\n"hello, world",007,1\n"two\nlines",NA,\n,True,2.5\n'
@@ -128,9 +130,11 @@ def test_csv_reads_as_the_datasets_library_reads_it(tmp_path, as_text):
     tsv_file = tmp_path / "edge.tsv"
     tsv_file.write_text("text\tlabel\nhello\t007\nworld\tNA\n", encoding="utf-8")
     for path in (csv_file, tsv_file):
-        options = {"converters": {c: str for c in read_csv(path)}} if as_text else {}
-        ours = read_csv(path, **options)
-        theirs = load_table(path, "csv", **options)
+        columns = list(read_csv(path))
+        ours = read_csv(path, **(as_written(columns) if as_text else {}))
+        # datasets' CsvConfig takes no dtype: its converters say the same
+        theirs = load_table(path, "csv", **({"converters": {c: str for c in columns},
+                                             "keep_default_na": False} if as_text else {}))
         assert list(ours) == theirs.column_names
         for column in ours:
             assert [repr(v) for v in ours[column]] == [repr(v) for v in theirs[column]], column
@@ -163,6 +167,17 @@ def test_test_texts_that_are_training_texts_are_counted(tmp_path):
     twice = write_csv(tmp_path / "twice.csv", rows * 2)  # each row on both sides of the split
     data = load_task_data("t", twice)
     assert data.test_seen == len(data.test_texts) > 0
+
+
+def test_chat_messages_are_not_read_as_a_generate_tasks_text(tmp_path):
+    """TRL's conversational rows (lists of messages) would have trained on their repr."""
+    from adapterhub_local.data import load_generate_data
+
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text('{"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"}\n',
+                    encoding="utf-8")
+    with pytest.raises(AhlError, match="a 'prompt' value is list"):
+        load_generate_data("g", rows)
 
 
 def test_texts_to_predict_are_read_as_written_in_chunks_and_checked(tmp_path):

@@ -113,11 +113,26 @@ def test_the_gate_holds_back_a_version_that_makes_an_earlier_task_forget(
     assert [(a["task"], a["adapters"]) for a in tried] == [
         ("copycat", [{"task": "copycat", "version": 1, "weight": 1.0}])] * len(texts)
     assert {a["label"] for a in tried} <= {"red", "blue"}
-    with pytest.raises(AhlError, match="no task 'copycat'"):  # unnamed, only what serves
-        hub.predict(texts, task="copycat")
+    with pytest.raises(AhlError, match="'copycat' has no serving version .* --task copycat@1"):
+        hub.predict(texts, task="copycat")  # unnamed, only what serves
 
     hub.promote("copycat", 1, "production")  # a person overrides the gate
     assert "copycat" in routed_tasks(Hub(store_dir), "colors")
+
+
+def test_aliases_never_name_a_removed_version(store_dir, tiny_data, tiny_base):
+    hub = Hub(store_dir)
+    add(hub, "colors", tiny_data, tiny_base)
+    add(hub, "colors", tiny_data, tiny_base)
+    hub.remove("colors@2")
+    assert hub.show("colors@latest")["version"] == 1  # MLflow's own "latest" still says 2
+    # rm drops a version's aliases; one set again by hand (the MLflow UI) is not followed
+    hub.store.client.set_registered_model_alias(hub.store.model_name("colors"), "candidate", "2")
+    with pytest.raises(AhlError, match="colors@candidate points at version 2, removed"):
+        hub.show("colors@candidate")
+    for alias in ("latest", "v3"):  # names MLflow keeps for itself: its error was a traceback
+        with pytest.raises(AhlError, match="is reserved by MLflow"):
+            hub.promote("colors", 1, alias)
 
 
 def test_a_gate_outside_zero_to_one_is_refused(store_dir, tiny_data, tiny_base):
