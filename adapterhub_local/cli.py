@@ -43,7 +43,7 @@ for _logger in ("mlflow", "alembic"):
 from adapterhub_local import query_cache  # noqa: E402
 from adapterhub_local.card import percent, signed  # noqa: E402
 from adapterhub_local.dashboards import wait_for_drawings  # noqa: E402
-from adapterhub_local.errors import AhlError  # noqa: E402
+from adapterhub_local.errors import AhlError, brief  # noqa: E402
 from adapterhub_local.hub import MODE_NAMES, Hub  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -682,7 +682,11 @@ def demo(
     sequence_file = tasks_dir / "sequence.toml"
     if not sequence_file.is_file():
         raise AhlError(f"no task sequence at {sequence_file}: pass --tasks-dir DIR")
-    names = tomllib.loads(sequence_file.read_text(encoding="utf-8"))["tasks"]
+    try:
+        names = tomllib.loads(sequence_file.read_text(encoding="utf-8"))["tasks"]
+    except (tomllib.TOMLDecodeError, KeyError) as e:
+        raise AhlError(f"{sequence_file} is not a task sequence ({brief(e)}): write "
+                       'tasks = ["first_task", "second_task"] in it') from None
     if epochs is not None:  # a bad value fails before --fresh clears anything
         from adapterhub_local.trainer import TrainOptions
 

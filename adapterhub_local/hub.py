@@ -218,6 +218,7 @@ class Hub:
         from adapterhub_local.inference import route_texts
 
         texts = check_texts(texts)
+        check_predict_options("pick", top_k)
         if not texts:
             return []
         self.require_tasks()
@@ -428,11 +429,19 @@ class Hub:
 
         version = self.store.resolve(ref)
         folder = Path(folder)
+        if self.store.folder is not None and folder.resolve().is_relative_to(self.store.folder):
+            raise AhlError(f"{folder} is inside the store {self.store.location}: export into a "
+                           "folder outside it (it would overwrite the store's own files)")
         if folder.exists() and not folder.is_dir():
             raise AhlError(f"{folder} is a file, not a folder: export into a folder")
         if folder.exists() and any(folder.iterdir()) and not force:
             raise AhlError(f"{folder} is not an empty folder: pass --force to overwrite, or "
                            "export into a new folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AhlError(f"cannot make folder {folder} ({e.strerror}): export into a folder "
+                           "you can write") from None
         files = export_version(self.store, self.loader, version, folder)
         return {"task": version.tags.get(f"{TAG}task"), "version": int(version.version),
                 "folder": str(folder), "files": files}
@@ -484,4 +493,10 @@ def check_texts(texts) -> list[str]:
     if wrong:
         raise AhlError(f"item {wrong[0]} is a {type(texts[wrong[0]]).__name__}, not a string: "
                        "pass texts as strings")
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a byte that is not UTF-8, as Python decodes argv
+            raise AhlError(f"text {i} holds a byte that is not UTF-8 ({text[:30]!r}): give "
+                           "UTF-8 text (e.g. iconv -f latin1 -t utf-8)") from None
     return texts

@@ -52,6 +52,9 @@ ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """'NAME', 'NAME@3' or 'NAME@production' -> (name, version or alias or None)."""
+    if not isinstance(ref, str):
+        raise AhlError(f"a version reference is text, got {type(ref).__name__} {ref!r}: write "
+                       "'NAME', 'NAME@3' or 'NAME@production'")
     name, marked, at = ref.partition("@")
     if not name:
         raise AhlError(f"{ref!r} names no task: write TASK{ref if marked else ''} (ahl tasks "
@@ -451,7 +454,14 @@ class AdapterStore(TrackingWrites):
         return [f.path for f in self.client.list_artifacts(run_id, path)]
 
     def read_json_artifact(self, run_id: str, path: str):
-        return json.loads(self.artifact_folder(run_id, path).read_text(encoding="utf-8"))
+        try:
+            return json.loads(self.artifact_folder(run_id, path).read_text(encoding="utf-8"))
+        except AhlError:
+            raise
+        except Exception as e:  # a file deleted or edited by hand: MLflow's "No such artifact"
+            raise AhlError(f"run {run_id[:12]}'s {path} is missing or damaged in store "
+                           f"{self.location} ({type(e).__name__}): restore the store from a "
+                           "copy, or ahl store rm that version") from None
 
 def with_aliases(versions: list, models: list) -> None:
     """Fill in each version's aliases: MLflow's version search leaves them empty, while its

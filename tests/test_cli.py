@@ -221,6 +221,31 @@ def test_an_empty_name_and_the_internal_router_model_are_one_line_errors(store_d
     result = ahl("store", "export", "colors@1", tmp_path / "a_file", "--force", "--store",
                  store_dir, ok=False)
     assert result.exit_code == 1 and "is a file" in result.stderr
+    # --force into the store's own files overwrote another version's, exit 0
+    inside = next(store_dir.glob("artifacts/*/artifacts"))
+    (tmp_path / "no_dir").write_text("x")
+    for target, message in [(inside, "is inside the store"),
+                            (tmp_path / "no_dir" / "sub", "cannot make folder")]:
+        result = ahl("store", "export", "colors@1", target, "--force", "--store", store_dir,
+                     ok=False)
+        assert result.exit_code == 1 and message in result.stderr, result.output
+        assert result.stderr.count("\n") == 1
+    assert file_digest(store_dir) == before
+
+
+def test_a_stored_file_deleted_by_hand_is_one_line_and_a_bad_sequence_too(
+        colors_only_store, tiny_data, tmp_path):
+    store = copy_store(colors_only_store, tmp_path / "store")
+    next(store.glob("artifacts/*/artifacts/eval/test.json")).unlink()
+    result = ahl("add-task", "animals", "--train", tiny_data["animals"]["train"], "--epochs", "1",
+                 "--store", store, ok=False)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "eval/test.json is missing or damaged" in result.stderr
+    (tmp_path / "seq").mkdir()
+    (tmp_path / "seq" / "sequence.toml").write_text("tasks = [\n")
+    result = ahl("demo", "--tasks-dir", tmp_path / "seq", "--store", tmp_path / "d", ok=False)
+    assert result.exit_code == 1 and "is not a task sequence" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "d").exists()
 
 
 def test_another_tasks_data_under_a_taken_name_and_one_column_as_both_are_refused(

@@ -49,6 +49,19 @@ def test_route_and_oracle_paths(two_task_store):
     assert oracle["task"] == "colors" and oracle["label"] in {"red", "blue"}
 
 
+
+def test_python_callers_mistakes_are_ahl_errors(two_task_store):
+    """Wrong values from Python are one AhlError each, as the CLI's are (they were IndexError,
+    TypeError from the tokenizer, AttributeError)."""
+    hub = Hub(two_task_store)
+    for call, message in [(lambda: hub.route([sample("colors")], top_k=0), "top_k must be at least 1"),
+                          (lambda: hub.predict(["fine", "caf\udce9 rouge"]), "text 1 holds a byte"),
+                          (lambda: hub.show(5), "a version reference is text, got int 5"),
+                          (lambda: hub.versions(None), "a version reference is text")]:
+        with pytest.raises(AhlError, match=message):
+            call()
+
+
 def test_metrics_have_every_mode_and_routing(two_task_store):
     metrics = Hub(two_task_store).metrics(confusion=True)
     assert set(metrics["modes"]) == {"oracle", "routed", "composed"}

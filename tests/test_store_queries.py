@@ -123,4 +123,4 @@ def test_verify_reports_altered_and_missing_files(store_with_versions):
     assert any("colors@1: head.safetensors altered" in p for p in report["problems"])
     assert any("animals@1: labels.json missing" in p for p in report["problems"])
     with pytest.raises(AhlError, match="run ahl store verify"):
-        hub.export("colors@1", folder.parent / "out")
+        hub.export("colors@1", store_with_versions.parent / "out")
