@@ -238,10 +238,7 @@ def check_tokenizer(name: str, path: Path, tokenizer, model) -> None:
     """Refuse a tokenizer far smaller than the model's vocabulary: transformers builds one of a
     few special tokens from a folder that lacks the tokenizer's files, and every word then reads
     as unknown (adapters train, and learn nothing)."""
-    try:
-        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    except NotImplementedError:  # an architecture without one table of token embeddings
-        rows = None
+    rows = getattr(model.config, "vocab_size", None)  # the token embeddings' rows
     if rows is not None and len(tokenizer) < rows / 2:  # real ones differ by added or padded rows
         raise AhlError(f"base {name!r} at {path}: its tokenizer has {len(tokenizer)} tokens for the "
                        f"model's {rows} (its files are missing): copy the model's tokenizer files "

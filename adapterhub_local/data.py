@@ -66,7 +66,7 @@ class TaskData:
 
 
 def check_task_name(name: str) -> str:
-    if TASK_NAME.match(name[:64] if name else "") and len(name) > 64:
+    if name and len(name) > 64:
         raise AhlError(f"task name {name[:20]}... is {len(name)} characters long: use at most 64")
     if not TASK_NAME.match(name or ""):
         raise AhlError(f"task name {name!r} is not a plain identifier: use letters, digits, '_' "
